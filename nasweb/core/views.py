@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.http import JsonResponse
+from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from nasweb.core.health import health_report
+from nasweb.core.models import job_models
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    report = health_report()
+    return JsonResponse(report, status=200 if report["ok"] else 503)
+
+
+@login_required
+def home(request):
+    from devices.models import Device
+
+    active = []
+    for model in job_models():
+        if hasattr(model, "status_url"):
+            active.extend(model.objects.visible_to(request.user).active())
+    active.sort(key=lambda job: job.created_at, reverse=True)
+    return render(
+        request,
+        "core/home.html",
+        {
+            "devices": Device.objects.visible_to(request.user).prefetch_related("latency_tables"),
+            "active_jobs": active[:20],
+        },
+    )
