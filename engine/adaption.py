@@ -1,0 +1,1324 @@
+"""One hardware-constrained adaption request, end to end (what the dashboard's worker calls).
+
+``run_adaption(request, out_dir=..., progress=..., state_path=...)``:
+
+1. **Check everything before writing anything**: the super-net checkpoint (a ``meta_train``
+   checkpoint of a super-net run; its :class:`~engine.meta.runs.RunSpec` rebuilds learner and
+   space), the budgets (finite, positive, reachable by the cheapest architecture), the latency
+   table (built for this super-net's search space), the support set (exactly the super-net's
+   N classes), the MAML/MAML++ baseline checkpoints.
+2. **Search**: one GA (Algorithm 1) per budget, all sharing one fitness cache (a Pareto sweep,
+   same seeds and events as :func:`engine.search.evolution.search_budgets`), on fixed 16-task
+   slices of the super-net dataset's validation tasks (or of tasks cut from the support set).
+   A JSON state is written atomically after every generation; the same ``state_path`` after a
+   crash or :class:`~engine.progress.JobCancelled` continues the run where it stopped, with the
+   same result as an uninterrupted run.
+3. **Baselines**: random search with the GA's number of evaluations per budget; the MAML and
+   MAML++ 4-conv nets as reference points (measured accuracy when their checkpoints are given,
+   otherwise exact params/MACs and ``accuracy: null``).
+4. **Test accuracy** (mean ± 95 % CI over test tasks) of every chosen architecture.
+5. **Packages**: one folder per budget (``engine.search.package``), built in a temporary folder
+   inside ``out_dir`` and renamed into place only when all of them are complete; then
+   ``adaption.json`` (the :class:`AdaptionResult`).
+
+:func:`retrain_subnet` is the paper's optional last stage: meta-train one fixed sub-net further
+from its inherited weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.atomic import atomic_write_json
+from engine.cost import count_macs, count_params
+from engine.data.dataset import UNIT_RANGE, Normalization
+from engine.data.errors import DatasetError
+from engine.latency.measure import measure_module, torch_threads
+from engine.meta.evaluate import confidence_interval95
+from engine.meta.runs import RunSpec, build_run, task_source
+from engine.meta.train import load_checkpoint, meta_train
+from engine.progress import ProgressCallback, null_progress
+from engine.search.adapt import (
+    AdaptionInputError,
+    SuperNetScorer,
+    inner_loop_from_learner,
+    make_costs_fn,
+    slice_tasks,
+    task_slices,
+)
+from engine.search.constraints import (
+    COST_KINDS,
+    Constraint,
+    ConstraintError,
+    CostModel,
+    InfeasibleBudgetError,
+)
+from engine.search.evolution import (
+    FitnessCache,
+    FrontPoint,
+    GAConfig,
+    SearchResult,
+    check_reachable,
+    run_ga,
+)
+from engine.search.package import (
+    PackageInputs,
+    Preprocessing,
+    arch_code,
+    budget_slug,
+    extended_inner_loop,
+    extract_for_export,
+    finetune_supernet,
+    query_bn_step,
+    recalibrate_batchnorm,
+    strict_json,
+    write_package,
+)
+from engine.search.pareto import pareto_front
+from engine.search.random_search import random_search
+from engine.seeding import derive_seed, make_rngs
+from engine.supernet import SuperNet
+
+__all__ = [
+    "ADAPTION_PRESETS",
+    "AdaptionInputError",
+    "AdaptionPreset",
+    "AdaptionRequest",
+    "AdaptionRequestError",
+    "AdaptionResult",
+    "AdaptionStateError",
+    "BudgetOutcome",
+    "InfeasibleBudgetError",
+    "RetrainResult",
+    "retrain_subnet",
+    "run_adaption",
+]
+
+STATE_VERSION = 1
+RESULT_NAME = "adaption.json"
+TASK_SOURCES = ("validation", "support")
+WEIGHTS = ("meta", "finetuned")
+# Random streams (engine.seeding.derive_seed) of one request's seed.
+VALIDATION_TASK_STREAM = 11
+SUPPORT_TASK_STREAM = 12
+TEST_TASK_STREAM = 13
+RANDOM_SEARCH_STREAM = 1000
+#: Images per dataset (channels, normalisation, Omniglot's inverted strokes) - how the
+#: super-net's training images were made, hence how a support set must be prepared.
+DATASET_PREPROCESSING: dict[str, tuple[Normalization, bool]] = {
+    "omniglot": (UNIT_RANGE, True),
+    "synthetic": (UNIT_RANGE, False),
+}
+#: Filters of the papers' 4-conv nets per (channels, image size): 64 for Omniglot, 48 for Mini-ImageNet.
+PAPER_BASELINE_FILTERS = {(1, 28): 64, (3, 84): 48}
+MAX_FRONT_POINTS_IN_EVENT = 64
+
+
+class AdaptionRequestError(ValueError):
+    """A request that cannot be run: a bad field, a file that does not fit the super-net."""
+
+
+class AdaptionStateError(ValueError):
+    """A saved adaption state that belongs to another request or is damaged."""
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class AdaptionPreset:
+    """GA and evaluation sizes of a request (any of them can be overridden in the request)."""
+
+    name: str
+    pool_size: int
+    iterations: int
+    tasks_per_slice: int
+    num_slices: int
+    final_candidates: int
+    test_tasks: int
+    #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
+    finetune_factor: int = 3
+
+
+ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
+    # Seconds on 2 cores with a tiny super-net: tests, demos, smoke checks.
+    "tiny": AdaptionPreset("tiny", pool_size=12, iterations=6, tasks_per_slice=4, num_slices=3,
+                           final_candidates=3, test_tasks=40),
+    # Minutes on a CPU server: a smaller pool and fewer generations than the paper.
+    "cpu": AdaptionPreset("cpu", pool_size=50, iterations=40, tasks_per_slice=16, num_slices=4,
+                          final_candidates=5, test_tasks=600),
+    # Algorithm 1 as in the paper (Appendix E): P=100, M=200, 16-task slices; 600 test tasks.
+    "paper": AdaptionPreset("paper", pool_size=100, iterations=200, tasks_per_slice=16, num_slices=8,
+                            final_candidates=10, test_tasks=600),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the request
+def _check_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdaptionRequestError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_path(name: str, value: Any, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise AdaptionRequestError(f"{name} must be a non-empty path string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdaptionRequest:
+    """Everything one adaption job needs, as plain JSON-friendly values.
+
+    ``budgets`` are limits of one ``constraint`` kind in ``unit`` (``None``: the kind's base
+    unit - ms, parameters, MACs); one package per budget. ``None`` for a GA/evaluation size
+    means the preset's value. ``task_source="support"`` scores architectures on tasks cut from
+    the support set (each class's images split into support and query) instead of the super-net
+    dataset's validation tasks. ``weights``: ``"finetuned"`` (default with a support set) or
+    ``"meta"`` (default without). ``test_tasks=0`` skips the test-accuracy evaluation.
+    """
+
+    supernet: str
+    constraint: str
+    budgets: tuple[float, ...]
+    unit: str | None = None
+    lut: str | None = None
+    preset: str = "cpu"
+    pool_size: int | None = None
+    iterations: int | None = None
+    tasks_per_slice: int | None = None
+    num_slices: int | None = None
+    final_candidates: int | None = None
+    seed: int = 0
+    task_source: str = "validation"
+    support: str | None = None
+    invert_support: bool | None = None
+    weights: str | None = None
+    finetune_steps: int | None = None
+    search_queries: int | None = None
+    test_tasks: int | None = None
+    random_baseline: bool = True
+    baseline_checkpoints: tuple[str, ...] = ()
+    export_onnx: bool = True
+    measure_latency: bool = False
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _check_path("supernet", self.supernet, optional=False)
+        if self.constraint not in COST_KINDS:
+            raise AdaptionRequestError(f"constraint must be one of {COST_KINDS}, got {self.constraint!r}")
+        budgets = self.budgets
+        if isinstance(budgets, str | bytes) or not isinstance(budgets, Sequence) or not budgets:
+            raise AdaptionRequestError(f"budgets must be a non-empty list of numbers, got {budgets!r}")
+        object.__setattr__(self, "budgets", tuple(budgets))
+        for index, budget in enumerate(self.budgets):
+            try:
+                Constraint(self.constraint, budget, self.unit)
+            except ConstraintError as error:
+                raise AdaptionRequestError(f"budget {index + 1} ({budget!r}): {error}") from None
+        normalised = [float(b) for b in self.budgets]
+        if len(set(normalised)) != len(normalised):
+            raise AdaptionRequestError(f"budgets must be distinct, got {list(self.budgets)}")
+        object.__setattr__(self, "budgets", tuple(normalised))
+        object.__setattr__(self, "unit", Constraint(self.constraint, normalised[0], self.unit).unit)
+        _check_path("lut", self.lut)
+        if self.constraint == "latency_ms" and self.lut is None:
+            raise AdaptionRequestError("a latency_ms budget needs a latency table (lut) of the target device")
+        if self.preset not in ADAPTION_PRESETS:
+            raise AdaptionRequestError(
+                f"unknown preset {self.preset!r}; choose one of {', '.join(ADAPTION_PRESETS)}"
+            )
+        _check_int("pool_size", self.pool_size, 2)
+        for name in ("iterations", "tasks_per_slice", "num_slices", "finetune_steps", "search_queries"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("final_candidates", self.final_candidates, 0)
+        _check_int("seed", self.seed, 0, optional=False)
+        _check_int("threads", self.threads, 1, optional=False)
+        if self.test_tasks is not None:
+            _check_int("test_tasks", self.test_tasks, 0)
+            if self.test_tasks == 1:
+                raise AdaptionRequestError("test_tasks must be 0 (skip) or >= 2 (a confidence interval)")
+        if self.task_source not in TASK_SOURCES:
+            raise AdaptionRequestError(f"task_source must be one of {TASK_SOURCES}, got {self.task_source!r}")
+        _check_path("support", self.support)
+        if self.task_source == "support" and self.support is None:
+            raise AdaptionRequestError("task_source='support' needs a support set")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise AdaptionRequestError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.weights == "finetuned" and self.support is None:
+            raise AdaptionRequestError("weights='finetuned' needs a support set to fine-tune on")
+        for name in ("random_baseline", "export_onnx", "measure_latency"):
+            if not isinstance(getattr(self, name), bool):
+                raise AdaptionRequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.invert_support is not None and not isinstance(self.invert_support, bool):
+            raise AdaptionRequestError(
+                f"invert_support must be true, false or null, got {self.invert_support!r}"
+            )
+        checkpoints = self.baseline_checkpoints
+        if isinstance(checkpoints, str | bytes) or not isinstance(checkpoints, Sequence):
+            raise AdaptionRequestError(f"baseline_checkpoints must be a list of paths, got {checkpoints!r}")
+        object.__setattr__(self, "baseline_checkpoints", tuple(checkpoints))
+        for index, path in enumerate(self.baseline_checkpoints):
+            _check_path(f"baseline_checkpoints[{index}]", path, optional=False)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def preset_values(self) -> AdaptionPreset:
+        return ADAPTION_PRESETS[self.preset]
+
+    @property
+    def weights_kind(self) -> str:
+        if self.weights is not None:
+            return self.weights
+        return "finetuned" if self.support is not None else "meta"
+
+    @property
+    def test_task_count(self) -> int:
+        return self.preset_values.test_tasks if self.test_tasks is None else self.test_tasks
+
+    def constraints(self) -> list[Constraint]:
+        return [Constraint(self.constraint, budget, self.unit) for budget in self.budgets]
+
+    def ga_config(self) -> GAConfig:
+        """The GA's settings: the preset's, overridden by the request's."""
+        preset = self.preset_values
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return getattr(preset, name) if value is None else value
+
+        return GAConfig(
+            pool_size=pick("pool_size"),
+            iterations=pick("iterations"),
+            tasks_per_slice=pick("tasks_per_slice"),
+            num_slices=pick("num_slices"),
+            final_candidates=pick("final_candidates"),
+            seed=self.seed,
+        )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["budgets"] = list(self.budgets)
+        data["baseline_checkpoints"] = list(self.baseline_checkpoints)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdaptionRequest:
+        if not isinstance(data, Mapping):
+            raise AdaptionRequestError(
+                f"an adaption request must be a JSON object, got {type(data).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdaptionRequestError(f"unknown adaption request fields {unknown}")
+        missing = sorted(name for name in ("supernet", "constraint", "budgets") if name not in data)
+        if missing:
+            raise AdaptionRequestError(f"adaption request lacks {missing}")
+        values = dict(data)
+        for name in ("budgets", "baseline_checkpoints"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdaptionRequest:
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise AdaptionRequestError(f"adaption request is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_budget_strings(cls, budgets: Sequence[str], **fields_: Any) -> AdaptionRequest:
+        """A request from ``["latency_ms=3", "latency_ms=500us"]`` (one kind; units may differ)."""
+        if not budgets:
+            raise AdaptionRequestError("at least one budget is needed, e.g. latency_ms=3")
+        try:
+            parsed = [Constraint.parse(text) for text in budgets]
+        except ConstraintError as error:
+            raise AdaptionRequestError(str(error)) from None
+        kinds = sorted({c.kind for c in parsed})
+        if len(kinds) > 1:
+            raise AdaptionRequestError(f"all budgets of one request must be of one kind, got {kinds}")
+        units = {c.unit for c in parsed}
+        if len(units) == 1:
+            unit, limits = parsed[0].unit, [c.limit for c in parsed]
+        else:  # mixed units: express every budget in the kind's base unit
+            unit, limits = None, [c.base_limit for c in parsed]
+        return cls(constraint=kinds[0], budgets=tuple(limits), unit=unit, **fields_)
+
+
+# --------------------------------------------------------------------------- the result
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class BudgetOutcome:
+    """What one budget of the sweep produced (JSON-native fields)."""
+
+    index: int
+    budget: dict[str, Any]
+    slug: str
+    arch: dict[str, Any]
+    arch_code: str
+    costs: dict[str, float]
+    constraint_met: bool
+    search_loss: float | None
+    evaluations: int
+    cache_hits: int
+    search_s: float
+    test_accuracy: dict[str, Any] | None
+    random: dict[str, Any] | None
+    package: str
+    model_card: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AdaptionResult:
+    """The outcome of :func:`run_adaption` (also written to ``out_dir/adaption.json``)."""
+
+    request: AdaptionRequest
+    outcomes: tuple[BudgetOutcome, ...]
+    front: tuple[dict[str, Any], ...]
+    baselines: tuple[dict[str, Any], ...]
+    supernet: dict[str, Any]
+    device: str | None
+    evaluations: int
+    cache_hits: int
+    ms_per_evaluation: float | None
+    search_s: float
+    random_s: float
+    elapsed_s: float
+    out_dir: str
+    resumed: bool = False
+
+    @property
+    def constraints_met(self) -> bool:
+        return all(outcome.constraint_met for outcome in self.outcomes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["request"] = self.request.to_dict()
+        data["outcomes"] = [outcome.to_dict() for outcome in self.outcomes]
+        data["front"] = list(self.front)
+        data["baselines"] = list(self.baselines)
+        data["constraints_met"] = self.constraints_met
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdaptionResult:
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        values["request"] = AdaptionRequest.from_dict(data["request"])
+        values["outcomes"] = tuple(BudgetOutcome(**outcome) for outcome in data["outcomes"])
+        values["front"] = tuple(data["front"])
+        values["baselines"] = tuple(data["baselines"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> AdaptionResult:
+        path = Path(out_dir) / RESULT_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise AdaptionStateError(f"{path}: not a readable adaption result ({error!r})") from None
+
+
+# --------------------------------------------------------------------------- preparation
+@dataclass
+class _TimedFitness:
+    """The GA's fitness with a stopwatch (ms per evaluation is a reported figure)."""
+
+    scorer: SuperNetScorer
+    slices: list[list[Any]]
+    seconds: float = 0.0
+    calls: int = 0
+
+    def __call__(self, arch: Any, slice_id: int) -> float:
+        started = time.perf_counter()
+        try:
+            return self.scorer.score(arch, self.slices[slice_id]).loss
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+
+
+@dataclass
+class _Context:
+    request: AdaptionRequest
+    checkpoint_path: Path
+    checkpoint_iteration: int
+    spec: RunSpec
+    learner: Any
+    supernet: SuperNet
+    space: Any
+    lut: Any
+    cost_model: CostModel
+    constraints: list[Constraint]
+    config: GAConfig
+    validation_tasks: list[Any]
+    fitness: _TimedFitness
+    scorer: SuperNetScorer
+    support: Any
+    preprocessing: Preprocessing
+    baselines: list[tuple[Path, Any, dict[str, Any]]] = field(default_factory=list)
+
+
+def load_supernet(path: str | Path) -> tuple[RunSpec, Any, int]:
+    """``(spec, run, iteration)`` of a super-net meta-training checkpoint, weights loaded."""
+    path = Path(path)
+    state = load_checkpoint(path)  # MetaTrainError (a ValueError) when missing or foreign
+    info = state.get("run_info") or {}
+    if "spec" not in info:
+        raise AdaptionRequestError(
+            f"{path}: checkpoint has no run spec (write it with engine.meta meta-train / build_run)"
+        )
+    spec = RunSpec.from_dict(info["spec"])
+    if spec.backbone == "maml":
+        raise AdaptionRequestError(f"{path}: checkpoint is a fixed MAML++ 4-conv baseline, not a super-net")
+    if "retrain" in info:
+        raise AdaptionRequestError(f"{path}: checkpoint holds a re-trained fixed sub-net, not a super-net")
+    run = build_run(spec)
+    run.learner.load_state_dict(state["learner"])
+    run.learner.eval()
+    return spec, run, int(state["iteration"])
+
+
+def _load_baseline(path: Path, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+    state = load_checkpoint(path)
+    info = state.get("run_info") or {}
+    if "spec" not in info:
+        raise AdaptionRequestError(f"baseline {path}: checkpoint has no run spec")
+    baseline_spec = RunSpec.from_dict(info["spec"])
+    if baseline_spec.backbone != "maml":
+        raise AdaptionRequestError(
+            f"baseline {path}: not a MAML/MAML++ 4-conv checkpoint ({baseline_spec.backbone})"
+        )
+    mine = (spec.dataset, spec.ways, spec.shots)
+    theirs = (baseline_spec.dataset, baseline_spec.ways, baseline_spec.shots)
+    if mine != theirs:
+        raise AdaptionRequestError(
+            f"baseline {path}: trained on {theirs[0]} {theirs[1]}-way {theirs[2]}-shot, "
+            f"the super-net on {mine[0]} {mine[1]}-way {mine[2]}-shot"
+        )
+    run = build_run(baseline_spec)
+    run.learner.load_state_dict(state["learner"])
+    return run, {"spec": baseline_spec.to_dict(), "iteration": int(state["iteration"])}
+
+
+def _load_support(request: AdaptionRequest, spec: RunSpec, space: Any, preprocessing: Preprocessing) -> Any:
+    from engine.data.image_folder import load_support_set
+
+    path = Path(request.support)  # type: ignore[arg-type]
+    if not path.exists():
+        raise AdaptionRequestError(f"support set {path} does not exist")
+    normalization = Normalization(mean=preprocessing.mean, std=preprocessing.std)
+    try:
+        support = load_support_set(
+            path,
+            image_size=space.image_size,
+            channels=space.in_channels,
+            normalization=normalization,
+            workers=1,
+        )
+    except DatasetError as error:
+        raise AdaptionRequestError(f"support set {path}: {error}") from None
+    if support.ways != spec.ways:
+        raise AdaptionRequestError(
+            f"support set {path} has {support.ways} classes ({', '.join(support.class_names)}) but the "
+            f"super-net is {spec.ways}-way: give exactly {spec.ways} class folders"
+        )
+    if preprocessing.invert:
+        from engine.data.image_folder import SupportSet
+
+        support = SupportSet(
+            x=preprocessing.invert_tensor(support.x).contiguous(),
+            y=support.y,
+            class_names=support.class_names,
+        )
+    return support
+
+
+def _support_tasks(support: Any, count: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` tasks cut from the support set: each class's images split into support and query."""
+    labels = support.y.numpy()
+    by_class = [np.flatnonzero(labels == c) for c in range(support.ways)]
+    small = [support.class_names[c] for c, idx in enumerate(by_class) if len(idx) < 2]
+    if small:
+        raise AdaptionRequestError(
+            f"task_source='support' needs >= 2 images per class (one for support, one for query); "
+            f"too few in {small}"
+        )
+    rng = make_rngs(seed).numpy
+    tasks = []
+    for _ in range(count):
+        support_idx, query_idx = [], []
+        for indices in by_class:
+            order = rng.permutation(indices)
+            queries = max(1, len(order) // 2)
+            query_idx.extend(order[:queries])
+            support_idx.extend(order[queries:])
+        s, q = torch.as_tensor(np.asarray(support_idx)), torch.as_tensor(np.asarray(query_idx))
+        tasks.append((support.x[s], support.y[s], support.x[q], support.y[q]))
+    return tasks
+
+
+def _validation_tasks(request: AdaptionRequest, spec: RunSpec, count: int) -> list[Any]:
+    search_spec = spec if request.search_queries is None else spec.with_(queries=request.search_queries)
+    _, batches = task_source(search_spec, "val")
+    tasks: list[Any] = []
+    for batch in batches(count, 16, derive_seed(request.seed, VALIDATION_TASK_STREAM)):
+        tasks.extend(slice_tasks(batch))
+    return tasks
+
+
+def _prepare(request: AdaptionRequest) -> _Context:
+    """Load and check every input; raises before anything is written."""
+    from engine.latency.lut import LatencyTable
+
+    spec, run, iteration = load_supernet(request.supernet)
+    space, learner = run.space, run.learner
+    supernet: SuperNet = learner.model
+    lut = None
+    if request.lut is not None:
+        if not Path(request.lut).is_file():
+            raise AdaptionRequestError(f"latency table {request.lut} does not exist")
+        lut = LatencyTable.load(request.lut)
+    cost_model = CostModel(make_costs_fn(space, lut))  # AdaptionInputError for another space's LUT
+    constraints = request.constraints()
+    for constraint in constraints:
+        check_reachable(space, cost_model, (constraint,))  # InfeasibleBudgetError
+    normalization, invert = DATASET_PREPROCESSING[spec.dataset]
+    if request.invert_support is not None:
+        invert = request.invert_support
+    preprocessing = Preprocessing(
+        channels=space.in_channels,
+        image_size=space.image_size,
+        mean=normalization.mean,
+        std=normalization.std,
+        invert=invert,
+    )
+    support = _load_support(request, spec, space, preprocessing) if request.support is not None else None
+    config = request.ga_config()
+    count = config.tasks_per_slice * config.num_slices
+    if request.task_source == "support":
+        tasks = _support_tasks(support, count, derive_seed(request.seed, SUPPORT_TASK_STREAM))
+    else:
+        tasks = _validation_tasks(request, spec, count)
+    slices = task_slices(tasks, config.tasks_per_slice)
+    scorer = SuperNetScorer(supernet, inner_loop_from_learner(learner))
+    context = _Context(
+        request=request,
+        checkpoint_path=Path(request.supernet),
+        checkpoint_iteration=iteration,
+        spec=spec,
+        learner=learner,
+        supernet=supernet,
+        space=space,
+        lut=lut,
+        cost_model=cost_model,
+        constraints=constraints,
+        config=config,
+        validation_tasks=tasks,
+        fitness=_TimedFitness(scorer, slices),
+        scorer=scorer,
+        support=support,
+        preprocessing=preprocessing,
+    )
+    for path in request.baseline_checkpoints:
+        run_b, info = _load_baseline(Path(path), spec)
+        context.baselines.append((Path(path), run_b, info))
+    return context
+
+
+# --------------------------------------------------------------------------- state
+def _search_result_from_dict(
+    data: Mapping[str, Any], decode: Callable[[dict[str, Any]], Any]
+) -> SearchResult:
+    def loss(value: float | None) -> float:
+        return math.inf if value is None else float(value)
+
+    return SearchResult(
+        method=data["method"],
+        best_arch=decode(data["best_arch"]).canonical(),
+        best_loss=loss(data["best_loss"]),
+        best_costs=dict(data["best_costs"]),
+        constraints=tuple(Constraint.from_dict(c) for c in data["constraints"]),
+        evaluations=int(data["evaluations"]),
+        cache_hits=int(data["cache_hits"]),
+        evaluated_archs=int(data["evaluated_archs"]),
+        front=tuple(
+            FrontPoint(decode(p["arch"]), dict(p["costs"]), loss(p["loss"]), int(p["slices"]))
+            for p in data["front"]
+        ),
+        history=tuple(data.get("history", ())),
+        stats=dict(data.get("stats", {})),
+        elapsed_s=float(data.get("elapsed_s", 0.0)),
+    )
+
+
+class _StateFile:
+    """The resumable state of one request (JSON, written atomically after every step)."""
+
+    def __init__(self, path: Path | None, request: AdaptionRequest) -> None:
+        self.path = path
+        self.resumed = False
+        self.data: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "request": request.to_dict(),
+            "completed": [],
+            "cache": None,
+            "ga_index": None,
+            "ga_state": None,
+            "random": {},
+            "test": {},
+            "fitness_s": 0.0,
+            "fitness_calls": 0,
+        }
+        if path is not None and path.exists():
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise AdaptionStateError(f"{path}: not a readable adaption state ({error})") from None
+            if not isinstance(stored, dict) or stored.get("version") != STATE_VERSION:
+                raise AdaptionStateError(f"{path}: not an adaption state of version {STATE_VERSION}")
+            if stored.get("request") != request.to_dict():
+                raise AdaptionStateError(f"{path}: the saved state belongs to a different adaption request")
+            self.data = stored
+            self.resumed = True
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, self.data)
+
+
+# --------------------------------------------------------------------------- events
+def _round(value: Any, digits: int = 5) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    return value
+
+
+def _compact_adapt_event(
+    event: Mapping[str, Any], index: int, budgets: int, decode: Callable
+) -> dict[str, Any]:
+    """run_ga's per-generation event, small enough to stream (< 20 KB even at P=100)."""
+    iterations = int(event["total"])
+    front = [
+        {
+            "costs": {k: _round(v) for k, v in point["costs"].items()},
+            "loss": _round(point["loss"]),
+            "arch": arch_code(decode(point["arch"])),
+        }
+        for point in event["front"]
+    ]
+    truncated = len(front) > MAX_FRONT_POINTS_IN_EVENT
+    if truncated:  # keep an even spread along the cost axis, always both ends
+        keep = np.unique(np.linspace(0, len(front) - 1, MAX_FRONT_POINTS_IN_EVENT).round().astype(int))
+        front = [front[i] for i in keep]
+    return {
+        "kind": "adapt",
+        "current": index * iterations + int(event["current"]),
+        "total": budgets * iterations,
+        "budget_index": index,
+        "budgets": budgets,
+        "budget": event["budget"],
+        "generation": event["generation"],
+        "generations": iterations,
+        "slice": event["slice"],
+        "population": [
+            {"costs": {k: _round(v) for k, v in p["costs"].items()}, "fitness": _round(p["fitness"])}
+            for p in event["population"]
+        ],
+        "front": front,
+        "front_truncated": truncated,
+        "front_cost": event["front_cost"],
+        "best": event["best"],
+        "best_code": arch_code(decode(event["best"])),
+        "best_fitness": _round(event["best_fitness"]),
+        "mean_fitness": _round(event["mean_fitness"]),
+        "evaluations": event["evaluations"],
+        "cache_hits": event["cache_hits"],
+    }
+
+
+def _stage(progress: ProgressCallback, stage: str, current: int, total: int, **extra: Any) -> None:
+    progress({"kind": "adapt_stage", "stage": stage, "current": current, "total": total, **extra})
+
+
+# --------------------------------------------------------------------------- the stages
+def _sweep(
+    context: _Context, state: _StateFile, progress: ProgressCallback
+) -> tuple[list[SearchResult], FitnessCache]:
+    """One GA per budget sharing one fitness cache, resumable at generation granularity."""
+    space, config = context.space, context.config
+    decode = type(space.smallest()).from_dict
+    data = state.data
+    completed = [_search_result_from_dict(r, decode) for r in data["completed"]]
+    cache = FitnessCache()
+    if data["cache"] is not None:
+        cache.load_state(data["cache"], decode)
+    fitness = context.fitness
+    fitness.seconds, fitness.calls = float(data["fitness_s"]), int(data["fitness_calls"])
+    budgets = len(context.constraints)
+    for index in range(len(completed), budgets):
+        constraint = context.constraints[index]
+        budget_config = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
+        resume = data["ga_state"] if data["ga_index"] == index else None
+
+        def on_state(ga_state: dict[str, Any], index: int = index) -> None:
+            data.update(
+                ga_index=index, ga_state=ga_state, fitness_s=fitness.seconds, fitness_calls=fitness.calls
+            )
+            state.save()
+
+        def forward(event: dict[str, Any], index: int = index) -> None:
+            progress(_compact_adapt_event(event, index, budgets, decode))
+
+        result = run_ga(
+            space,
+            fitness,
+            context.cost_model,
+            (constraint,),
+            budget_config,
+            progress=forward,
+            cache=cache,
+            state=resume,
+            on_state=on_state,
+            event_extra={"budget_index": index, "budget": constraint.to_dict()},
+        )
+        completed.append(result)
+        data.update(
+            completed=[r.to_dict() for r in completed],
+            cache=cache.to_state(),
+            ga_index=None,
+            ga_state=None,
+            fitness_s=fitness.seconds,
+            fitness_calls=fitness.calls,
+        )
+        state.save()
+    return completed, cache
+
+
+def _random_baselines(
+    context: _Context, ga_results: Sequence[SearchResult], state: _StateFile, progress: ProgressCallback
+) -> list[SearchResult | None]:
+    decode = type(context.space.smallest()).from_dict
+    results: list[SearchResult | None] = []
+    stored = state.data["random"]
+    for index, (constraint, ga) in enumerate(zip(context.constraints, ga_results, strict=True)):
+        if not context.request.random_baseline:
+            results.append(None)
+            continue
+        key = str(index)
+        if key not in stored:
+            result = random_search(
+                context.space,
+                context.fitness,
+                context.cost_model,
+                (constraint,),
+                evaluations=max(1, ga.evaluations),
+                num_slices=context.config.num_slices,
+                final_candidates=context.config.final_candidates,
+                seed=derive_seed(context.config.seed, RANDOM_SEARCH_STREAM + index),
+            )
+            stored[key] = result.to_dict()
+            state.data.update(fitness_s=context.fitness.seconds, fitness_calls=context.fitness.calls)
+            state.save()
+        results.append(_search_result_from_dict(stored[key], decode))
+        _stage(progress, "random_search", index + 1, len(context.constraints), budget_index=index)
+    return results
+
+
+def _test_batches(context: _Context) -> list[Any]:
+    count = context.request.test_task_count
+    if count == 0:
+        return []
+    _, batches = task_source(context.spec, "test")
+    return list(batches(count, 16, derive_seed(context.request.seed, TEST_TASK_STREAM)))
+
+
+def _accuracy(values: Sequence[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(array.mean()),
+        "ci95": _finite(confidence_interval95(array)),
+        "tasks": int(array.size),
+    }
+
+
+def _test_accuracies(
+    context: _Context, archs: Sequence[Any], state: _StateFile, progress: ProgressCallback
+) -> dict[str, dict[str, Any]]:
+    """Mean query accuracy ± 95 % CI over the test tasks (inherited weights + inner loop), per arch."""
+    stored: dict[str, Any] = state.data["test"]
+    wanted = list(dict.fromkeys(arch.canonical().to_json() for arch in archs))
+    missing = [key for key in wanted if key not in stored]
+    if missing and context.request.test_task_count > 0:
+        batches = _test_batches(context)
+        decode = type(context.space.smallest()).from_json
+        for done, key in enumerate(missing, start=1):
+            arch = decode(key)
+            accuracies: list[float] = []
+            for batch in batches:
+                accuracies.extend(context.scorer.score(arch, batch).task_accuracies)
+            stored[key] = {**_accuracy(accuracies), "split": "test", "dataset": context.spec.dataset}
+            state.save()
+            _stage(progress, "evaluate", done, len(missing), arch=arch_code(arch))
+    return {key: stored.get(key) for key in wanted}
+
+
+def _paper_baseline_module(spec: RunSpec, space: Any) -> tuple[Any, int]:
+    from engine.baselines import MamlConvNet
+
+    filters = PAPER_BASELINE_FILTERS.get((space.in_channels, space.image_size), 64)
+    return MamlConvNet(space.in_channels, space.image_size, spec.ways, filters=filters), filters
+
+
+def _reference_baselines(context: _Context, progress: ProgressCallback) -> list[dict[str, Any]]:
+    """MAML and MAML++ 4-conv nets: exact cost; accuracy measured when a checkpoint is given."""
+    space, spec, request = context.space, context.spec, context.request
+    shape = (space.in_channels, space.image_size, space.image_size)
+    lut_note = (
+        "the 4-conv net's layers (3x3 stride-1 conv with bias, BN, ReLU, 2x2 max-pool) are not layers "
+        "of the search space, so the device's lookup table cannot predict its latency"
+    )
+    references: list[dict[str, Any]] = []
+
+    def costs(module: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "params": count_params(module),
+            "macs": count_macs(module, shape),
+            "latency_ms_lut": None,
+            "latency_note": lut_note,
+            "measured_latency_ms": None,
+        }
+        if request.measure_latency:
+            entry["measured_latency_ms"] = measure_module(
+                module, (1, *shape), repeats=30, warmup=5, threads=request.threads
+            ).to_dict()
+        return entry
+
+    if context.baselines:
+        batches = _test_batches(context)
+        from engine.meta.evaluate import evaluate
+
+        for done, (path, run, info) in enumerate(context.baselines, start=1):
+            maml_config = run.learner.config
+            label = "MAML++ 4-conv" if maml_config.learnable_inner_lr else "MAML 4-conv"
+            module = run.learner.model.extract()
+            accuracy = None
+            if batches:
+                result = evaluate(run.learner, batches)
+                accuracy = {**_accuracy(result.accuracies), "split": "test", "dataset": spec.dataset}
+            references.append(
+                {
+                    "name": label,
+                    "source": "checkpoint",
+                    "checkpoint": str(path),
+                    "filters": run.learner.model.filters,
+                    **info,
+                    **costs(module),
+                    "accuracy": accuracy,
+                }
+            )
+            _stage(progress, "baselines", done, len(context.baselines))
+        return references
+    module, filters = _paper_baseline_module(spec, space)
+    plain = module.extract()
+    entry = costs(plain)
+    for label in ("MAML 4-conv", "MAML++ 4-conv"):
+        references.append(
+            {
+                "name": label,
+                "source": "paper architecture (no checkpoint given)",
+                "filters": filters,
+                **entry,
+                "accuracy": None,
+                "accuracy_note": "no baseline checkpoint was given, so no accuracy was measured; MAML and "
+                "MAML++ deploy the same 4-conv network and differ only in training",
+            }
+        )
+    return references
+
+
+def _package_module(context: _Context, arch: Any, weights: str) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(extracted module with recalibrated BN, inner loop, card fields, example input)."""
+    learner, supernet = context.learner, context.supernet
+    eval_steps = learner.config.eval_inner_steps or learner.config.inner_steps
+    if weights == "finetuned":
+        support = context.support
+        steps = context.request.finetune_steps or context.request.preset_values.finetune_factor * eval_steps
+        inner_loop = extended_inner_loop(learner, steps)
+        adapted = finetune_supernet(supernet, arch, inner_loop, support.x, support.y)
+        module = extract_for_export(adapted, arch, query_bn_step(supernet, steps))
+        images = recalibrate_batchnorm(module, [support.x])
+        with torch.no_grad():
+            predictions = torch.cat(
+                [module(support.x[i : i + 1]).argmax(dim=1) for i in range(len(support.y))]
+            )
+        support_accuracy = float((predictions == support.y).float().mean())
+        card = {
+            "classes": list(support.class_names),
+            "finetuning": {
+                "steps": steps,
+                "meta_training_inner_steps": eval_steps,
+                "rule": "MAML++ inner loop (learned per-layer, per-step rates; steps beyond the learned "
+                "ones reuse the last rate), BN batch statistics, starting from the inherited meta-weights",
+                "support_images": int(len(support.y)),
+                "support_accuracy": support_accuracy,
+                "support_accuracy_note": "exported model, batch size 1, on the images it was fine-tuned on "
+                "(a training accuracy, not a test accuracy)",
+            },
+            "bn_statistics": {
+                "source": "support set",
+                "images": images,
+                "note": "running statistics recomputed on the support set as one batch, so eval mode "
+                "reproduces the fine-tuned network's train-mode output on the support set",
+            },
+        }
+        return module, inner_loop, card, support.x[: min(8, len(support.y))]
+    inner_loop = inner_loop_from_learner(learner)
+    module = extract_for_export(supernet, arch, query_bn_step(supernet, eval_steps))
+    # Each task's support and query images as one batch, as meta-training normalised them.
+    calibration = [torch.cat([task[0], task[2]]) for task in context.validation_tasks[:16]]
+    images = recalibrate_batchnorm(module, calibration)
+    card = {
+        "classes": "task-agnostic",
+        "classes_note": "inherited meta-weights: adapt on the device to an N-way support set with "
+        "inner_loop.json before classifying; output i means the i-th class of that support set",
+        "bn_statistics": {
+            "source": f"{len(calibration)} {context.request.task_source} tasks ({context.spec.dataset})",
+            "images": images,
+            "note": "running statistics recomputed (each task one batch, cumulative average): the "
+            "super-net's running statistics are shared by all sub-nets and not meaningful for one",
+        },
+    }
+    return module, inner_loop, card, calibration[0][:8]
+
+
+def _write_packages(
+    context: _Context,
+    out: Path,
+    ga_results: Sequence[SearchResult],
+    randoms: Sequence[SearchResult | None],
+    accuracies: Mapping[str, dict[str, Any] | None],
+    progress: ProgressCallback,
+) -> list[BudgetOutcome]:
+    """Every package into one temp folder inside ``out``, then renamed into place."""
+    request = context.request
+    weights = request.weights_kind
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{uuid.uuid4().hex[:12]}"
+    outcomes = []
+    try:
+        staging.mkdir()
+        for index, (constraint, ga, rs) in enumerate(
+            zip(context.constraints, ga_results, randoms, strict=True)
+        ):
+            arch = ga.best_arch
+            slug = budget_slug(constraint)
+            module, inner_loop, extra, example = _package_module(context, arch, weights)
+            shape = (1, context.space.in_channels, context.space.image_size, context.space.image_size)
+            measured = None
+            if request.measure_latency:
+                measured = measure_module(
+                    module, shape, repeats=30, warmup=5, threads=request.threads
+                ).to_dict()
+            accuracy = accuracies.get(arch.canonical().to_json())
+            random_summary = None
+            if rs is not None:
+                random_summary = {
+                    "arch": rs.best_arch.to_dict(),
+                    "arch_code": arch_code(rs.best_arch),
+                    "costs": rs.best_costs,
+                    "constraint_met": rs.constraint_met,
+                    "search_loss": _finite(rs.best_loss),
+                    "evaluations": rs.evaluations,
+                    "elapsed_s": rs.elapsed_s,
+                    "test_accuracy": accuracies.get(rs.best_arch.canonical().to_json()),
+                }
+            card_extra = {
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "device": context.lut.device if context.lut is not None else None,
+                "budget": {
+                    **constraint.to_dict(),
+                    "base_limit": constraint.base_limit,
+                    "text": constraint.describe(),
+                },
+                "constraint_met": ga.constraint_met,
+                "latency_ms": {
+                    "lut_predicted": ga.best_costs.get("latency_ms"),
+                    "lut_device": context.lut.device if context.lut is not None else None,
+                    "measured_here": measured,
+                    "measured_note": None
+                    if measured is not None
+                    else "not measured (request.measure_latency is false)",
+                },
+                "accuracy": accuracy,
+                "accuracy_protocol": (
+                    f"{request.test_task_count} {context.spec.dataset} test tasks "
+                    f"({context.spec.ways}-way {context.spec.shots}-shot): inherited meta-weights, "
+                    f"{inner_loop_from_learner(context.learner).steps} MAML++ inner steps per task, "
+                    "query accuracy with batch statistics; mean ± 95 % CI (1.96 standard errors)"
+                ),
+                "search": {
+                    "method": "ga",
+                    "loss": _finite(ga.best_loss),
+                    "evaluations": ga.evaluations,
+                    "task_source": request.task_source,
+                },
+                "random_search": random_summary,
+                "supernet": {
+                    "checkpoint": str(context.checkpoint_path),
+                    "iteration": context.checkpoint_iteration,
+                    "spec": context.spec.to_dict(),
+                },
+                **extra,
+            }
+            package_inputs = PackageInputs(
+                space=context.space,
+                arch=arch,
+                module=module,
+                preprocessing=context.preprocessing,
+                weights=weights,
+                inner_loop=inner_loop,
+                card=card_extra,
+                example=example,
+            )
+            card = write_package(staging / slug, package_inputs, onnx=request.export_onnx)
+            outcomes.append(
+                BudgetOutcome(
+                    index=index,
+                    budget=constraint.to_dict(),
+                    slug=slug,
+                    arch=arch.to_dict(),
+                    arch_code=arch_code(arch),
+                    costs=dict(ga.best_costs),
+                    constraint_met=ga.constraint_met,
+                    search_loss=_finite(ga.best_loss),
+                    evaluations=ga.evaluations,
+                    cache_hits=ga.cache_hits,
+                    search_s=ga.elapsed_s,
+                    test_accuracy=accuracy,
+                    random=random_summary,
+                    package=str(out / slug),
+                    model_card=strict_json(card),
+                )
+            )
+            _stage(progress, "package", index + 1, len(context.constraints), budget_index=index, slug=slug)
+        for outcome in outcomes:  # every package is complete: move them into place
+            target = out / outcome.slug
+            if target.exists():
+                old = out / f".replaced-{outcome.slug}-{uuid.uuid4().hex[:8]}"
+                target.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            (staging / outcome.slug).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return outcomes
+
+
+def _sweep_front(context: _Context, cache: FitnessCache) -> list[dict[str, Any]]:
+    """Cost (the request's kind) vs. mean loss over every architecture any budget evaluated."""
+    archs = cache.archs()
+    kind = context.request.constraint
+    points = [(context.cost_model.costs(a)[kind], cache.mean_loss(a)) for a in archs]
+    chosen = pareto_front(points)
+    return [
+        {
+            "arch": archs[i].to_dict(),
+            "arch_code": arch_code(archs[i]),
+            "costs": context.cost_model.costs(archs[i]),
+            "loss": _finite(points[i][1]),
+            "slices": len(cache.losses(archs[i])),
+        }
+        for i in chosen
+    ]
+
+
+# --------------------------------------------------------------------------- entry points
+def run_adaption(
+    request: AdaptionRequest,
+    *,
+    out_dir: str | Path,
+    progress: ProgressCallback = null_progress,
+    state_path: str | Path | None = None,
+) -> AdaptionResult:
+    """Run one adaption request (see the module docstring); packages and ``adaption.json`` go to ``out_dir``.
+
+    Raises :class:`AdaptionRequestError`, :class:`~engine.search.constraints.InfeasibleBudgetError`,
+    :class:`~engine.search.adapt.AdaptionInputError` (a LUT of another space) and other
+    ``ValueError`` subclasses for bad input before writing anything; ``JobCancelled`` from
+    ``progress`` propagates after the state at ``state_path`` is saved.
+    """
+    if not isinstance(request, AdaptionRequest):
+        raise AdaptionRequestError(f"expected an AdaptionRequest, got {type(request).__name__}")
+    started = time.perf_counter()
+    out = Path(out_dir)
+    with torch_threads(request.threads):
+        context = _prepare(request)
+        state = _StateFile(Path(state_path) if state_path is not None else None, request)
+        search_started = time.perf_counter()
+        ga_results, cache = _sweep(context, state, progress)
+        random_started = time.perf_counter()
+        randoms = _random_baselines(context, ga_results, state, progress)
+        search_s, random_s = random_started - search_started, time.perf_counter() - random_started
+        archs = [r.best_arch for r in ga_results] + [r.best_arch for r in randoms if r is not None]
+        accuracies = _test_accuracies(context, archs, state, progress)
+        baselines = _reference_baselines(context, progress)
+        outcomes = _write_packages(context, out, ga_results, randoms, accuracies, progress)
+        fitness = context.fitness
+        result = AdaptionResult(
+            request=request,
+            outcomes=tuple(outcomes),
+            front=tuple(_sweep_front(context, cache)),
+            baselines=tuple(baselines),
+            supernet={
+                "checkpoint": str(context.checkpoint_path),
+                "iteration": context.checkpoint_iteration,
+                "spec": context.spec.to_dict(),
+                "space": context.space.to_dict(),
+            },
+            device=context.lut.device if context.lut is not None else None,
+            evaluations=cache.evaluations,
+            cache_hits=cache.hits,
+            ms_per_evaluation=1000 * fitness.seconds / fitness.calls if fitness.calls else None,
+            search_s=search_s,
+            random_s=random_s,
+            elapsed_s=time.perf_counter() - started,
+            out_dir=str(out),
+            resumed=state.resumed,
+        )
+        atomic_write_json(out / RESULT_NAME, strict_json(result.to_dict()))
+    return result
+
+
+# --------------------------------------------------------------------------- re-training
+class FixedArchNet(SuperNet):
+    """A super-net that always runs one architecture: meta-training it trains that sub-net only.
+
+    Same parameter names as :class:`~engine.supernet.SuperNet` (so the super-net learner's state,
+    LSLR rates included, loads as is) and the MAML++ ``forward(x, step=...)`` convention the
+    learner expects. Layers the sub-net does not use get no gradient and stay unchanged.
+    """
+
+    def __init__(self, space: Any, arch: Any, bn_steps: int = 1) -> None:
+        super().__init__(space, bn_steps=bn_steps)
+        space.validate(arch)
+        self.fixed_arch = arch.canonical()
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, arch: Any = None, step: int = 0, track_stats: bool = True
+    ) -> torch.Tensor:
+        return super().forward(x, self.fixed_arch if arch is None else arch, step, track_stats)
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    checkpoint: str
+    arch: dict[str, Any]
+    iterations: int
+    seconds: float
+    accuracy_before: dict[str, Any] | None
+    accuracy_after: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def retrain_subnet(
+    checkpoint: str | Path,
+    arch: Any,
+    *,
+    iterations: int,
+    out: str | Path,
+    progress: ProgressCallback = null_progress,
+    test_tasks: int = 0,
+    threads: int | None = None,
+    seed: int = 0,
+) -> RetrainResult:
+    """Meta-train the fixed sub-net ``arch`` further, starting from its inherited super-net weights.
+
+    The same MAML++ learner (inner loop, LSLR rates, per-step BN) and ``meta_train`` as the
+    super-net, with every meta-batch on ``arch``; ``iterations`` meta-iterations (the run's
+    preset decides meta-batch size and schedules). Checkpoints go to ``out`` (resumable: calling
+    again with the same arguments continues). ``test_tasks > 0`` reports the few-shot test
+    accuracy before and after. ``arch`` is an ``Arch`` or its dict.
+    """
+    _check_int("iterations", iterations, 1, optional=False)
+    _check_int("test_tasks", test_tasks, 0, optional=False)
+    spec, run, source_iteration = load_supernet(checkpoint)
+    if isinstance(arch, Mapping):
+        arch = type(run.space.smallest()).from_dict(dict(arch))
+    run.space.validate(arch)  # ArchError (a ValueError) names the bad layer
+    retrain_spec = spec.with_(iterations=iterations, seed=seed, threads=threads or spec.threads)
+    retrain_run = build_run(retrain_spec)
+    fixed = FixedArchNet(run.space, arch, bn_steps=run.learner.model.bn_steps)
+    from engine.meta.maml import MamlLearner
+
+    learner = MamlLearner(fixed, retrain_run.config.maml)
+    learner.load_state_dict(run.learner.state_dict())
+    out_path = Path(out)
+    from engine.meta.train import CHECKPOINT_NAME
+
+    def accuracy() -> dict[str, Any] | None:
+        if test_tasks == 0:
+            return None
+        from engine.meta.evaluate import evaluate
+
+        _, batches = task_source(spec, "test")
+        result = evaluate(learner, batches(test_tasks, 16, derive_seed(seed, TEST_TASK_STREAM)))
+        return _accuracy(result.accuracies)
+
+    before = accuracy()
+    train_source, _ = task_source(retrain_spec, "train")
+    run_info = {
+        "spec": retrain_spec.to_dict(),
+        "retrain": {
+            "arch": fixed.fixed_arch.to_dict(),
+            "source_checkpoint": str(checkpoint),
+            "source_iteration": source_iteration,
+        },
+    }
+    result = meta_train(
+        learner,
+        train_source,
+        retrain_run.config,
+        out_dir=out_path,
+        space=None,
+        resume=(out_path / CHECKPOINT_NAME).exists(),
+        progress=progress,
+        run_info=run_info,
+    )
+    after = accuracy()
+    summary = RetrainResult(
+        checkpoint=str(result.checkpoint),
+        arch=fixed.fixed_arch.to_dict(),
+        iterations=result.iterations,
+        seconds=result.seconds,
+        accuracy_before=before,
+        accuracy_after=after,
+    )
+    atomic_write_json(out_path / "retrain.json", summary.to_dict())
+    return summary

@@ -1,0 +1,211 @@
+"""``adapt`` and ``retrain`` subcommands (hardware-constrained adaption of a meta-trained super-net)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.adaption import (
+    ADAPTION_PRESETS,
+    TASK_SOURCES,
+    WEIGHTS,
+    AdaptionRequest,
+    retrain_subnet,
+    run_adaption,
+)
+from engine.progress import ProgressEvent
+
+STATE_NAME = ".adaption-state.json"
+
+
+class AdaptProgress:
+    """tqdm bar over all GA generations of the sweep, then one line per later stage."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar = tqdm(desc="adapt", unit="gen", dynamic_ncols=True, file=sys.stderr)
+        self._stage: str | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event["kind"] == "adapt":
+            self._bar.total = event["total"]
+            self._bar.n = event["current"]
+            self._bar.set_postfix(
+                budget=f"{event['budget_index'] + 1}/{event['budgets']}",
+                best=f"{event['best_fitness']:.3f}" if event["best_fitness"] is not None else "inf",
+                evals=event["evaluations"],
+                hits=event["cache_hits"],
+                refresh=False,
+            )
+            self._bar.refresh()
+        elif event["kind"] == "adapt_stage":
+            if event["stage"] != self._stage:
+                self._stage = event["stage"]
+                self._bar.close()
+                self._bar = self._tqdm(
+                    desc=event["stage"].replace("_", " "),
+                    total=event["total"],
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            self._bar.n = event["current"]
+            self._bar.refresh()
+        elif event["kind"] == "meta_train":
+            self._bar.total = event["total"]
+            self._bar.n = event["current"]
+            self._bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['accuracy']:.3f}", refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _quiet(event: ProgressEvent) -> None:
+    return None
+
+
+def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--supernet", required=True, help="super-net checkpoint written by meta-train")
+    parser.add_argument("--lut", default=None, help="latency table (JSON) of the target device")
+    parser.add_argument(
+        "--budget",
+        action="append",
+        required=True,
+        help="e.g. latency_ms=3, params=70K, macs=5M; repeat for a sweep (one kind)",
+    )
+    parser.add_argument("--support", default=None, help="support set: zip or folder of N class folders")
+    parser.add_argument("--task-source", choices=TASK_SOURCES, default="validation")
+    parser.add_argument("--weights", choices=WEIGHTS, default=None, help="default: finetuned with --support")
+    parser.add_argument("--preset", choices=tuple(ADAPTION_PRESETS), default="cpu")
+    parser.add_argument("--pool", type=int, default=None, help="GA pool size P (default: preset's)")
+    parser.add_argument("--iterations", type=int, default=None, help="GA iterations M (default: preset's)")
+    parser.add_argument("--tasks-per-slice", type=int, default=None)
+    parser.add_argument("--slices", type=int, default=None, help="validation slices")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
+    parser.add_argument(
+        "--search-queries", type=int, default=None, help="query images per class while searching"
+    )
+    parser.add_argument("--finetune-steps", type=int, default=None)
+    parser.add_argument("--invert-support", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--baseline", action="append", default=[], help="MAML/MAML++ baseline checkpoint")
+    parser.add_argument("--no-random", action="store_true", help="skip the random-search baseline")
+    parser.add_argument("--no-onnx", action="store_true", help="TorchScript only")
+    parser.add_argument("--measure-latency", action="store_true", help="time the packages on this machine")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (one package per budget)")
+    parser.add_argument(
+        "--state", type=Path, default=None, help=f"resumable state (default OUT/{STATE_NAME})"
+    )
+    parser.add_argument("--quiet", action="store_true")
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    request = AdaptionRequest.from_budget_strings(
+        args.budget,
+        supernet=args.supernet,
+        lut=args.lut,
+        preset=args.preset,
+        pool_size=args.pool,
+        iterations=args.iterations,
+        tasks_per_slice=args.tasks_per_slice,
+        num_slices=args.slices,
+        seed=args.seed,
+        task_source=args.task_source,
+        support=args.support,
+        invert_support={"auto": None, "yes": True, "no": False}[args.invert_support],
+        weights=args.weights,
+        finetune_steps=args.finetune_steps,
+        search_queries=args.search_queries,
+        test_tasks=args.test_tasks,
+        random_baseline=not args.no_random,
+        baseline_checkpoints=tuple(args.baseline),
+        export_onnx=not args.no_onnx,
+        measure_latency=args.measure_latency,
+        threads=args.threads,
+    )
+    state = args.state if args.state is not None else args.out / STATE_NAME
+    bar = None if args.quiet else AdaptProgress()
+    try:
+        result = run_adaption(request, out_dir=args.out, progress=bar or _quiet, state_path=state)
+    finally:
+        if bar:
+            bar.close()
+    for outcome in result.outcomes:
+        accuracy = outcome.test_accuracy
+        text = (
+            f"{100 * accuracy['mean']:.2f}% ± {100 * accuracy['ci95']:.2f}%" if accuracy else "not evaluated"
+        )
+        print(
+            f"{outcome.slug}: {outcome.arch_code}  costs {outcome.costs}  test accuracy {text}  -> {outcome.package}"
+        )
+    summary: dict[str, Any] = {
+        "out": str(args.out),
+        "evaluations": result.evaluations,
+        "cache_hits": result.cache_hits,
+        "ms_per_evaluation": result.ms_per_evaluation,
+        "search_s": round(result.search_s, 3),
+        "constraints_met": result.constraints_met,
+        "packages": [outcome.package for outcome in result.outcomes],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--supernet", required=True, help="super-net checkpoint written by meta-train")
+    parser.add_argument("--arch", required=True, help="Arch JSON, or a package folder's model_card.json")
+    parser.add_argument("--iterations", type=int, required=True, help="meta-iterations of re-training")
+    parser.add_argument("--test-tasks", type=int, default=0, help="test tasks before/after (0: skip)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quiet", action="store_true")
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    text = args.arch
+    if Path(text).is_file():
+        data = json.loads(Path(text).read_text())
+        arch = data.get("architecture", data)
+    else:
+        try:
+            arch = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--arch is neither a file nor Arch JSON: {error}") from None
+    bar = None if args.quiet else AdaptProgress()
+    try:
+        result = retrain_subnet(
+            args.supernet,
+            arch,
+            iterations=args.iterations,
+            out=args.out,
+            progress=bar or _quiet,
+            test_tasks=args.test_tasks,
+            threads=args.threads,
+            seed=args.seed,
+        )
+    finally:
+        if bar:
+            bar.close()
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+COMMANDS = {
+    "adapt": (
+        "hardware-constrained GA adaption of a meta-trained super-net: one model package per budget",
+        _add_adapt_arguments,
+        _adapt,
+    ),
+    "retrain": (
+        "meta-train one fixed sub-net further from its inherited super-net weights",
+        _add_retrain_arguments,
+        _retrain,
+    ),
+}

@@ -1,0 +1,455 @@
+"""MAML++ (Antoniou et al., "How to train your MAML") over any functional model.
+
+The model only has to follow the engine convention ``forward(x, step=..., **forward_kwargs)``
+where ``step`` selects the per-step BatchNorm row (the super-net also takes ``arch=...``). The
+learner runs it through :func:`torch.func.functional_call` with a dict of fast weights, so the
+model itself knows nothing about meta-learning (the learn2learn split).
+
+Two ways to compute the same meta-gradient:
+
+* ``strategy="loop"`` -- the reference: tasks one after another, the sum of their query losses,
+  one ``backward()`` (how the MAML++ reference code works);
+* ``strategy="threads"`` -- the production path on CPUs: tasks are independent until their
+  gradients are summed, so ``workers`` threads each adapt a share of the tasks (one intra-op
+  thread each, so the core count is respected) and take their own task's meta-gradient with
+  ``torch.autograd.grad``; the per-task gradients are then summed in task order. The math is the
+  same as the loop (tests check the gradients agree, second order included). On a small CPU this
+  beats intra-op parallelism because every op of a few-shot task is tiny (a 20-image batch of
+  28x28 images) and splits badly across cores, while whole tasks split perfectly.
+
+Measured and rejected on the 2-core CPU (see docs/META_TRAINING.md): ``torch.func.vmap`` over
+tasks and a hand-written grouped convolution (groups = tasks, [N, T*C, H, W] layout) -- the
+mkldnn grouped-convolution double backward is 3-6x slower than the per-task loop here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from engine.meta.schedule import per_step_loss_weights, use_second_order
+from engine.meta.tasks import TaskBatch
+
+STRATEGIES = ("loop", "threads")
+
+
+class MamlConfigError(ValueError):
+    """A MAML/MAML++ setting outside its valid range."""
+
+
+@dataclass(frozen=True)
+class MamlConfig:
+    """Inner-loop and outer-loop settings. Defaults are MAML++ on Omniglot."""
+
+    inner_steps: int = 5
+    inner_lr: float = 0.1
+    #: LSLR: one learnable inner learning rate per parameter tensor and step.
+    learnable_inner_lr: bool = True
+    #: MSL: epochs over which the per-step query losses anneal to final-step only (0 = final only).
+    multi_step_epochs: int = 10
+    second_order: bool = True
+    #: DA: first-order for this many epochs, then second-order (only if ``second_order``).
+    first_order_epochs: int = 0
+    #: MAML++ keeps BN weights out of the inner loop (they are meta-learned per step instead).
+    inner_bn_params: bool = False
+    meta_lr: float = 1e-3
+    #: CA: cosine annealing of the Adam meta learning rate down to this value.
+    min_meta_lr: float = 1e-5
+    #: Inner steps at evaluation (``None`` = ``inner_steps``).
+    eval_inner_steps: int | None = None
+    strategy: str = "threads"
+    #: Worker threads of the ``threads`` strategy (never more than the cores you were given).
+    workers: int = 2
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise MamlConfigError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if self.inner_lr <= 0 or not math.isfinite(self.inner_lr):
+            raise MamlConfigError(f"inner_lr must be a positive number, got {self.inner_lr}")
+        if self.multi_step_epochs < 0 or self.first_order_epochs < 0:
+            raise MamlConfigError("multi_step_epochs and first_order_epochs must be >= 0")
+        if self.meta_lr <= 0 or self.min_meta_lr < 0 or self.min_meta_lr > self.meta_lr:
+            raise MamlConfigError(
+                f"need 0 <= min_meta_lr <= meta_lr, 0 < meta_lr; got {self.min_meta_lr}, {self.meta_lr}"
+            )
+        if self.eval_inner_steps is not None and self.eval_inner_steps < 1:
+            raise MamlConfigError(f"eval_inner_steps must be >= 1, got {self.eval_inner_steps}")
+        if self.strategy not in STRATEGIES:
+            raise MamlConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.workers < 1:
+            raise MamlConfigError(f"workers must be >= 1, got {self.workers}")
+
+    @classmethod
+    def maml(cls, *, second_order: bool = True, **overrides: Any) -> MamlConfig:
+        """Plain MAML (Finn et al.): fixed inner lr, final-step loss, one BN for all steps."""
+        base = dict(
+            learnable_inner_lr=False, multi_step_epochs=0, first_order_epochs=0, second_order=second_order
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MamlConfig:
+        return cls(**dict(data))
+
+    def with_(self, **changes: Any) -> MamlConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MetaStepResult:
+    """What one meta-batch did: mean weighted query loss and final-step query accuracy."""
+
+    loss: float
+    accuracy: float
+    task_losses: tuple[float, ...]
+    task_accuracies: tuple[float, ...]
+    second_order: bool
+
+
+@dataclass(frozen=True)
+class _TaskOutcome:
+    loss: torch.Tensor | None
+    accuracy: float
+    buffers: dict[str, torch.Tensor]
+
+
+def _task_tensors(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task ``index`` of any batch with ``support_x/support_y/query_x/query_y`` [tasks, ...] tensors."""
+    return batch.support_x[index], batch.support_y[index], batch.query_x[index], batch.query_y[index]
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase) or "norm" in type(module).__name__.lower()
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters owned directly by normalisation modules (BN weights/biases)."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        if _is_norm_module(module):
+            for param_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def _lslr_key(name: str) -> str:
+    # ParameterDict keys may not contain dots.
+    return name.replace(".", "__")
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if previous != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+class MamlLearner(nn.Module):
+    """A model plus the MAML++ meta-parameters that belong to the learning rule (LSLR).
+
+    ``learner.parameters()`` = the model's meta-weights and the inner learning rates: give them
+    all to the meta-optimizer. ``state_dict()`` holds both.
+    """
+
+    def __init__(self, model: nn.Module, config: MamlConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        norm_names = norm_parameter_names(model)
+        self.inner_names: tuple[str, ...] = tuple(
+            name for name, _ in model.named_parameters() if config.inner_bn_params or name not in norm_names
+        )
+        if not self.inner_names:
+            raise MamlConfigError("the model has no parameters to adapt in the inner loop")
+        steps = max(config.inner_steps, config.eval_inner_steps or 0)
+        self.inner_lrs = nn.ParameterDict(
+            {
+                _lslr_key(name): nn.Parameter(
+                    torch.full((steps,), float(config.inner_lr)), requires_grad=config.learnable_inner_lr
+                )
+                for name in self.inner_names
+            }
+        )
+        bn_steps = getattr(model, "bn_steps", None)
+        self.bn_steps: int | None = int(bn_steps) if bn_steps is not None else None
+        # Structure-only copies for worker threads: functional_call temporarily swaps a module's
+        # tensors, so two threads must never run through the same module object. Kept out of
+        # the module tree (not in state_dict, not in parameters()).
+        object.__setattr__(self, "_replicas", [])
+
+    # ----------------------------------------------------------------- helpers
+    def inner_lr(self, name: str) -> torch.Tensor:
+        return self.inner_lrs[_lslr_key(name)]
+
+    def bn_step(self, step: int) -> int:
+        """The BN row used at inner step ``step`` (the last row for steps beyond the model's rows)."""
+        return step if self.bn_steps is None else min(step, self.bn_steps - 1)
+
+    def _replica(self, index: int) -> nn.Module:
+        replicas: list[nn.Module] = self._replicas  # type: ignore[assignment]
+        while len(replicas) <= index:
+            replicas.append(copy.deepcopy(self.model))
+        replica = replicas[index]
+        replica.train(self.model.training)
+        return replica
+
+    def _run_workers(self, work: Callable[[int], None], workers: int) -> None:
+        """Run ``work(0..workers-1)``, in threads with one intra-op thread each when ``workers > 1``."""
+        if workers == 1:
+            work(0)
+            return
+        for worker in range(workers):  # create replicas here, not racing inside the threads
+            self._replica(worker)
+        with _intra_op_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(work, worker) for worker in range(workers)]:
+                future.result()
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def loss_weights(self, epoch: int) -> np.ndarray:
+        return per_step_loss_weights(epoch, self.config.inner_steps, self.config.multi_step_epochs)
+
+    def second_order_at(self, epoch: int) -> bool:
+        return use_second_order(epoch, self.config.second_order, self.config.first_order_epochs)
+
+    # -------------------------------------------------------------- inner loop
+    def _adapt_task(
+        self,
+        module: nn.Module,
+        params: dict[str, torch.Tensor],
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        weights: np.ndarray,
+        create_graph: bool,
+        forward_kwargs: Mapping[str, Any],
+    ) -> _TaskOutcome:
+        """Adapt to one task's support set; return the weighted multi-step query loss.
+
+        Query step ``s`` is evaluated with the fast weights after ``s + 1`` updates and BN row
+        ``s`` (as in the MAML++ reference code).
+        """
+        support_x, support_y, query_x, query_y = task
+        support_x, query_x = self._prepare(support_x), self._prepare(query_x)
+        buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+        fast = dict(params)
+        steps = len(weights)
+        total: torch.Tensor | None = None
+        accuracy = 0.0
+        for step in range(steps):
+            bn_step = self.bn_step(step)
+            logits = functional_call(
+                module, {**fast, **buffers}, (support_x,), {**forward_kwargs, "step": bn_step}, strict=False
+            )
+            support_loss = F.cross_entropy(logits, support_y)
+            adapted = [fast[name] for name in self.inner_names]
+            grads = torch.autograd.grad(support_loss, adapted, create_graph=create_graph, allow_unused=True)
+            for name, grad in zip(self.inner_names, grads, strict=True):
+                if grad is not None:  # unused by this sub-net: nothing to adapt
+                    fast[name] = fast[name] - self.inner_lr(name)[step] * grad
+            last = step == steps - 1
+            if weights[step] > 0 or last:
+                query_logits = functional_call(
+                    module, {**fast, **buffers}, (query_x,), {**forward_kwargs, "step": bn_step}, strict=False
+                )
+                weighted = float(weights[step]) * F.cross_entropy(query_logits, query_y)
+                total = weighted if total is None else total + weighted
+                if last:
+                    accuracy = (query_logits.detach().argmax(dim=1) == query_y).float().mean().item()
+        return _TaskOutcome(loss=total, accuracy=accuracy, buffers=buffers)
+
+    def _merge_buffers(self, outcomes: list[_TaskOutcome]) -> None:
+        """New running statistics = mean over tasks of each task's updated statistics.
+
+        Every task starts from the same statistics, so the result does not depend on task
+        order (needed for the loop and thread strategies to agree). Statistics never enter the
+        training loss: BN always normalises with the batch statistics of the task's own batch.
+        """
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                values = [outcome.buffers[name] for outcome in outcomes]
+                if buffer.is_floating_point():
+                    buffer.copy_(torch.stack(values).mean(dim=0))
+                else:
+                    buffer.copy_(values[-1])
+
+    # ---------------------------------------------------------------- training
+    def meta_step(
+        self,
+        batch: TaskBatch,
+        *,
+        epoch: int,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+    ) -> MetaStepResult:
+        """Accumulate the meta-gradient of the mean task loss into ``.grad`` of the learner's parameters.
+
+        The caller zeroes gradients and steps the optimizer (so gradients can be inspected).
+        """
+        strategy = strategy or self.config.strategy
+        if strategy not in STRATEGIES:
+            raise MamlConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        kwargs = dict(forward_kwargs or {})
+        weights = self.loss_weights(epoch)
+        second_order = self.second_order_at(epoch)
+        if strategy == "loop":
+            outcomes = self._meta_step_loop(batch, weights, second_order, kwargs)
+        else:
+            outcomes = self._meta_step_threads(batch, weights, second_order, kwargs)
+        self._merge_buffers(outcomes)
+        losses = tuple(float(outcome.loss) for outcome in outcomes)  # type: ignore[arg-type]
+        accuracies = tuple(outcome.accuracy for outcome in outcomes)
+        return MetaStepResult(
+            loss=float(np.mean(losses)),
+            accuracy=float(np.mean(accuracies)),
+            task_losses=losses,
+            task_accuracies=accuracies,
+            second_order=second_order,
+        )
+
+    def _meta_step_loop(
+        self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
+    ) -> list[_TaskOutcome]:
+        params = dict(self.model.named_parameters())
+        outcomes = [
+            self._adapt_task(
+                self.model,
+                params,
+                _task_tensors(batch, index),
+                weights=weights,
+                create_graph=second_order,
+                forward_kwargs=kwargs,
+            )
+            for index in range(batch.num_tasks)
+        ]
+        total = torch.stack([outcome.loss for outcome in outcomes]).sum()  # type: ignore[misc]
+        (total / batch.num_tasks).backward()
+        return [
+            _TaskOutcome(loss=outcome.loss.detach(), accuracy=outcome.accuracy, buffers=outcome.buffers)
+            for outcome in outcomes
+        ]  # type: ignore[union-attr]
+
+    def _meta_step_threads(
+        self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
+    ) -> list[_TaskOutcome]:
+        named = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
+        meta_params = [param for _, param in named]
+        model_params = dict(self.model.named_parameters())
+        tasks = batch.num_tasks
+        workers = min(self.config.workers, tasks)
+        grads: list[tuple[torch.Tensor | None, ...] | None] = [None] * tasks
+        outcomes: list[_TaskOutcome | None] = [None] * tasks
+
+        def work(worker: int) -> None:
+            module = self._replica(worker)
+            for index in range(worker, tasks, workers):
+                outcome = self._adapt_task(
+                    module,
+                    model_params,
+                    _task_tensors(batch, index),
+                    weights=weights,
+                    create_graph=second_order,
+                    forward_kwargs=kwargs,
+                )
+                grads[index] = torch.autograd.grad(outcome.loss / tasks, meta_params, allow_unused=True)  # type: ignore[operator]
+                outcomes[index] = _TaskOutcome(outcome.loss.detach(), outcome.accuracy, outcome.buffers)  # type: ignore[union-attr]
+
+        self._run_workers(work, workers)
+        # Sum in task order so the result is deterministic whatever the threads' timing.
+        for position, param in enumerate(meta_params):
+            total: torch.Tensor | None = None
+            for index in range(tasks):
+                grad = grads[index][position]  # type: ignore[index]
+                if grad is not None:
+                    total = grad if total is None else total + grad
+            if total is not None:
+                param.grad = total if param.grad is None else param.grad + total
+        return outcomes  # type: ignore[return-value]
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate_batch(
+        self,
+        batch: TaskBatch,
+        *,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        steps: int | None = None,
+    ) -> list[float]:
+        """Query accuracy of each task after adapting on its support set. Leaves the model unchanged.
+
+        Evaluation normalises with batch statistics (transductive, as MAML++ does) and runs the
+        query under ``no_grad``; the inner loop needs only first-order gradients of the support loss.
+        """
+        steps = steps or self.config.eval_inner_steps or self.config.inner_steps
+        if steps > len(next(iter(self.inner_lrs.values()))):
+            raise MamlConfigError(f"evaluation steps {steps} exceed the learned inner learning rates")
+        kwargs = dict(forward_kwargs or {})
+        tasks = batch.num_tasks
+        workers = min(self.config.workers, tasks) if self.config.strategy == "threads" else 1
+        accuracies: list[float] = [0.0] * tasks
+
+        def work(worker: int) -> None:
+            module = self._replica(worker) if workers > 1 else self.model
+            for index in range(worker, tasks, workers):
+                accuracies[index] = self._evaluate_task(module, _task_tensors(batch, index), steps, kwargs)
+
+        self._run_workers(work, workers)
+        return accuracies
+
+    def _evaluate_task(
+        self,
+        module: nn.Module,
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        steps: int,
+        kwargs: dict[str, Any],
+    ) -> float:
+        support_x, support_y, query_x, query_y = task
+        support_x, query_x = self._prepare(support_x), self._prepare(query_x)
+        buffers = {name: buffer.detach().clone() for name, buffer in self.model.named_buffers()}
+        fast = {name: param.detach() for name, param in self.model.named_parameters()}
+        for step in range(steps):
+            adapted = [fast[name].requires_grad_() for name in self.inner_names]
+            with torch.enable_grad():
+                logits = functional_call(
+                    module,
+                    {**fast, **buffers},
+                    (support_x,),
+                    {**kwargs, "step": self.bn_step(step)},
+                    strict=False,
+                )
+                grads = torch.autograd.grad(F.cross_entropy(logits, support_y), adapted, allow_unused=True)
+            with torch.no_grad():
+                for name, grad in zip(self.inner_names, grads, strict=True):
+                    if grad is not None:
+                        fast[name] = fast[name].detach() - self.inner_lr(name)[step].detach() * grad
+                    else:
+                        fast[name] = fast[name].detach()
+        with torch.no_grad():
+            logits = functional_call(
+                module,
+                {**fast, **buffers},
+                (query_x,),
+                {**kwargs, "step": self.bn_step(steps - 1)},
+                strict=False,
+            )
+            return (logits.argmax(dim=1) == query_y).float().mean().item()

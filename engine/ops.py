@@ -1,0 +1,207 @@
+"""Building blocks shared by the super-net, extracted sub-nets and layer profiling.
+
+Two kinds of op live here:
+
+* plain, export-friendly modules (``make_activation``, ``FixedAvgPool2d``) used by
+  extracted sub-nets and by ``LayerSpec.build_module`` (what a device profiles is
+  exactly what gets deployed);
+* elastic ops with weight sharing (``ElasticConv2d``, ``ElasticBatchNorm2d``,
+  ``ElasticLinear``): one tensor at the largest size, a sub-net uses the centre of
+  the kernel and the leading channels (once-for-all style slicing).
+
+The elastic ops take the active sizes as call arguments instead of holding an
+"active sub-net" as hidden state, so ``torch.func.functional_call``/``grad``/``vmap``
+see a pure function of (parameters, buffers, input, architecture).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "sigmoid": nn.Sigmoid,
+    "relu6": nn.ReLU6,
+    "leakyrelu": nn.LeakyReLU,  # negative_slope 0.01, same as F.leaky_relu's default
+}
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "elu": F.elu,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "relu6": F.relu6,
+    "leakyrelu": F.leaky_relu,
+}
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by name (timm-style factory)."""
+    try:
+        return ACTIVATION_MODULES[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATION_MODULES)}"
+        ) from None
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """[out_size, in_size] averaging matrix reproducing ``adaptive_avg_pool`` bins along one axis.
+
+    Bin i covers ``[floor(i*in/out), ceil((i+1)*in/out))`` exactly as PyTorch's
+    adaptive pooling does, also when ``out_size > in_size`` (bins then repeat pixels).
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"pool sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    matrix = torch.zeros(out_size, in_size)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)  # ceil division
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class FixedAvgPool2d(nn.Module):
+    """Adaptive average pooling for one known input size, as two small matmuls.
+
+    The legacy ONNX exporter refuses ``adaptive_avg_pool2d`` when the output size does
+    not divide the input size (14 -> 5, or 2 -> 5 after four stride-2 layers on 28x28),
+    so extracted sub-nets pool with a fixed averaging matrix instead. It computes the
+    same bins as ``F.adaptive_avg_pool2d``; it has buffers only, no parameters.
+    """
+
+    def __init__(self, in_size: int, out_size: int) -> None:
+        super().__init__()
+        self.in_size = in_size
+        self.out_size = out_size
+        rows = adaptive_pool_matrix(in_size, out_size)
+        self.register_buffer("rows", rows)
+        self.register_buffer("cols_t", rows.t().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols_t)
+
+    def extra_repr(self) -> str:
+        return f"in_size={self.in_size}, out_size={self.out_size}"
+
+
+class ElasticConv2d(nn.Module):
+    """A conv whose weight is stored at the largest size; calls use a centred sub-kernel
+    and the leading input/output channels (weight sharing across every sub-net)."""
+
+    def __init__(self, max_in_channels: int, max_out_channels: int, max_kernel: int) -> None:
+        super().__init__()
+        if max_kernel % 2 == 0:
+            raise ValueError(f"elastic kernels must be odd, got max_kernel={max_kernel}")
+        self.max_in_channels = max_in_channels
+        self.max_out_channels = max_out_channels
+        self.max_kernel = max_kernel
+        self.weight = nn.Parameter(torch.empty(max_out_channels, max_in_channels, max_kernel, max_kernel))
+        # He init on the full tensor (fan_out, as for ResNet/once-for-all convs followed by BN).
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def sub_weight(self, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
+        """View of the shared weight used by a (in_channels, out_channels, kernel) sub-layer."""
+        start = (self.max_kernel - kernel) // 2
+        return self.weight[:out_channels, :in_channels, start : start + kernel, start : start + kernel]
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel: int, stride: int) -> torch.Tensor:
+        weight = self.sub_weight(x.shape[-3], out_channels, kernel)
+        return F.conv2d(x, weight, None, stride, kernel // 2)
+
+    def extra_repr(self) -> str:
+        return f"max_in={self.max_in_channels}, max_out={self.max_out_channels}, max_kernel={self.max_kernel}"
+
+
+class ElasticBatchNorm2d(nn.Module):
+    """BatchNorm over the leading channels, with MAML++ per-step statistics and affine params.
+
+    ``weight``/``bias``/``running_mean``/``running_var`` have shape ``[bn_steps, C_max]``;
+    inner-loop step ``step`` uses row ``step``. Training mode normalises with the batch
+    statistics and (when ``track_stats``) updates row ``step`` of the running stats in
+    place; eval mode normalises with row ``step`` of the running stats. ``track_stats=False``
+    leaves the buffers untouched, which ``torch.func.vmap`` needs (no in-place writes
+    of batched values into unbatched buffers).
+    """
+
+    def __init__(self, max_channels: int, bn_steps: int = 1) -> None:
+        super().__init__()
+        if bn_steps < 1:
+            raise ValueError(f"bn_steps must be >= 1, got {bn_steps}")
+        self.max_channels = max_channels
+        self.bn_steps = bn_steps
+        self.weight = nn.Parameter(torch.ones(bn_steps, max_channels))
+        self.bias = nn.Parameter(torch.zeros(bn_steps, max_channels))
+        self.register_buffer("running_mean", torch.zeros(bn_steps, max_channels))
+        self.register_buffer("running_var", torch.ones(bn_steps, max_channels))
+
+    def forward(self, x: torch.Tensor, step: int = 0, track_stats: bool = True) -> torch.Tensor:
+        channels = x.shape[-3]
+        weight = self.weight[step, :channels]
+        bias = self.bias[step, :channels]
+        if self.training:
+            if track_stats:
+                # Row views of the buffers: batch_norm updates them in place.
+                return F.batch_norm(
+                    x,
+                    self.running_mean[step, :channels],
+                    self.running_var[step, :channels],
+                    weight,
+                    bias,
+                    True,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                )
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, BN_EPS)
+        return F.batch_norm(
+            x,
+            self.running_mean[step, :channels],
+            self.running_var[step, :channels],
+            weight,
+            bias,
+            False,
+            0.0,
+            BN_EPS,
+        )
+
+    def extra_repr(self) -> str:
+        return f"max_channels={self.max_channels}, bn_steps={self.bn_steps}"
+
+
+class ElasticLinear(nn.Module):
+    """Classifier over pooled features ``[B, C, p, p]`` for any C <= C_max.
+
+    The weight is stored as ``[classes, C_max, p, p]``; a sub-net with C channels uses
+    ``weight[:, :C]`` flattened in the same (channel, row, col) order as ``x.flatten(1)``,
+    so the extracted ``nn.Linear(C*p*p, classes)`` computes exactly the same logits.
+    """
+
+    def __init__(self, max_channels: int, pool_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.max_channels = max_channels
+        self.pool_size = pool_size
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, max_channels, pool_size, pool_size))
+        self.bias = nn.Parameter(torch.empty(num_classes))
+        bound = 1.0 / math.sqrt(max_channels * pool_size * pool_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def sub_weight(self, channels: int) -> torch.Tensor:
+        return self.weight[:, :channels].reshape(self.num_classes, channels * self.pool_size * self.pool_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.flatten(-3), self.sub_weight(x.shape[-3]), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"max_channels={self.max_channels}, pool_size={self.pool_size}, num_classes={self.num_classes}"

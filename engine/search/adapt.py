@@ -1,0 +1,331 @@
+"""The GA's fitness and cost functions for a real (meta-trained) super-net.
+
+Fitness (Algorithm 1's ``L(T, A)``, averaged over a slice): for every task of the slice, start
+from the sub-net's inherited meta-weights, run the inner loop on the task's support set, and
+take the cross-entropy on its query set. Lower is better.
+
+The inner loop is injected (``InnerLoop``). :func:`inner_loop_from_learner` takes it from a
+meta-trained :class:`engine.meta.maml.MamlLearner` (its adapted parameter names and learned
+per-layer, per-step rates - the same rule as ``MamlLearner.evaluate_batch``, which returns only
+accuracies, while the GA needs the query loss); :class:`LslrInnerLoop` with explicit rates
+serves tests and ad-hoc use. Evaluation-time adaption needs no second-order terms - nothing is
+meta-updated - so the inner loop takes plain gradients (no ``create_graph``): this is the exact
+MAML++ inner loop, not a first-order approximation. The query pass runs under ``no_grad``.
+
+BatchNorm: as in MAML and MAML++ evaluation, each inner step ``s`` normalises with the batch
+statistics of the support set and the per-step BN affine row ``s``; the query pass uses the
+last step's row. ``track_stats=False`` keeps the super-net's running statistics untouched, so
+scoring an architecture never changes the super-net.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from engine.cost import arch_macs, arch_params
+from engine.progress import ProgressCallback, null_progress
+from engine.search.constraints import Constraint
+from engine.search.evolution import FitnessFn, GAConfig, SearchResult, run_ga
+
+Params = dict[str, torch.Tensor]
+ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
+
+
+class AdaptionInputError(ValueError):
+    """Tasks, slices or a latency table that do not fit the super-net or the search space."""
+
+
+class InnerLoop(Protocol):
+    """``inner_loop(forward, params, support_x, support_y) -> fast_params``.
+
+    ``forward(params, x, step)`` returns the logits of the architecture being scored with BN
+    step ``step``; ``steps`` is how many inner steps the loop takes (the query pass uses BN step
+    ``steps - 1``).
+    """
+
+    steps: int
+
+    def __call__(
+        self, forward: ForwardFn, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> Params: ...
+
+
+@dataclass
+class LslrInnerLoop:
+    """Gradient steps with per-parameter, per-step learning rates (MAML++'s LSLR update rule).
+
+    ``learning_rates`` maps a parameter name (``layers.0.conv.weight`` ...) to a scalar or a
+    tensor of ``steps`` rates; names not listed use ``default_lr``. ``adapted_names`` limits the
+    update to those parameters (MAML++ keeps BN weights out of the inner loop); ``None`` adapts all.
+    """
+
+    steps: int = 5
+    default_lr: float = 0.1
+    learning_rates: Mapping[str, float | torch.Tensor] = field(default_factory=dict)
+    adapted_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise AdaptionInputError(f"inner-loop steps must be an int >= 1, got {self.steps!r}")
+        if not math.isfinite(self.default_lr) or self.default_lr < 0:
+            raise AdaptionInputError(f"default_lr must be finite and >= 0, got {self.default_lr!r}")
+        for name, rates in self.learning_rates.items():
+            if isinstance(rates, torch.Tensor) and rates.numel() not in (1, self.steps):
+                raise AdaptionInputError(
+                    f"learning rates of {name!r} have {rates.numel()} entries, expected 1 or {self.steps}"
+                )
+
+    def rate(self, name: str, step: int) -> float | torch.Tensor:
+        rates = self.learning_rates.get(name, self.default_lr)
+        if isinstance(rates, torch.Tensor):
+            return rates.detach().reshape(-1)[step if rates.numel() > 1 else 0]
+        return rates
+
+    def __call__(
+        self, forward: ForwardFn, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> Params:
+        fast = {name: tensor.detach() for name, tensor in params.items()}
+        names = list(fast) if self.adapted_names is None else list(self.adapted_names)
+        unknown = [name for name in names if name not in fast]
+        if unknown:
+            raise AdaptionInputError(f"inner loop asked to adapt unknown parameters {unknown[:3]}")
+        for step in range(self.steps):
+            with torch.enable_grad():
+                leaves = {name: fast[name].detach().requires_grad_(True) for name in names}
+                loss = F.cross_entropy(forward({**fast, **leaves}, support_x, step), support_y)
+                grads = torch.autograd.grad(loss, [leaves[name] for name in names], allow_unused=True)
+            for name, grad in zip(names, grads, strict=True):
+                leaf = leaves[name].detach()
+                # Layers the sub-net does not use get no gradient: nothing to adapt there.
+                fast[name] = leaf if grad is None else leaf - self.rate(name, step) * grad
+        return fast
+
+
+def inner_loop_from_learner(learner: Any, steps: int | None = None) -> LslrInnerLoop:
+    """The inner loop of a meta-trained :class:`engine.meta.maml.MamlLearner`.
+
+    Same rule as ``MamlLearner.evaluate_batch``: only ``learner.inner_names`` adapt (BN weights
+    stay meta-learned), each with its learned per-step rate; ``steps`` defaults to the learner's
+    evaluation steps.
+    """
+    config = learner.config
+    steps = steps or config.eval_inner_steps or config.inner_steps
+    learned = len(next(iter(learner.inner_lrs.values())))
+    if steps > learned:
+        raise AdaptionInputError(f"{steps} inner steps requested, the learner has rates for {learned}")
+    return LslrInnerLoop(
+        steps=steps,
+        default_lr=float(config.inner_lr),
+        learning_rates={
+            name: learner.inner_lr(name).detach()[:steps].clone() for name in learner.inner_names
+        },
+        adapted_names=tuple(learner.inner_names),
+    )
+
+
+def slice_tasks(batch: Any) -> list[Any]:
+    """The tasks of one slice: a sequence of tasks, or a stacked ``TaskBatch`` (``num_tasks``/``task(i)``).
+
+    A stacked batch is split by indexing its ``[tasks, ...]`` tensors, because the two task
+    batch types differ in ``task(i)``: ``engine.meta.tasks.TaskBatch`` returns a 4-tuple,
+    ``engine.data.sampling.TaskBatch`` a one-task batch that still has the task dimension.
+    """
+    names = ("support_x", "support_y", "query_x", "query_y")
+    if all(hasattr(batch, name) for name in names) and batch.support_x.dim() == 5:
+        tensors = [getattr(batch, name) for name in names]
+        return [tuple(t[index] for t in tensors) for index in range(tensors[0].shape[0])]
+    if hasattr(batch, "num_tasks") and hasattr(batch, "task"):
+        return [batch.task(index) for index in range(batch.num_tasks)]
+    return list(batch)
+
+
+def task_tensors(task: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(support_x, support_y, query_x, query_y)`` of a task object or 4-tuple."""
+    if all(hasattr(task, name) for name in ("support_x", "support_y", "query_x", "query_y")):
+        return task.support_x, task.support_y, task.query_x, task.query_y
+    if isinstance(task, Sequence) and len(task) == 4:
+        return tuple(task)  # type: ignore[return-value]
+    raise AdaptionInputError(
+        f"a task must have support_x/support_y/query_x/query_y or be a 4-tuple, got {type(task).__name__}"
+    )
+
+
+def task_slices(tasks: Sequence[Any], tasks_per_slice: int) -> list[list[Any]]:
+    """Cut the validation tasks into consecutive slices of ``tasks_per_slice`` (a short tail is dropped)."""
+    if isinstance(tasks_per_slice, bool) or not isinstance(tasks_per_slice, int) or tasks_per_slice < 1:
+        raise AdaptionInputError(f"tasks_per_slice must be an int >= 1, got {tasks_per_slice!r}")
+    if len(tasks) < tasks_per_slice:
+        raise AdaptionInputError(
+            f"need at least {tasks_per_slice} validation tasks for one slice, got {len(tasks)}"
+        )
+    count = len(tasks) // tasks_per_slice
+    return [list(tasks[i * tasks_per_slice : (i + 1) * tasks_per_slice]) for i in range(count)]
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm with batch statistics (train mode) for the duration, then the previous mode."""
+    was_training = module.training
+    module.train()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@dataclass(frozen=True)
+class ArchScore:
+    """Query loss and accuracy of one architecture over some tasks, after the inner loop."""
+
+    loss: float
+    accuracy: float
+    task_accuracies: tuple[float, ...]
+
+    @property
+    def accuracy_ci95(self) -> float:
+        """Half-width of the normal 95 % confidence interval of the mean task accuracy."""
+        n = len(self.task_accuracies)
+        if n < 2:
+            return math.nan
+        mean = self.accuracy
+        variance = sum((a - mean) ** 2 for a in self.task_accuracies) / (n - 1)
+        return 1.96 * math.sqrt(variance / n)
+
+
+class SuperNetScorer:
+    """Scores architectures of one super-net on tasks: inherited weights -> inner loop -> query."""
+
+    def __init__(self, supernet: nn.Module, inner_loop: InnerLoop) -> None:
+        self.supernet = supernet
+        self.inner_loop = inner_loop
+        bn_steps = int(getattr(supernet, "bn_steps", 1))
+        self.query_step = min(inner_loop.steps, bn_steps) - 1
+        self.bn_steps = bn_steps
+
+    def _forward(self, arch: Any, buffers: Params) -> ForwardFn:
+        supernet, bn_steps = self.supernet, self.bn_steps
+
+        def forward(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+            # Steps beyond the super-net's per-step BN rows reuse its last row (MAML++ convention).
+            return functional_call(
+                supernet,
+                (params, buffers),
+                (x,),
+                {"arch": arch, "step": min(step, bn_steps - 1), "track_stats": False},
+            )
+
+        return forward
+
+    def score(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
+        tasks = slice_tasks(tasks)
+        if not tasks:
+            raise AdaptionInputError("no tasks to score the architecture on")
+        params = {name: p.detach() for name, p in self.supernet.named_parameters()}
+        buffers = {name: b.detach() for name, b in self.supernet.named_buffers()}
+        forward = self._forward(arch, buffers)
+        num_classes = getattr(getattr(self.supernet, "space", None), "num_classes", None)
+        device = next(iter(params.values())).device
+        losses, accuracies = [], []
+        with batch_statistics(self.supernet):
+            for task in tasks:
+                support_x, support_y, query_x, query_y = (t.to(device) for t in task_tensors(task))
+                if num_classes is not None and int(support_y.max()) >= num_classes:
+                    raise AdaptionInputError(
+                        f"task labels go up to {int(support_y.max())} but the super-net is {num_classes}-way"
+                    )
+                fast = self.inner_loop(forward, params, support_x, support_y)
+                with torch.no_grad():
+                    logits = forward(fast, query_x, self.query_step)
+                    losses.append(float(F.cross_entropy(logits, query_y)))
+                    accuracies.append(float((logits.argmax(dim=1) == query_y).float().mean()))
+        return ArchScore(
+            loss=sum(losses) / len(losses),
+            accuracy=sum(accuracies) / len(accuracies),
+            task_accuracies=tuple(accuracies),
+        )
+
+
+def supernet_fitness(
+    supernet: nn.Module, space: Any, task_batches: Sequence[Sequence[Any]], inner_loop: InnerLoop
+) -> FitnessFn:
+    """``fitness(arch, slice_id)``: mean query loss over slice ``slice_id`` of ``task_batches``.
+
+    Each slice is a list of tasks or a stacked ``engine.meta.tasks.TaskBatch``. With a trained
+    ``MamlLearner``: ``supernet_fitness(learner.model, space, slices, inner_loop_from_learner(learner))``.
+    """
+    if getattr(supernet, "space", space) != space:
+        raise AdaptionInputError("the super-net was built for another search space")
+    slices = [slice_tasks(batch) for batch in task_batches]
+    if not slices or any(len(tasks) == 0 for tasks in slices):
+        raise AdaptionInputError("task_batches must be a non-empty list of non-empty task slices")
+    scorer = SuperNetScorer(supernet, inner_loop)
+
+    def fitness(arch: Any, slice_id: int) -> float:
+        return scorer.score(arch, slices[slice_id]).loss
+
+    return fitness
+
+
+def make_costs_fn(space: Any, lut: Any | None = None) -> Callable[[Any], dict[str, float]]:
+    """Exact params and MACs from the space's LayerSpecs, plus ``latency_ms`` from a LatencyTable.
+
+    A table built for another search space, or missing entries of this one, is refused up
+    front rather than failing in the middle of a search.
+    """
+    if lut is not None:
+        recorded = lut.metadata.get("search_space")
+        if recorded is not None and recorded != space.to_dict():
+            raise AdaptionInputError(
+                f"latency table of device {lut.device!r} was built for another search space "
+                f"({recorded.get('backbone')}, {recorded.get('image_size')}px, {recorded.get('num_classes')}-way)"
+            )
+        missing = lut.missing(space)
+        if missing:
+            raise AdaptionInputError(
+                f"latency table of device {lut.device!r} lacks {len(missing)} layers of this search space "
+                f"(e.g. {missing[0]!r})"
+            )
+
+    def costs(arch: Any) -> dict[str, float]:
+        result = {"params": float(arch_params(space, arch)), "macs": float(arch_macs(space, arch))}
+        if lut is not None:
+            result["latency_ms"] = float(lut.predict(space, arch))
+        return result
+
+    return costs
+
+
+def adapt_to_budget(
+    supernet: nn.Module,
+    space: Any,
+    validation_tasks: Sequence[Any],
+    constraints: Sequence[Constraint],
+    inner_loop: InnerLoop,
+    config: GAConfig | None = None,
+    *,
+    lut: Any | None = None,
+    progress: ProgressCallback = null_progress,
+    **ga_kwargs: Any,
+) -> SearchResult:
+    """Algorithm 1 on a real super-net: validation tasks cut into ``config.tasks_per_slice`` slices."""
+    config = config if config is not None else GAConfig()
+    slices = task_slices(validation_tasks, config.tasks_per_slice)
+    config = GAConfig.from_dict({**config.to_dict(), "num_slices": len(slices)})
+    return run_ga(
+        space,
+        supernet_fitness(supernet, space, slices, inner_loop),
+        make_costs_fn(space, lut),
+        constraints,
+        config,
+        progress=progress,
+        **ga_kwargs,
+    )

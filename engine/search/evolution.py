@@ -1,0 +1,859 @@
+"""Algorithm 1 of H-Meta-NAS (Appendix E): hardware-constrained genetic adaption.
+
+The search is written against injected functions so it runs without a super-net:
+
+* ``fitness_fn(arch, slice_id) -> float``: the mean query loss of ``arch`` over the tasks of
+  validation slice ``slice_id`` (lower is better). :mod:`engine.search.adapt` builds the real one
+  (inner loop on each task's support set from the inherited meta-weights); tests use synthetic ones.
+* ``costs_fn(arch) -> {"latency_ms", "params", "macs"}`` (any subset the constraints need).
+
+Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
+
+* **Slices.** The validation tasks are cut into ``num_slices`` fixed slices of ``tasks_per_slice``
+  tasks. Each generation draws one slice and evaluates the *whole* pool on it, so the ranking
+  inside a generation compares like with like. The fitness cache is keyed by
+  ``(arch.canonical(), slice_id)``: an elite that survives into a generation whose slice it has
+  already seen, or a duplicate inside a pool, costs no evaluation.
+* **Population.** ``Mutate`` keeps the best ``elite_size = round(top_fraction * P)`` distinct
+  architectures unchanged and fills the other ``P - elite_size`` places with children: a child is
+  a uniformly drawn elite (with ``crossover=True`` a uniform crossover of two distinct elites)
+  with ``mutations_per_child`` distinct choices of ``space.choices()`` changed to a *different*
+  option. A child is kept only if it is valid, feasible and not already in the new pool (so a
+  mutation that only touches layers beyond ``depth`` - the same network - is rejected). Every
+  child gets at most ``max_mutation_tries`` attempts; then a feasible random architecture is
+  tried (same bound), and as the very last resort an elite is repeated. Nothing loops unbounded.
+* **Last generation.** Algorithm 1 mutates after the last evaluation too; those children would
+  never be scored, so the search stops after ranking generation ``M - 1``.
+* **Final choice.** Loss on one 16-task slice is noisy, so the top ``final_candidates`` of the
+  last ranking are scored on *every* slice (cached slices are free) and the lowest mean loss
+  wins. ``final_candidates=0`` returns the last generation's best as is.
+* **Budget sweeps (Pareto fronts).** :func:`search_budgets` runs one GA per budget, all sharing
+  one :class:`FitnessCache` and one cost cache, and reports the front over every architecture
+  evaluated for any budget plus each budget's choice.
+
+Determinism: every random decision (slice draw, sampling, mutation, crossover) comes from one
+``numpy.random.Generator`` made by :func:`engine.seeding.make_rngs` from ``config.seed``. Its
+state is part of :data:`GAState`, so a run resumed from a saved state continues exactly as the
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.atomic import atomic_write_json
+from engine.progress import ProgressCallback, null_progress
+from engine.search.constraints import (
+    Constraint,
+    CostModel,
+    CostsFn,
+    InfeasibleBudgetError,
+    check_constraints,
+    violations,
+)
+from engine.search.pareto import front_1d, pareto_front
+from engine.seeding import derive_seed, make_rngs
+
+FitnessFn = Callable[[Any, int], float]
+GAState = dict[str, Any]
+STATE_VERSION = 1
+
+
+class GAConfigError(ValueError):
+    """A GA setting out of range."""
+
+
+class GAStateError(ValueError):
+    """A saved GA state that does not belong to this search (other config, constraints or format)."""
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GAConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GAConfig:
+    """Algorithm 1's knobs (paper defaults P=100, M=200, 16 tasks per slice, best 10 %, 2 mutations)."""
+
+    pool_size: int = 100
+    iterations: int = 200
+    tasks_per_slice: int = 16
+    num_slices: int = 8
+    top_fraction: float = 0.1
+    mutations_per_child: int = 2
+    crossover: bool = False
+    max_init_tries: int = 20_000
+    max_mutation_tries: int = 50
+    final_candidates: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("pool_size", self.pool_size, 2)
+        _positive_int("iterations", self.iterations)
+        _positive_int("tasks_per_slice", self.tasks_per_slice)
+        _positive_int("num_slices", self.num_slices)
+        _positive_int("mutations_per_child", self.mutations_per_child)
+        _positive_int("max_init_tries", self.max_init_tries)
+        _positive_int("max_mutation_tries", self.max_mutation_tries)
+        _positive_int("final_candidates", self.final_candidates, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise GAConfigError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.crossover, bool):
+            raise GAConfigError(f"crossover must be a bool, got {self.crossover!r}")
+        fraction = self.top_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise GAConfigError(f"top_fraction must be in (0, 1], got {fraction!r}")
+
+    @property
+    def elite_size(self) -> int:
+        """How many of the best architectures survive and parent the next pool (at least 1)."""
+        return max(1, min(self.pool_size, round(self.top_fraction * self.pool_size)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise GAConfigError(f"unknown GA config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+class FitnessCache:
+    """Losses by ``(arch.canonical(), slice_id)``: no architecture is evaluated twice on one slice.
+
+    Shared by every GA of a budget sweep (and may be shared with anything else that scores
+    architectures on the same slices). ``evaluations`` counts calls of the fitness function,
+    ``hits`` lookups answered from the cache.
+    """
+
+    def __init__(self) -> None:
+        self._losses: dict[Any, dict[int, float]] = {}
+        self._dicts: dict[Any, dict[str, Any]] = {}
+        self.evaluations = 0
+        self.hits = 0
+        self.non_finite = 0
+
+    def __len__(self) -> int:
+        return sum(len(by_slice) for by_slice in self._losses.values())
+
+    def lookup(self, arch: Any, slice_id: int, fitness_fn: FitnessFn) -> tuple[float, bool]:
+        """``(loss, was_cached)``; a NaN or infinite loss is stored as ``inf`` (ranked last)."""
+        return self.lookup_canonical(arch.canonical(), slice_id, fitness_fn)
+
+    def lookup_canonical(self, key: Any, slice_id: int, fitness_fn: FitnessFn) -> tuple[float, bool]:
+        by_slice = self._losses.setdefault(key, {})
+        if slice_id in by_slice:
+            self.hits += 1
+            return by_slice[slice_id], True
+        raw = fitness_fn(key, slice_id)
+        try:
+            loss = float(raw)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"fitness_fn must return a number, returned {raw!r} for slice {slice_id}"
+            ) from None
+        if not math.isfinite(loss):
+            self.non_finite += 1
+            loss = math.inf
+        by_slice[slice_id] = loss
+        self.evaluations += 1
+        return loss, False
+
+    def losses(self, arch: Any) -> dict[int, float]:
+        return dict(self._losses.get(arch.canonical(), {}))
+
+    def mean_loss(self, arch: Any) -> float:
+        by_slice = self._losses.get(arch.canonical())
+        if not by_slice:
+            raise KeyError(f"architecture was never evaluated: {arch!r}")
+        return float(sum(by_slice.values()) / len(by_slice))
+
+    def archs(self) -> list[Any]:
+        return [arch for arch, by_slice in self._losses.items() if by_slice]
+
+    def arch_dict(self, key: Any) -> dict[str, Any]:
+        """``key.to_dict()``, memoised: states are written every generation."""
+        found = self._dicts.get(key)
+        if found is None:
+            found = self._dicts[key] = key.to_dict()
+        return found
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "entries": [
+                [self.arch_dict(arch), slice_id, _json_loss(loss)]
+                for arch, by_slice in self._losses.items()
+                for slice_id, loss in by_slice.items()
+            ],
+            "evaluations": self.evaluations,
+            "hits": self.hits,
+            "non_finite": self.non_finite,
+        }
+
+    def load_state(self, data: Mapping[str, Any], decode: Callable[[dict[str, Any]], Any]) -> None:
+        """Replace the contents with a saved state (``decode`` turns an arch dict into an Arch)."""
+        self._losses = {}
+        for arch_dict, slice_id, loss in data["entries"]:
+            self._losses.setdefault(decode(arch_dict).canonical(), {})[int(slice_id)] = _loss_from_json(loss)
+        self.evaluations = int(data["evaluations"])
+        self.hits = int(data["hits"])
+        self.non_finite = int(data.get("non_finite", 0))
+
+
+def _json_loss(loss: float) -> float | None:
+    """Losses go to JSON (states, progress): ``inf`` becomes ``None`` so strict JSON parsers cope."""
+    return loss if math.isfinite(loss) else None
+
+
+def _loss_from_json(value: float | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One evaluated architecture: its costs and its estimated loss (mean over the slices it saw)."""
+
+    arch: Any
+    costs: dict[str, float]
+    loss: float
+    slices: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.to_dict(),
+            "costs": dict(self.costs),
+            "loss": _json_loss(self.loss),
+            "slices": self.slices,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What one constrained search (GA or random) found, and what it cost."""
+
+    method: str
+    best_arch: Any
+    best_loss: float
+    best_costs: dict[str, float]
+    constraints: tuple[Constraint, ...]
+    evaluations: int
+    cache_hits: int
+    evaluated_archs: int
+    front: tuple[FrontPoint, ...]
+    history: tuple[dict[str, Any], ...] = ()
+    stats: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def constraint_met(self) -> bool:
+        return all(c.satisfied_by(self.best_costs) for c in self.constraints)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "best_arch": self.best_arch.to_dict(),
+            "best_loss": _json_loss(self.best_loss),
+            "best_costs": dict(self.best_costs),
+            "constraints": [c.to_dict() for c in self.constraints],
+            "constraint_met": self.constraint_met,
+            "evaluations": self.evaluations,
+            "cache_hits": self.cache_hits,
+            "evaluated_archs": self.evaluated_archs,
+            "front": [point.to_dict() for point in self.front],
+            "history": list(self.history),
+            "stats": dict(self.stats),
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+# --------------------------------------------------------------------------- architecture edits
+def get_choice(arch: Any, key: int | str, name: str) -> Any:
+    """The current value of one architectural choice (``key`` is a layer index or ``"depth"``)."""
+    if key == "depth":
+        return arch.depth
+    return getattr(arch.layers[key], name)
+
+
+def set_choice(arch: Any, key: int | str, name: str, value: Any) -> Any:
+    if key == "depth":
+        return arch.with_depth(value)
+    return arch.with_layer(key, **{name: value})
+
+
+def mutable_choices(space: Any) -> list[tuple[int | str, str, tuple[Any, ...]]]:
+    choices = [choice for choice in space.choices() if len(choice[2]) > 1]
+    if not choices:
+        raise GAConfigError("the search space has no choice with two or more options: nothing to search")
+    return choices
+
+
+def mutate(
+    arch: Any,
+    choices: Sequence[tuple[int | str, str, tuple[Any, ...]]],
+    count: int,
+    rng: np.random.Generator,
+) -> Any:
+    """Change ``count`` distinct randomly picked choices to a different option each (Appendix E)."""
+    picked = rng.choice(len(choices), size=min(count, len(choices)), replace=False)
+    for index in sorted(int(i) for i in picked):
+        key, name, options = choices[index]
+        current = get_choice(arch, key, name)
+        others = [option for option in options if option != current]
+        arch = set_choice(arch, key, name, others[int(rng.integers(len(others)))])
+    return arch
+
+
+def crossover(
+    first: Any,
+    second: Any,
+    choices: Sequence[tuple[int | str, str, tuple[Any, ...]]],
+    rng: np.random.Generator,
+) -> Any:
+    """Uniform crossover: every choice comes from either parent with probability 1/2."""
+    child = first
+    take_second = rng.random(len(choices)) < 0.5
+    for (key, name, _options), swap in zip(choices, take_second, strict=True):
+        if swap:
+            child = set_choice(child, key, name, get_choice(second, key, name))
+    return child
+
+
+def _valid(space: Any, arch: Any) -> bool:
+    try:
+        space.validate(arch)
+    except ValueError:
+        return False
+    return True
+
+
+def cheapest_candidates(space: Any) -> list[Any]:
+    """``space.smallest()`` and its variants with every activation on all layers.
+
+    Params and MACs do not depend on the activation and grow with kernel, width and depth, so
+    the smallest architecture is the cheapest there; a latency table may rank activations
+    differently, hence one candidate per activation.
+    """
+    smallest = space.smallest()
+    candidates = [smallest]
+    for activation in getattr(space, "activations", ()):
+        variant = smallest
+        for index in range(len(smallest.layers)):
+            variant = variant.with_layer(index, activation=activation)
+        variant = variant.canonical()
+        if variant not in candidates and _valid(space, variant):
+            candidates.append(variant)
+    return candidates
+
+
+#: Random architectures :func:`check_reachable` also tries (own fixed-seed generator).
+REACHABILITY_SAMPLES = 2000
+REACHABILITY_SEED = 20_240_607
+
+
+def check_reachable(space: Any, cost_model: CostModel, constraints: Sequence[Constraint]) -> None:
+    """Raise :class:`InfeasibleBudgetError` when no architecture can be found that meets the budgets.
+
+    Tries the cheapest architectures first, then ``REACHABILITY_SAMPLES`` random ones: with a
+    measured latency table the smallest network need not be the fastest (a shallow net feeds a
+    larger feature map to the head, and tiny layers are within timing noise), so a budget that
+    random sub-nets meet must not be refused. The samples come from their own fixed-seed
+    generator: the search's random stream is untouched.
+    """
+    candidates = cheapest_candidates(space)
+    if any(cost_model.feasible(arch, constraints) for arch in candidates):
+        return
+    rng = np.random.default_rng(REACHABILITY_SEED)
+    if any(cost_model.feasible(space.sample(rng), constraints) for _ in range(REACHABILITY_SAMPLES)):
+        return
+    smallest = candidates[0]
+    broken = "; ".join(violations(constraints, cost_model.costs(smallest)))
+    wanted = " and ".join(c.describe() for c in constraints)
+    raise InfeasibleBudgetError(
+        f"no architecture of this search space can meet {wanted}: the smallest one "
+        f"(depth {smallest.depth}) has {broken}, and none of {REACHABILITY_SAMPLES} random ones fits"
+    )
+
+
+# --------------------------------------------------------------------------- the GA
+class SearchLog:
+    """Mutable bookkeeping of one GA run (everything here is part of the saved state).
+
+    Keeps, per canonical architecture this run scored, its primary cost and the running sum
+    and count of its cached losses, so the per-generation front is one vectorised pass
+    instead of re-reading the cache for every architecture ever seen.
+    """
+
+    def __init__(self, cost_model: CostModel, primary: str) -> None:
+        self.cost_model = cost_model
+        self.primary = primary
+        self.index: dict[Any, int] = {}
+        self.archs: list[Any] = []  # canonical, in first-seen order
+        self.primary_cost: list[float] = []
+        self.loss_sum: list[float] = []
+        self.loss_count: list[int] = []
+        self.evaluations = 0
+        self.cache_hits = 0
+        self.history: list[dict[str, Any]] = []
+        self.stats: dict[str, int] = {
+            "init_samples": 0,
+            "init_mutation_fill": 0,
+            "init_duplicates": 0,
+            "children": 0,
+            "rejected_invalid": 0,
+            "rejected_duplicate": 0,
+            "rejected_infeasible": 0,
+            "fallback_random": 0,
+            "fallback_duplicate": 0,
+        }
+
+    def register(self, key: Any, cache: FitnessCache) -> None:
+        losses = cache.losses(key)
+        self.index[key] = len(self.archs)
+        self.archs.append(key)
+        self.primary_cost.append(self.cost_model.costs(key)[self.primary])
+        self.loss_sum.append(float(sum(losses.values())))
+        self.loss_count.append(len(losses))
+
+    def score(self, cache: FitnessCache, arch: Any, slice_id: int, fitness_fn: FitnessFn) -> float:
+        key = arch.canonical()
+        loss, cached = cache.lookup_canonical(key, slice_id, fitness_fn)
+        if cached:
+            self.cache_hits += 1
+        else:
+            self.evaluations += 1
+        position = self.index.get(key)
+        if position is None:
+            self.register(key, cache)
+        elif not cached:
+            self.loss_sum[position] += loss
+            self.loss_count[position] += 1
+        return loss
+
+    def front(self) -> tuple[FrontPoint, ...]:
+        """Primary cost vs. mean loss over the slices each architecture was scored on."""
+        if not self.archs:
+            return ()
+        means = np.asarray(self.loss_sum) / np.asarray(self.loss_count)
+        chosen = front_1d(self.primary_cost, means)
+        return tuple(
+            FrontPoint(
+                self.archs[i], self.cost_model.costs(self.archs[i]), float(means[i]), self.loss_count[i]
+            )
+            for i in chosen
+        )
+
+
+class _Search:
+    """The GA's operators bound to one space, cost model, constraint set, config and RNG."""
+
+    def __init__(
+        self,
+        space: Any,
+        cost_model: CostModel,
+        constraints: tuple[Constraint, ...],
+        config: GAConfig,
+        rng: np.random.Generator,
+        run: SearchLog,
+    ) -> None:
+        self.space = space
+        self.cost_model = cost_model
+        self.constraints = constraints
+        self.config = config
+        self.rng = rng
+        self.run = run
+        self.choices = mutable_choices(space)
+
+    def feasible(self, arch: Any) -> bool:
+        return self.cost_model.feasible(arch, self.constraints)
+
+    def random_feasible(self, exclude: Mapping[Any, Any], tries: int) -> Any | None:
+        for _ in range(tries):
+            arch = self.space.sample(self.rng)
+            if arch.canonical() not in exclude and self.feasible(arch):
+                return arch
+        return None
+
+    def initial_population(self) -> list[Any]:
+        """Init(P): P distinct feasible random architectures, with bounded fallbacks."""
+        config = self.config
+        found: dict[Any, Any] = {}
+        for _ in range(config.max_init_tries):
+            if len(found) >= config.pool_size:
+                break
+            self.run.stats["init_samples"] += 1
+            arch = self.space.sample(self.rng)
+            key = arch.canonical()
+            if key not in found and self.feasible(arch):
+                found[key] = arch
+        if len(found) < config.pool_size:
+            # A tight budget: random samples rarely fit. Seed with the cheapest archs and grow
+            # the pool by mutating what fits (local search around the feasible corner).
+            for arch in cheapest_candidates(self.space):
+                if len(found) < config.pool_size and arch not in found and self.feasible(arch):
+                    found[arch] = arch
+            if not found:
+                raise InfeasibleBudgetError(
+                    f"no feasible architecture found in {config.max_init_tries} random samples for "
+                    + " and ".join(c.describe() for c in self.constraints)
+                )
+            parents = list(found.values())
+            for _ in range(config.max_mutation_tries * (config.pool_size - len(found))):
+                if len(found) >= config.pool_size:
+                    break
+                parent = parents[int(self.rng.integers(len(parents)))]
+                child = mutate(parent, self.choices, self.config.mutations_per_child, self.rng)
+                key = child.canonical()
+                if key not in found and _valid(self.space, child) and self.feasible(child):
+                    found[key] = child
+                    parents.append(child)
+                    self.run.stats["init_mutation_fill"] += 1
+        population = list(found.values())
+        distinct = len(population)
+        while len(population) < config.pool_size:
+            # The feasible set is smaller than the pool: repeat members (cache hits, no cost).
+            population.append(population[len(population) % distinct])
+            self.run.stats["init_duplicates"] += 1
+        return population
+
+    def elites(self, ranked: Sequence[Any]) -> list[Any]:
+        chosen: dict[Any, Any] = {}
+        for arch in ranked:
+            key = arch.canonical()
+            if key not in chosen:
+                chosen[key] = arch
+                if len(chosen) == self.config.elite_size:
+                    break
+        return list(chosen.values())
+
+    def child(self, elites: Sequence[Any], taken: Mapping[Any, Any]) -> Any | None:
+        stats = self.run.stats
+        for _ in range(self.config.max_mutation_tries):
+            first = int(self.rng.integers(len(elites)))
+            parent = elites[first]
+            if self.config.crossover and len(elites) > 1:
+                second = int(self.rng.integers(len(elites) - 1))
+                second += second >= first  # a different elite
+                parent = crossover(parent, elites[second], self.choices, self.rng)
+            candidate = mutate(parent, self.choices, self.config.mutations_per_child, self.rng)
+            if not _valid(self.space, candidate):
+                stats["rejected_invalid"] += 1
+            elif candidate.canonical() in taken:
+                stats["rejected_duplicate"] += 1
+            elif not self.feasible(candidate):
+                stats["rejected_infeasible"] += 1
+            else:
+                return candidate
+        return None
+
+    def next_population(self, ranked: Sequence[Any]) -> list[Any]:
+        """Mutate(A, L_a, H_t, C): elites survive, children of elites fill the pool to P."""
+        elites = self.elites(ranked)
+        population = list(elites)
+        taken: dict[Any, None] = {arch.canonical(): None for arch in elites}
+        stats = self.run.stats
+        while len(population) < self.config.pool_size:
+            child = self.child(elites, taken)
+            if child is not None:
+                stats["children"] += 1
+            else:
+                child = self.random_feasible(taken, self.config.max_mutation_tries)
+                if child is not None:
+                    stats["fallback_random"] += 1
+                else:
+                    child = elites[len(population) % len(elites)]
+                    stats["fallback_duplicate"] += 1
+            population.append(child)
+            taken[child.canonical()] = None
+        return population
+
+
+def _front(
+    archs: Sequence[Any], cache: FitnessCache, cost_model: CostModel, kind: str
+) -> tuple[FrontPoint, ...]:
+    points = []
+    for arch in archs:
+        losses = cache.losses(arch)
+        if losses:
+            points.append(FrontPoint(arch, cost_model.costs(arch), cache.mean_loss(arch), len(losses)))
+    chosen = pareto_front([(point.costs[kind], point.loss) for point in points])
+    return tuple(points[i] for i in chosen)
+
+
+def _final_choice(
+    ranked: Sequence[Any],
+    last_losses: Sequence[float],
+    cache: FitnessCache,
+    run: SearchLog,
+    fitness_fn: FitnessFn,
+    config: GAConfig,
+) -> tuple[Any, float, dict[str, Any]]:
+    """Score the top ``final_candidates`` of the last ranking on every slice; lowest mean wins."""
+    if config.final_candidates == 0:
+        return ranked[0], last_losses[0], {"final_candidates": 0}
+    candidates: dict[Any, Any] = {}
+    for arch in ranked:
+        candidates.setdefault(arch.canonical(), arch)
+        if len(candidates) == config.final_candidates:
+            break
+    best, best_loss = None, math.inf
+    for arch in candidates.values():
+        losses = [run.score(cache, arch, s, fitness_fn) for s in range(config.num_slices)]
+        mean = float(sum(losses) / len(losses))
+        if best is None or mean < best_loss:
+            best, best_loss = arch, mean
+    return best, best_loss, {"final_candidates": len(candidates)}
+
+
+def _check_state(state: Mapping[str, Any], config: GAConfig, constraints: Sequence[Constraint]) -> None:
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        raise GAStateError(f"not a GA state of version {STATE_VERSION}")
+    if state.get("config") != config.to_dict():
+        raise GAStateError("the saved GA state was made with a different GAConfig")
+    if state.get("constraints") != [c.to_dict() for c in constraints]:
+        raise GAStateError("the saved GA state was made for different constraints")
+
+
+def run_ga(
+    space: Any,
+    fitness_fn: FitnessFn,
+    costs_fn: CostsFn | CostModel,
+    constraints: Sequence[Constraint],
+    config: GAConfig | None = None,
+    *,
+    progress: ProgressCallback = null_progress,
+    cache: FitnessCache | None = None,
+    state: GAState | None = None,
+    on_state: Callable[[GAState], None] | None = None,
+    event_extra: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """Algorithm 1: the feasible architecture with the lowest few-shot loss under ``constraints``.
+
+    ``state`` resumes a run from what ``on_state`` received after some generation (also after
+    the last one: then only the final choice is made). ``on_state`` is called after every
+    generation, *before* the progress event, so a :class:`engine.progress.JobCancelled` raised by
+    ``progress`` leaves a state that resumes at the next generation. One
+    ``{"kind": "adapt", ...}`` event per generation carries the pool's (costs, fitness) points,
+    the current front (primary constraint's cost vs. estimated loss over every architecture
+    this run evaluated), the best architecture, evaluations and cache hits.
+    """
+    config = config if config is not None else GAConfig()
+    constraints = check_constraints(constraints)
+    cost_model = costs_fn if isinstance(costs_fn, CostModel) else CostModel(costs_fn)
+    cache = cache if cache is not None else FitnessCache()
+    primary = constraints[0].kind
+    started = time.perf_counter()
+    rng = make_rngs(config.seed).numpy
+    run = SearchLog(cost_model, primary)
+    search = _Search(space, cost_model, constraints, config, rng, run)
+    decode = type(space.smallest()).from_dict
+    ranked: list[Any] = []
+    last_losses: list[float] = []
+
+    if state is None:
+        check_reachable(space, cost_model, constraints)
+        population = search.initial_population()
+        start = 0
+    else:
+        _check_state(state, config, constraints)
+        rng.bit_generator.state = state["rng"]
+        cache.load_state(state["cache"], decode)
+        population = [decode(d) for d in state["population"]]
+        ranked = [decode(d) for d in state["ranked"]]
+        last_losses = [_loss_from_json(v) for v in state["ranked_losses"]]
+        for arch_dict in state["seen"]:
+            run.register(decode(arch_dict).canonical(), cache)
+        run.evaluations = int(state["evaluations"])
+        run.cache_hits = int(state["cache_hits"])
+        run.history = list(state["history"])
+        run.stats.update(state["stats"])
+        start = int(state["generation"])
+
+    extra = dict(event_extra or {})
+    for generation in range(start, config.iterations):
+        slice_id = int(rng.integers(config.num_slices))
+        losses = [run.score(cache, arch, slice_id, fitness_fn) for arch in population]
+        order = sorted(range(len(population)), key=lambda i: (losses[i], i))
+        ranked = [population[i] for i in order]
+        last_losses = [losses[i] for i in order]
+        finite = [loss for loss in losses if math.isfinite(loss)]
+        run.history.append(
+            {
+                "generation": generation,
+                "slice": slice_id,
+                "best_loss": _json_loss(last_losses[0]),
+                "mean_loss": float(sum(finite) / len(finite)) if finite else None,
+                "evaluations": run.evaluations,
+                "cache_hits": run.cache_hits,
+            }
+        )
+        if generation < config.iterations - 1:
+            population = search.next_population(ranked)
+        if on_state is not None:
+            on_state(
+                {
+                    "version": STATE_VERSION,
+                    "generation": generation + 1,
+                    "config": config.to_dict(),
+                    "constraints": [c.to_dict() for c in constraints],
+                    "rng": rng.bit_generator.state,
+                    "population": [arch.to_dict() for arch in population],
+                    "ranked": [arch.to_dict() for arch in ranked],
+                    "ranked_losses": [_json_loss(loss) for loss in last_losses],
+                    "seen": [cache.arch_dict(arch) for arch in run.archs],
+                    "evaluations": run.evaluations,
+                    "cache_hits": run.cache_hits,
+                    "history": list(run.history),
+                    "stats": dict(run.stats),
+                    "cache": cache.to_state(),
+                }
+            )
+        front = run.front()
+        progress(
+            {
+                **extra,
+                "kind": "adapt",
+                "current": generation + 1,
+                "total": config.iterations,
+                "generation": generation,
+                "slice": slice_id,
+                "population": [
+                    {"costs": cost_model.costs(arch), "fitness": _json_loss(loss)}
+                    for arch, loss in zip(ranked, last_losses, strict=True)
+                ],
+                "front": [point.to_dict() for point in front],
+                "front_cost": primary,
+                "best": ranked[0].to_dict(),
+                "best_fitness": _json_loss(last_losses[0]),
+                "mean_fitness": run.history[-1]["mean_loss"],
+                "evaluations": run.evaluations,
+                "cache_hits": run.cache_hits,
+                "constraints": [c.to_dict() for c in constraints],
+            }
+        )
+
+    if not ranked:
+        raise GAStateError("the GA state has no evaluated generation to choose from")
+    best, best_loss, final_stats = _final_choice(ranked, last_losses, cache, run, fitness_fn, config)
+    return SearchResult(
+        method="ga",
+        best_arch=best.canonical(),
+        best_loss=best_loss,
+        best_costs=cost_model.costs(best),
+        constraints=constraints,
+        evaluations=run.evaluations,
+        cache_hits=run.cache_hits,
+        evaluated_archs=len(run.archs),
+        front=run.front(),
+        history=tuple(run.history),
+        stats={**run.stats, **final_stats, "elite_size": config.elite_size, "non_finite": cache.non_finite},
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def save_state(path: str | Path, state: GAState) -> Path:
+    """Write a GA state atomically (a reader never sees half a checkpoint)."""
+    return atomic_write_json(path, state)
+
+
+def load_state(path: str | Path) -> GAState:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:
+        raise GAStateError(f"{path}: not a JSON GA state ({error})") from None
+
+
+# --------------------------------------------------------------------------- budget sweeps
+@dataclass(frozen=True)
+class BudgetSweepResult:
+    """One GA per budget of one cost kind, sharing evaluations; the front over all of them."""
+
+    kind: str
+    unit: str
+    budgets: tuple[float, ...]
+    results: tuple[SearchResult, ...]
+    front: tuple[FrontPoint, ...]
+    evaluations: int
+    cache_hits: int
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "unit": self.unit,
+            "budgets": list(self.budgets),
+            "results": [result.to_dict() for result in self.results],
+            "front": [point.to_dict() for point in self.front],
+            "evaluations": self.evaluations,
+            "cache_hits": self.cache_hits,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def search_budgets(
+    space: Any,
+    fitness_fn: FitnessFn,
+    costs_fn: CostsFn | CostModel,
+    kind: str,
+    budgets: Sequence[float],
+    config: GAConfig | None = None,
+    *,
+    unit: str | None = None,
+    extra_constraints: Sequence[Constraint] = (),
+    progress: ProgressCallback = null_progress,
+    cache: FitnessCache | None = None,
+) -> BudgetSweepResult:
+    """A Pareto sweep: one GA per budget (seed ``derive_seed(config.seed, index)``), one shared cache.
+
+    Every budget is validated and checked for reachability before anything is evaluated, so a
+    bad list fails at once. The returned front covers every architecture evaluated for any
+    budget: ``kind`` cost against the mean loss over the slices the architecture was scored on.
+    Progress events carry ``budget_index`` and ``budget``.
+    """
+    config = config if config is not None else GAConfig()
+    if isinstance(budgets, str | bytes) or not isinstance(budgets, Sequence) or not budgets:
+        raise ValueError(f"budgets must be a non-empty list of numbers, got {budgets!r}")
+    started = time.perf_counter()
+    cost_model = costs_fn if isinstance(costs_fn, CostModel) else CostModel(costs_fn)
+    cache = cache if cache is not None else FitnessCache()
+    constraint_sets = [(Constraint(kind, limit, unit), *extra_constraints) for limit in budgets]
+    for constraints in constraint_sets:
+        check_reachable(space, cost_model, check_constraints(constraints))
+    evaluations_before, hits_before = cache.evaluations, cache.hits
+    results = []
+    for index, constraints in enumerate(constraint_sets):
+        budget_config = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
+        results.append(
+            run_ga(
+                space,
+                fitness_fn,
+                cost_model,
+                constraints,
+                budget_config,
+                progress=progress,
+                cache=cache,
+                event_extra={"budget_index": index, "budget": constraints[0].to_dict()},
+            )
+        )
+    return BudgetSweepResult(
+        kind=kind,
+        unit=constraint_sets[0][0].unit,
+        budgets=tuple(float(b) for b in budgets),
+        results=tuple(results),
+        front=_front(cache.archs(), cache, cost_model, kind),
+        evaluations=cache.evaluations - evaluations_before,
+        cache_hits=cache.hits - hits_before,
+        elapsed_s=time.perf_counter() - started,
+    )
