@@ -1,0 +1,638 @@
+"""Device services: built-in devices, board registration, profiling into lookup tables, the agent protocol.
+
+The engine does the measuring (engine.latency); these functions move rows and files around it.
+The agent protocol is documented in docs/AGENT_PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from devices.models import (
+    AgentBatch,
+    Device,
+    DeviceKind,
+    DeviceStatus,
+    DeviceToken,
+    LatencyTableRecord,
+    LayerTiming,
+    ModelMeasurement,
+    ProfilingJob,
+)
+from nasweb.core.models import JobStatus
+from nasweb.core.progress import JobProgress, broadcast_status
+
+# Eyeriss as the H-Meta-NAS paper simulates it with scalesim: a 12x14 PE array.
+EYERISS_CONFIG = {"array_rows": 12, "array_cols": 14, "dataflow": "os", "clock_mhz": 200}
+MAX_RESULTS_PER_BATCH = 500
+
+
+class AgentProtocolError(Exception):
+    """A request of the agent protocol that must be refused; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+# --- built-in devices -----------------------------------------------------------------------
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def seed_builtin_devices() -> list[Device]:
+    """Create (or refresh) this server's CPU, its GPU when CUDA is present, and simulated Eyeriss."""
+    import torch
+
+    wanted = [
+        (
+            "local-cpu",
+            DeviceKind.LOCAL_CPU,
+            "This server's CPU",
+            {"cpu": _cpu_model_name(), "machine": platform.machine()},
+        ),
+        ("eyeriss", DeviceKind.SIMULATED, "Eyeriss (simulated, scalesim 12x14)", dict(EYERISS_CONFIG)),
+    ]
+    if torch.cuda.is_available():
+        wanted.append(
+            ("local-gpu", DeviceKind.LOCAL_GPU, "This server's GPU", {"gpu": torch.cuda.get_device_name(0)})
+        )
+    devices = []
+    for key, kind, name, config in wanted:
+        device, created = Device.objects.get_or_create(
+            builtin_key=key, defaults={"kind": kind, "name": name, "config": config}
+        )
+        if not created and any(device.config.get(k) != v for k, v in config.items() if k in ("cpu", "gpu")):
+            device.config = {**device.config, **config}
+            device.save(update_fields=["config"])
+        devices.append(device)
+    return devices
+
+
+# --- boards ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardRegistration:
+    device: Device
+    token: str  # shown once; only its hash is stored
+
+    def agent_command(self, server_url: str) -> str:
+        base = server_url.rstrip("/")
+        return (
+            f"curl -fsSLo nasweb_agent.py {base}/agent/nasweb_agent.py && "
+            f"python3 nasweb_agent.py --server {base} --token {self.token}"
+        )
+
+
+def board_register(*, owner, name: str, description: str = "") -> BoardRegistration:
+    with transaction.atomic():
+        device = Device.objects.create(
+            kind=DeviceKind.REMOTE, name=name, description=description, owner=owner
+        )
+        _, token = DeviceToken.issue(device)
+    return BoardRegistration(device=device, token=token)
+
+
+def board_token_rotate(*, device: Device) -> BoardRegistration:
+    """Revoke every token of the board and issue a new one (shown once)."""
+    with transaction.atomic():
+        DeviceToken.objects.filter(device=device, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        _, token = DeviceToken.issue(device)
+        if device.status == DeviceStatus.REVOKED:
+            device.status = DeviceStatus.NEW
+            device.save(update_fields=["status"])
+    return BoardRegistration(device=device, token=token)
+
+
+def device_revoke(*, device: Device) -> None:
+    """Revoke the board's tokens; its queued or running profiling jobs are cancelled."""
+    with transaction.atomic():
+        DeviceToken.objects.filter(device=device, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        device.status = DeviceStatus.REVOKED
+        device.save(update_fields=["status"])
+        for job in ProfilingJob.objects.filter(device=device).active():
+            job.mark_finished(JobStatus.CANCELLED, "device revoked")
+
+
+# --- profiling ------------------------------------------------------------------------------
+
+
+def space_key(space_dict: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(space_dict, sort_keys=True).encode()).hexdigest()
+
+
+def default_profiling_space():
+    """The space the dashboard profiles by default: VGG9 on Omniglot 20-way (the paper's Table 10)."""
+    from engine.presets import search_space
+
+    return search_space("paper")
+
+
+#: Profiling settings per preset; the space matches the meta-training preset of the same name.
+PROFILING_PRESETS = {
+    "paper": {"repeats": 20, "warmup": 5, "accuracy_subnets": 20},
+    "cpu": {"repeats": 20, "warmup": 5, "accuracy_subnets": 20},
+    "tiny": {"repeats": 5, "warmup": 1, "accuracy_subnets": 3, "overhead_subnets": 3},
+}
+
+
+def profiling_start_preset(
+    *, device: Device, owner, preset: str, num_classes: int | None = None
+) -> ProfilingJob:
+    from engine.presets import search_space
+
+    return profiling_start(
+        device=device,
+        owner=owner,
+        space=search_space(preset, num_classes=num_classes),
+        **PROFILING_PRESETS[preset],
+    )
+
+
+def profiling_start(
+    *,
+    device: Device,
+    owner=None,
+    space=None,
+    batch_size: int = 1,
+    repeats: int = 20,
+    warmup: int = 5,
+    threads: int | None = None,
+    accuracy_subnets: int = 0,
+    overhead_subnets: int = 5,
+    enqueue: bool = True,
+) -> ProfilingJob:
+    """Create a profiling job; local and simulated devices are measured by a worker on the
+    `profile` queue, remote boards by their agent (which polls for the job)."""
+    if device.status == DeviceStatus.REVOKED:
+        raise ValueError(f"device {device.name!r} is revoked")
+    space = space or default_profiling_space()
+    space_dict = space.to_dict()
+    layers = [{"key": spec.key, "spec": spec.to_dict()} for spec in space.all_layer_specs()]
+    with transaction.atomic():
+        for active in ProfilingJob.objects.filter(device=device).active():
+            active.mark_finished(JobStatus.CANCELLED, "superseded by a new profiling job")
+        job = ProfilingJob.objects.create(
+            device=device,
+            owner=owner,
+            space=space_dict,
+            space_key=space_key(space_dict),
+            layers=layers,
+            total_layers=len(layers),
+            batch_size=batch_size,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+            accuracy_subnets=accuracy_subnets,
+            overhead_subnets=overhead_subnets,
+        )
+        Device.objects.filter(pk=device.pk).update(status=DeviceStatus.PROFILING)
+        if device.kind != DeviceKind.REMOTE and enqueue:
+            transaction.on_commit(lambda: _enqueue_profiling(job.pk))
+    return job
+
+
+def _enqueue_profiling(job_id: int) -> None:
+    from devices.tasks import profile_device
+
+    result = profile_device.apply_async(args=[job_id], queue="profile")
+    ProfilingJob.objects.filter(pk=job_id).update(celery_task_id=result.id)
+
+
+def _validation_archs(job: ProfilingJob, space) -> list[tuple[str, object]]:
+    """The job's end-to-end sub-nets: first the overhead-fit ones, then the held-out check ones.
+
+    Drawn from a generator seeded with the job id, so a retried job measures the same networks."""
+    from engine.seeding import make_rngs
+
+    rngs = make_rngs(job.pk)
+    purposes = ["fit"] * job.overhead_subnets + ["check"] * job.accuracy_subnets
+    return [(purpose, space.sample(rngs.numpy)) for purpose in purposes]
+
+
+def _ensure_accuracy_models(job: ProfilingJob) -> None:
+    """Sub-nets as TorchScript files for the board to time end to end (overhead fit + check).
+
+    Made when the agent first fetches its job rather than in the registration request: scripting
+    a few dozen networks takes seconds, which a form submit should not wait for. Idempotent
+    (one row per index)."""
+    wanted = job.overhead_subnets + job.accuracy_subnets
+    if not wanted or job.model_measurements.count() >= wanted:
+        return
+    import torch
+
+    from engine.export import export_torchscript
+    from engine.space import SearchSpace
+    from engine.supernet import SuperNet, extract_subnet
+
+    space = SearchSpace.from_dict(job.space)
+    existing = set(job.model_measurements.values_list("index", flat=True))
+    supernet = SuperNet(space).eval()
+    folder = Path(settings.NASWEB_ARTIFACT_DIR) / "profiling" / str(job.pk)
+    input_shape = [job.batch_size, space.in_channels, space.image_size, space.image_size]
+    for index, (purpose, arch) in enumerate(_validation_archs(job, space)):
+        if index in existing:
+            continue
+        path = folder / f"model-{index}.pt"
+        export_torchscript(extract_subnet(supernet, arch).eval(), path, torch.zeros(input_shape))
+        ModelMeasurement.objects.get_or_create(
+            job=job,
+            index=index,
+            defaults={
+                "purpose": purpose,
+                "arch": arch.to_dict(),
+                "input_shape": input_shape,
+                "file": str(path),
+            },
+        )
+
+
+def _fit_and_check(space, table, measured: list[tuple[str, object, float]]) -> None:
+    """Fit the overhead on the "fit" networks; report accuracy on the held-out "check" networks."""
+    from engine.latency.lut import error_metrics, fit_overhead
+
+    fit = [(arch, ms) for purpose, arch, ms in measured if purpose == "fit"]
+    check = [(arch, ms) for purpose, arch, ms in measured if purpose == "check"]
+    if fit:
+        fit_overhead(space, table, fit)
+    if check:
+        predicted = [table.predict(space, arch) for arch, _ in check]
+        actual = [ms for _, ms in check]
+        table.accuracy = {
+            **error_metrics(predicted, actual),
+            "n": len(check),
+            "overhead_fit_networks": len(fit),
+            "samples": [
+                {"predicted_ms": p, "measured_ms": a, "arch": arch.to_dict()}
+                for p, a, (arch, _) in zip(predicted, actual, check, strict=True)
+            ],
+        }
+
+
+def _measure_fn_for(device: Device, job: ProfilingJob):
+    from engine.latency.measure import LayerTimer
+
+    if device.kind == DeviceKind.SIMULATED:
+        from engine.latency.eyeriss import EyerissConfig, EyerissSimulator
+        from engine.paths import cache_dir
+
+        config = EyerissConfig(
+            rows=device.config.get("array_rows", 12),
+            cols=device.config.get("array_cols", 14),
+            dataflow=device.config.get("dataflow", "os"),
+            clock_mhz=device.config.get("clock_mhz", 200),
+        )
+        simulator = EyerissSimulator(config, cache_path=cache_dir() / "eyeriss" / f"{config.dataflow}.json")
+        return simulator.latency_ms, {"runtime": "scalesim-compute-model", **config.to_dict()}, simulator
+    target = "cuda" if device.kind == DeviceKind.LOCAL_GPU else "cpu"
+    timer = LayerTimer(
+        batch_size=job.batch_size, repeats=job.repeats, warmup=job.warmup, threads=job.threads, device=target
+    )
+    return timer, timer.metadata(), None
+
+
+def profiling_execute(*, job_id: int) -> ProfilingJob:
+    """Worker side for local and simulated devices: measure the missing layers (resumable)."""
+    from engine.latency.lut import LatencyTable, build_lut
+    from engine.progress import JobCancelled
+    from engine.space import SearchSpace
+
+    job = ProfilingJob.objects.select_related("device").get(pk=job_id)
+    if job.is_finished:
+        return job  # redelivered after it finished: nothing to do
+    job.mark_running()
+    broadcast_status(job)
+    space = SearchSpace.from_dict(job.space)
+    measure, metadata, simulator = _measure_fn_for(job.device, job)
+    existing = LatencyTable(
+        device=job.device.name, entries=dict(job.timings.values_list("key", "ms")), metadata={}
+    )
+    progress = JobProgress(job)
+
+    def measure_and_store(spec) -> float:
+        ms = measure(spec)
+        LayerTiming.objects.get_or_create(job=job, key=spec.key, defaults={"ms": ms})
+        return ms
+
+    try:
+        table = build_lut(
+            space,
+            measure_and_store,
+            progress=progress,
+            existing=existing,
+            device=job.device.name,
+            metadata={**metadata, "search_space": job.space},
+        )
+        ProfilingJob.objects.filter(pk=job.pk).update(done_layers=len(table))
+        if simulator is not None:
+            simulator.save()
+        elif job.overhead_subnets or job.accuracy_subnets:
+            # A simulated accelerator has no end-to-end run to compare with: its network latency
+            # is by construction the sum of its layers' cycles.
+            _local_validation(job, space, table, progress)
+        _store_table(job, table)
+    except JobCancelled:
+        job.refresh_from_db()
+        job.mark_finished(JobStatus.CANCELLED, "cancelled by the user")
+        _refresh_device_status(job.device)
+        broadcast_status(job)
+        return job
+    except Exception as exc:
+        job.mark_finished(JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        _refresh_device_status(job.device)
+        broadcast_status(job)
+        raise
+    job.refresh_from_db()
+    job.mark_finished(JobStatus.SUCCEEDED)
+    _refresh_device_status(job.device)
+    broadcast_status(job)
+    return job
+
+
+def _local_validation(job, space, table, progress) -> None:
+    """Time the job's fit and check sub-nets end to end on this machine (see _fit_and_check)."""
+    from engine.latency.measure import measure_module
+    from engine.supernet import SuperNet, extract_subnet
+
+    supernet = SuperNet(space).eval()
+    target = "cuda" if job.device.kind == DeviceKind.LOCAL_GPU else "cpu"
+    shape = (job.batch_size, space.in_channels, space.image_size, space.image_size)
+    networks = _validation_archs(job, space)
+    measured = []
+    for done, (purpose, arch) in enumerate(networks, start=1):
+        stats = measure_module(
+            extract_subnet(supernet, arch).eval(),
+            shape,
+            repeats=max(job.repeats, 20),
+            warmup=job.warmup,
+            threads=job.threads,
+            device=target,
+        )
+        measured.append((purpose, arch, stats.median_ms))
+        progress({"kind": "profile", "phase": "validation", "current": done, "total": len(networks),
+                  "message": f"end-to-end sub-net {done}/{len(networks)}"})  # fmt: skip
+    _fit_and_check(space, table, measured)
+
+
+def _store_table(job: ProfilingJob, table) -> LatencyTableRecord:
+    with transaction.atomic():
+        record = LatencyTableRecord.objects.create(
+            device=job.device,
+            space=job.space,
+            space_key=job.space_key,
+            table=table.to_dict(),
+            entries_count=len(table),
+            accuracy=table.accuracy,
+        )
+        ProfilingJob.objects.filter(pk=job.pk).update(result=record)
+    return record
+
+
+def _refresh_device_status(device: Device) -> None:
+    device.refresh_from_db()
+    if device.status == DeviceStatus.REVOKED:
+        return
+    if ProfilingJob.objects.filter(device=device).active().exists():
+        status = DeviceStatus.PROFILING
+    elif device.latency_tables.exists():
+        status = DeviceStatus.READY
+    else:
+        last = ProfilingJob.objects.filter(device=device).order_by("-created_at").first()
+        status = DeviceStatus.FAILED if last and last.status == JobStatus.FAILED else DeviceStatus.NEW
+    Device.objects.filter(pk=device.pk).update(status=status)
+
+
+def latest_table(device: Device, space=None) -> LatencyTableRecord | None:
+    tables = device.latency_tables.all()
+    if space is not None:
+        tables = tables.filter(space_key=space_key(space.to_dict()))
+    return tables.first()
+
+
+# --- the agent protocol ---------------------------------------------------------------------
+
+
+def _job_for_token(token: DeviceToken, job_id: str) -> ProfilingJob:
+    try:
+        pk = int(job_id)
+    except (TypeError, ValueError):
+        raise AgentProtocolError(404, f"no job {job_id!r}") from None
+    job = ProfilingJob.objects.filter(pk=pk, device_id=token.device_id).first()
+    if job is None:  # unknown, or another device's job: indistinguishable on purpose
+        raise AgentProtocolError(404, f"no job {job_id!r} for this device")
+    return job
+
+
+def _valid_ms(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+        and value < 3.6e6  # an hour for one layer is a broken clock, not a measurement
+    )
+
+
+def agent_current_job(*, token: DeviceToken) -> dict[str, Any] | None:
+    job = ProfilingJob.objects.filter(device_id=token.device_id).active().order_by("created_at").first()
+    if job is None:
+        return None
+    if job.status == JobStatus.QUEUED:
+        job.mark_running()
+        broadcast_status(job)
+    _ensure_accuracy_models(job)
+    models = list(job.model_measurements.all())
+    return {
+        "job_id": str(job.pk),
+        "batch_size": job.batch_size,
+        "repeats": job.repeats,
+        "warmup": job.warmup,
+        "threads": job.threads or 1,
+        "layers": job.layers,
+        "done_keys": list(job.timings.values_list("key", flat=True)),
+        "models": [
+            {
+                "model_id": str(m.index),
+                "url": f"/api/agent/jobs/{job.pk}/models/{m.index}/file",
+                "input_shape": m.input_shape,
+            }
+            for m in models
+        ],
+        "done_models": [str(m.index) for m in models if m.measured_ms is not None],
+    }
+
+
+def agent_post_results(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str, Any]:
+    job = _job_for_token(token, job_id)
+    if not isinstance(payload, dict):
+        raise AgentProtocolError(400, "body must be a JSON object")
+    unknown_fields = set(payload) - {"batch_id", "results"}
+    if unknown_fields:
+        raise AgentProtocolError(400, f"unknown fields: {sorted(unknown_fields)}")
+    try:
+        batch_id = uuid.UUID(str(payload.get("batch_id", "")))
+    except ValueError:
+        raise AgentProtocolError(400, "batch_id must be a UUID") from None
+    results = payload.get("results")
+    if not isinstance(results, list) or not results:
+        raise AgentProtocolError(400, "results must be a non-empty list")
+    if len(results) > MAX_RESULTS_PER_BATCH:
+        raise AgentProtocolError(400, f"at most {MAX_RESULTS_PER_BATCH} results per batch")
+    known = {layer["key"] for layer in job.layers}
+    seen: dict[str, float] = {}
+    for index, item in enumerate(results):
+        if not isinstance(item, dict) or set(item) != {"key", "ms"}:
+            raise AgentProtocolError(400, f"results[{index}] must be an object with exactly 'key' and 'ms'")
+        key, ms = item["key"], item["ms"]
+        if not isinstance(key, str) or key not in known:
+            raise AgentProtocolError(400, f"results[{index}]: {key!r} is not a layer key of job {job.pk}")
+        if not _valid_ms(ms):
+            raise AgentProtocolError(
+                400, f"results[{index}]: ms={ms!r} is not a finite positive number of ms"
+            )
+        if key in seen:
+            raise AgentProtocolError(400, f"results[{index}]: key {key!r} appears twice in this batch")
+        seen[key] = float(ms)
+    if job.is_finished:
+        # Validated first so that garbage is a 400 even after the end; a late valid replay is harmless.
+        if AgentBatch.objects.filter(job=job, batch_id=batch_id).exists():
+            return _results_answer(job, duplicate=True)
+        raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
+    try:
+        with transaction.atomic():
+            AgentBatch.objects.create(job=job, batch_id=batch_id, accepted=len(seen))
+            existing = set(LayerTiming.objects.filter(job=job, key__in=seen).values_list("key", flat=True))
+            LayerTiming.objects.bulk_create(
+                [LayerTiming(job=job, key=key, ms=ms) for key, ms in seen.items() if key not in existing]
+            )
+    except IntegrityError:
+        return _results_answer(job, duplicate=True)  # the same batch raced in twice
+    done = job.timings.count()
+    ProfilingJob.objects.filter(pk=job.pk).update(done_layers=done)
+    job.done_layers = done
+    JobProgress(job, db_interval_s=0)(
+        {
+            "kind": "profile",
+            "current": done,
+            "total": job.total_layers,
+            "message": f"{done}/{job.total_layers} layers",
+        }
+    )
+    return _results_answer(job)
+
+
+def _results_answer(job: ProfilingJob, *, duplicate: bool = False) -> dict[str, Any]:
+    answer = {"stored": job.timings.count(), "done": job.timings.count(), "total": job.total_layers}
+    if duplicate:
+        answer["duplicate"] = True
+    return answer
+
+
+def agent_model_file(*, token: DeviceToken, job_id: str, model_id: str) -> Path:
+    job = _job_for_token(token, job_id)
+    measurement = _model_of(job, model_id)
+    path = Path(measurement.file)
+    if not path.is_file():
+        raise AgentProtocolError(404, f"model {model_id} file is missing on the server")
+    return path
+
+
+def _model_of(job: ProfilingJob, model_id: str) -> ModelMeasurement:
+    try:
+        index = int(model_id)
+    except (TypeError, ValueError):
+        raise AgentProtocolError(404, f"no model {model_id!r}") from None
+    measurement = job.model_measurements.filter(index=index).first()
+    if measurement is None:
+        raise AgentProtocolError(404, f"no model {model_id!r} in job {job.pk}")
+    return measurement
+
+
+def agent_post_model_result(
+    *, token: DeviceToken, job_id: str, model_id: str, payload: Any
+) -> dict[str, Any]:
+    job = _job_for_token(token, job_id)
+    measurement = _model_of(job, model_id)
+    if not isinstance(payload, dict) or set(payload) != {"ms"} or not _valid_ms(payload["ms"]):
+        raise AgentProtocolError(400, 'body must be {"ms": <finite positive number>}')
+    if job.is_finished:
+        raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
+    measurement.measured_ms = float(payload["ms"])
+    measurement.save(update_fields=["measured_ms"])
+    return {"stored": True}
+
+
+def agent_complete(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str, Any]:
+    from engine.latency.lut import LatencyTable
+    from engine.space import Arch, SearchSpace
+
+    job = _job_for_token(token, job_id)
+    if not isinstance(payload, dict):
+        raise AgentProtocolError(400, "body must be a JSON object")
+    if job.status == JobStatus.SUCCEEDED:
+        return {"complete": True}
+    if job.is_finished:
+        raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
+    overhead = payload.get("call_overhead_ms", 0.0)
+    if not (
+        isinstance(overhead, int | float)
+        and not isinstance(overhead, bool)
+        and math.isfinite(overhead)
+        and overhead >= 0
+    ):
+        raise AgentProtocolError(400, "call_overhead_ms must be a finite number >= 0")
+    metadata = payload.get("metadata") or {}
+    if not isinstance(metadata, dict) or len(json.dumps(metadata)) > 10_000:
+        raise AgentProtocolError(400, "metadata must be a JSON object under 10 kB")
+    entries = dict(job.timings.values_list("key", "ms"))
+    missing = [layer["key"] for layer in job.layers if layer["key"] not in entries]
+    missing_models = [str(m.index) for m in job.model_measurements.all() if m.measured_ms is None]
+    if missing or missing_models:
+        raise AgentProtocolError(
+            409, "job is incomplete", missing=missing[:100] + [f"model:{m}" for m in missing_models]
+        )
+    table = LatencyTable(
+        device=job.device.name,
+        entries=entries,
+        overhead_ms=float(overhead),
+        metadata={
+            **{str(k): v for k, v in metadata.items()},
+            "search_space": job.space,
+            "batch_size": job.batch_size,
+            "repeats": job.repeats,
+            "warmup": job.warmup,
+            "date": timezone.now().isoformat(),
+            "source": "agent",
+        },
+    )
+    measured = [m for m in job.model_measurements.all() if m.measured_ms is not None]
+    if measured:
+        space = SearchSpace.from_dict(job.space)
+        _fit_and_check(space, table, [(m.purpose, Arch.from_dict(m.arch), m.measured_ms) for m in measured])
+    _store_table(job, table)
+    job.refresh_from_db()
+    job.mark_finished(JobStatus.SUCCEEDED)
+    _refresh_device_status(job.device)
+    broadcast_status(job)
+    return {"complete": True}

@@ -1,0 +1,133 @@
+"""Device pages: HTML shells; charts fetch their series from the JSON views below."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from devices import services
+from devices.forms import BoardRegistrationForm, ProfilingForm
+from devices.models import Device, DeviceKind, ProfilingJob
+
+
+def _visible_device(request, pk: int) -> Device:
+    return get_object_or_404(Device.objects.visible_to(request.user), pk=pk)
+
+
+def _may_profile(user, device: Device) -> bool:
+    if device.kind == DeviceKind.REMOTE:
+        return user.is_staff or device.owner_id == user.id
+    return user.is_staff
+
+
+@login_required
+def device_list(request):
+    devices = Device.objects.visible_to(request.user).prefetch_related("latency_tables")
+    return render(request, "devices/list.html", {"devices": devices})
+
+
+@login_required
+def device_register(request):
+    form = BoardRegistrationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        preset = data.pop("preset")
+        registration = services.board_register(owner=request.user, **data)
+        job = services.profiling_start_preset(device=registration.device, owner=request.user, preset=preset)
+        # The token is rendered in this response only; the database keeps its hash.
+        return render(
+            request,
+            "devices/registered.html",
+            {
+                "device": registration.device,
+                "token": registration.token,
+                "agent_command": registration.agent_command(request.build_absolute_uri("/")),
+                "job": job,
+            },
+        )
+    return render(request, "devices/register.html", {"form": form})
+
+
+@login_required
+def device_detail(request, pk: int):
+    device = _visible_device(request, pk)
+    job = ProfilingJob.objects.filter(device=device).order_by("-created_at").first()
+    return render(
+        request,
+        "devices/detail.html",
+        {
+            "device": device,
+            "job": job,
+            "table": device.latency_tables.first(),
+            "may_profile": _may_profile(request.user, device),
+            "profiling_form": ProfilingForm(),
+        },
+    )
+
+
+@login_required
+@require_POST
+def device_profile(request, pk: int):
+    device = _visible_device(request, pk)
+    if not _may_profile(request.user, device):
+        raise PermissionDenied("only the board's owner (or staff for built-in devices) can re-profile it")
+    form = ProfilingForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Invalid profiling settings: {form.errors.as_text()}")
+        return redirect("devices:detail", pk=pk)
+    try:
+        services.profiling_start(device=device, owner=request.user, **form.cleaned_data)
+    except ValueError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Profiling started.")
+    return redirect("devices:detail", pk=pk)
+
+
+@login_required
+def device_table_json(request, pk: int):
+    """Per-layer breakdown of the latest LUT and its predicted-vs-measured samples."""
+    device = _visible_device(request, pk)
+    table = device.latency_tables.first()
+    if table is None:
+        return JsonResponse({"error": "no latency table yet"}, status=404)
+    entries = table.table.get("entries", {})
+    by_op: dict[str, list] = {}
+    for key, ms in entries.items():
+        fields = key.split("|")
+        by_op.setdefault(fields[0], []).append({"key": key, "ms": ms})
+    samples = (table.accuracy or {}).get("samples", [])
+    return JsonResponse(
+        {
+            "device": device.name,
+            "overhead_ms": table.table.get("overhead_ms", 0.0),
+            "metadata": table.table.get("metadata", {}),
+            "layers": by_op,
+            "accuracy": {k: v for k, v in (table.accuracy or {}).items() if k != "samples"},
+            "samples": [
+                {"predicted_ms": s["predicted_ms"], "measured_ms": s["measured_ms"]} for s in samples
+            ],
+        }
+    )
+
+
+@login_required
+def profiling_job_json(request, pk: int):
+    job = get_object_or_404(
+        ProfilingJob.objects.filter(device__in=Device.objects.visible_to(request.user)), pk=pk
+    )
+    return JsonResponse(
+        {
+            "id": job.pk,
+            "status": job.status,
+            "progress": job.progress,
+            "message": job.progress_message,
+            "done_layers": job.done_layers if job.done_layers else job.timings.count(),
+            "total_layers": job.total_layers,
+            "error": job.error,
+        }
+    )
