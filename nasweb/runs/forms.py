@@ -1,0 +1,61 @@
+from django import forms
+
+from nasweb.runs.models import Method
+
+PRESETS = [
+    ("tiny", "tiny: seconds (demo)"),
+    ("cpu", "cpu: about an hour on 2 cores"),
+    ("paper", "paper: the MAML++ protocol (GPU)"),
+]
+CONSTRAINTS = [("latency_ms", "latency on the device (ms)"), ("params", "parameters"), ("macs", "MACs")]
+
+
+class MetaTrainingForm(forms.Form):
+    name = forms.CharField(max_length=120, required=False)
+    method = forms.ChoiceField(choices=Method.choices, initial=Method.HMETANAS)
+    dataset = forms.ChoiceField(choices=[("omniglot", "Omniglot")], initial="omniglot")
+    ways = forms.IntegerField(min_value=2, max_value=50, initial=5)
+    shots = forms.IntegerField(min_value=1, max_value=20, initial=1)
+    backbone = forms.ChoiceField(choices=[("vgg9", "VGG9"), ("resnet12", "ResNet12")], initial="vgg9")
+    preset = forms.ChoiceField(choices=PRESETS, initial="tiny")
+
+
+class BudgetsField(forms.CharField):
+    """'3' or '1, 2.5, 4' (a sweep) -> list of floats."""
+
+    def to_python(self, value):
+        import math
+
+        text = super().to_python(value)
+        try:
+            budgets = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+        except ValueError:
+            raise forms.ValidationError(
+                "budgets must be numbers separated by commas, e.g. 0.05, 0.1"
+            ) from None
+        if not budgets:
+            raise forms.ValidationError("give at least one budget")
+        if len(budgets) > 10:
+            raise forms.ValidationError("at most 10 budgets in one sweep")
+        bad = [b for b in budgets if not math.isfinite(b) or b <= 0]
+        if bad:
+            raise forms.ValidationError(f"budgets must be finite and positive: {bad}")
+        return sorted(set(budgets))
+
+
+class AdaptionForm(forms.Form):
+    name = forms.CharField(max_length=120, required=False)
+    supernet = forms.ModelChoiceField(queryset=None, empty_label=None, label="Super-net")
+    device = forms.ModelChoiceField(queryset=None, empty_label=None)
+    constraint = forms.ChoiceField(choices=CONSTRAINTS, initial="latency_ms")
+    budgets = BudgetsField(max_length=200, help_text="one value, or several separated by commas for a sweep")
+    preset = forms.ChoiceField(choices=PRESETS, initial="tiny", label="Search preset")
+    support_zip = forms.FileField(
+        required=False, label="Support set (optional)",
+        help_text="a zip of class folders, one per class, for fine-tuning; else the validation tasks are used",
+    )  # fmt: skip
+
+    def __init__(self, *args, supernets, devices, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["supernet"].queryset = supernets
+        self.fields["device"].queryset = devices

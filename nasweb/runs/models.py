@@ -1,0 +1,116 @@
+"""Meta-training runs (super-nets and baselines), adaption runs, and the adapted models they produce."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+
+from nasweb.core.models import Job
+
+
+class Method(models.TextChoices):
+    HMETANAS = "hmetanas", "H-Meta-NAS super-net (MAML++ + progressive shrinking)"
+    MAMLPP = "mamlpp", "MAML++ (fixed 4-conv net)"
+    MAML = "maml", "MAML (fixed 4-conv net)"
+
+
+class MetaTrainingRun(Job):
+    job_kind = "metatrain"
+
+    name = models.CharField(max_length=120, blank=True)
+    method = models.CharField(max_length=16, choices=Method.choices, default=Method.HMETANAS)
+    dataset = models.CharField(max_length=32, default="omniglot")
+    ways = models.PositiveIntegerField(default=20)
+    shots = models.PositiveIntegerField(default=1)
+    backbone = models.CharField(max_length=16, default="vgg9")
+    preset = models.CharField(max_length=16, default="tiny")
+    spec = models.JSONField(help_text="engine.meta.runs.RunSpec")
+    out_dir = models.CharField(max_length=500, blank=True)
+    #: Progress events, thinned (at most a few thousand points) for the curves.
+    history = models.JSONField(default=list, blank=True)
+    summary = models.JSONField(null=True, blank=True, help_text="iterations, test accuracy ± CI")
+    space = models.JSONField(null=True, blank=True, help_text="SearchSpace.to_dict() of a super-net")
+
+    class Meta(Job.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return self.name or f"Meta-training #{self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("runs:metatrain-detail", args=[self.pk])
+
+    def status_url(self) -> str:
+        return reverse("runs:metatrain-json", args=[self.pk])
+
+    @property
+    def is_supernet(self) -> bool:
+        return self.method == Method.HMETANAS
+
+
+class SupportSet(models.Model):
+    """A user's labelled images for one task: a zip of class folders (N classes x K images)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="support_sets")
+    name = models.CharField(max_length=120)
+    path = models.CharField(max_length=500, help_text="the checked zip under NASWEB_MEDIA_DIR")
+    class_names = models.JSONField(default=list)
+    images_per_class = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({len(self.class_names)} classes)"
+
+
+class AdaptionRun(Job):
+    job_kind = "adaption"
+
+    name = models.CharField(max_length=120, blank=True)
+    supernet = models.ForeignKey(MetaTrainingRun, on_delete=models.PROTECT, related_name="adaptions")
+    device = models.ForeignKey("devices.Device", on_delete=models.PROTECT, related_name="adaptions")
+    constraint = models.CharField(max_length=16, default="latency_ms")
+    budgets = models.JSONField(help_text="list of budget values (a sweep)")
+    preset = models.CharField(max_length=16, default="tiny")
+    support_set = models.ForeignKey(SupportSet, null=True, blank=True, on_delete=models.SET_NULL)
+    request = models.JSONField(default=dict, blank=True, help_text="engine.adaption.AdaptionRequest")
+    out_dir = models.CharField(max_length=500, blank=True)
+    #: Per generation: population points, front, best (thinned).
+    history = models.JSONField(default=list, blank=True)
+    result = models.JSONField(null=True, blank=True, help_text="AdaptionResult.to_dict()")
+
+    class Meta(Job.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return self.name or f"Adaption #{self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("runs:adaption-detail", args=[self.pk])
+
+    def status_url(self) -> str:
+        return reverse("runs:adaption-json", args=[self.pk])
+
+
+class AdaptedModel(models.Model):
+    run = models.ForeignKey(AdaptionRun, on_delete=models.CASCADE, related_name="models")
+    budget = models.FloatField()
+    arch = models.JSONField()
+    card = models.JSONField()
+    torchscript = models.CharField(max_length=500)
+    onnx = models.CharField(max_length=500, blank=True)
+    card_path = models.CharField(max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "budget"]
+
+    def __str__(self) -> str:
+        return f"Model for {self.run} at {self.budget:g}"
+
+    @property
+    def owner_id(self):
+        return self.run.owner_id

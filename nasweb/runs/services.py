@@ -1,0 +1,435 @@
+"""Run services: start meta-training and adaption jobs, execute them in workers, keep their results.
+
+Workers call ``*_execute(run_id=...)``. Every execute function is idempotent and resumable: a
+finished run is left alone, and a run whose worker died continues from its checkpoint (meta-
+training) or its last generation (adaption) when the task is delivered again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from devices.models import Device, DeviceKind
+from nasweb.core.models import JobStatus
+from nasweb.core.progress import JobProgress, broadcast_status
+from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
+
+HISTORY_LIMIT = 2000
+METHOD_BACKBONE = {Method.MAMLPP: "maml", Method.MAML: "maml"}
+
+
+class RunInputError(ValueError):
+    """A run request that cannot be carried out; the message is shown to the user."""
+
+
+def _run_dir(kind: str, pk: int) -> Path:
+    return Path(settings.NASWEB_ARTIFACT_DIR) / "runs" / f"{kind}-{pk}"
+
+
+class HistoryProgress(JobProgress):
+    """JobProgress that also keeps a thinned history on the row, so a page opened mid-run can
+    draw the curves so far before its websocket delivers the rest."""
+
+    def __init__(self, job, *, keep, db_interval_s: float = 1.0, flush_interval_s: float = 2.0) -> None:
+        super().__init__(job, db_interval_s=db_interval_s)
+        self.keep = keep
+        self.flush_interval_s = flush_interval_s
+        self.pending: list[dict] = []
+        self._last_flush = 0.0
+
+    def __call__(self, event) -> None:
+        import time
+
+        point = self.keep(event)
+        if point is not None:
+            self.pending.append(point)
+            if time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self.flush()
+        super().__call__(event)
+
+    def flush(self) -> None:
+        import time
+
+        self._last_flush = time.monotonic()
+        if not self.pending:
+            return
+        model = type(self.job)
+        with transaction.atomic():
+            row = model.objects.select_for_update().get(pk=self.job.pk)
+            history = row.history + self.pending
+            if len(history) > HISTORY_LIMIT:  # keep the first point and an even thinning of the rest
+                step = len(history) / HISTORY_LIMIT
+                history = [history[int(i * step)] for i in range(HISTORY_LIMIT - 1)] + [history[-1]]
+            model.objects.filter(pk=row.pk).update(history=history)
+        self.pending = []
+
+
+# --- meta-training --------------------------------------------------------------------------
+
+
+def metatrain_start(
+    *,
+    owner,
+    method: str = Method.HMETANAS,
+    dataset: str = "omniglot",
+    ways: int = 5,
+    shots: int = 1,
+    backbone: str = "vgg9",
+    preset: str = "tiny",
+    iterations: int | None = None,
+    seed: int = 0,
+    name: str = "",
+) -> MetaTrainingRun:
+    from engine.meta.runs import RunSpec, RunSpecError
+
+    if method not in Method.values:
+        raise RunInputError(f"unknown method {method!r}")
+    backbone = METHOD_BACKBONE.get(method, backbone)
+    try:
+        spec = RunSpec(
+            dataset=dataset,
+            ways=ways,
+            shots=shots,
+            backbone=backbone,
+            preset=preset,
+            iterations=iterations,
+            seed=seed,
+            threads=settings.NASWEB_TORCH_THREADS,
+            algorithm="maml" if method == Method.MAML else "mamlpp",
+        )
+    except RunSpecError as exc:
+        raise RunInputError(str(exc)) from exc
+    spec_dict = spec.to_dict()
+    with transaction.atomic():
+        run = MetaTrainingRun.objects.create(
+            owner=owner,
+            name=name,
+            method=method,
+            dataset=dataset,
+            ways=ways,
+            shots=shots,
+            backbone=backbone,
+            preset=preset,
+            spec=spec_dict,
+        )
+        run.out_dir = str(_run_dir("metatrain", run.pk))
+        run.save(update_fields=["out_dir"])
+        transaction.on_commit(lambda: _enqueue("runs.meta_train", run, queue="train"))
+    return run
+
+
+def _enqueue(task_name: str, run, *, queue: str) -> None:
+    from nasweb.celery import app
+
+    result = app.send_task(task_name, args=[run.pk], queue=queue)
+    type(run).objects.filter(pk=run.pk).update(celery_task_id=result.id)
+
+
+def _spec_of(run: MetaTrainingRun):
+    from engine.meta.runs import RunSpec
+
+    return RunSpec.from_dict(run.spec)
+
+
+def _metatrain_point(event) -> dict | None:
+    if event.get("kind") != "meta_train":
+        return None
+    keys = ("current", "total", "loss", "accuracy", "it_per_s", "eta_s", "epoch", "p_largest")
+    return {k: event.get(k) for k in keys if k in event}
+
+
+def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
+    from engine.meta.service import execute_meta_training
+    from engine.meta.train import CHECKPOINT_NAME
+    from engine.progress import JobCancelled
+
+    run = MetaTrainingRun.objects.get(pk=run_id)
+    if run.is_finished:
+        return run
+    resumed = (Path(run.out_dir) / CHECKPOINT_NAME).exists()
+    run.mark_running()
+    broadcast_status(run)
+    progress = HistoryProgress(run, keep=_metatrain_point)
+    spec = _spec_of(run)
+    try:
+        summary = execute_meta_training(spec, run.out_dir, resume=resumed, progress=progress)
+        progress.flush()
+        from engine.meta.runs import build_space
+
+        space = build_space(spec)
+        MetaTrainingRun.objects.filter(pk=run.pk).update(
+            summary={**summary, "resumed": resumed}, space=space.to_dict() if space is not None else None
+        )
+    except JobCancelled:
+        progress.flush()
+        return _finish(run, JobStatus.CANCELLED, "cancelled by the user")
+    except Exception as exc:
+        progress.flush()
+        _finish(run, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    return _finish(run, JobStatus.SUCCEEDED)
+
+
+def _finish(run, status: JobStatus, error: str = ""):
+    run.refresh_from_db()
+    run.mark_finished(status, error)
+    broadcast_status(run)
+    return run
+
+
+def checkpoint_path(run: MetaTrainingRun) -> Path:
+    from engine.meta.train import CHECKPOINT_NAME
+
+    return Path(run.out_dir) / CHECKPOINT_NAME
+
+
+# --- support sets ---------------------------------------------------------------------------
+
+
+def support_set_upload(
+    *, owner, name: str, uploaded_file, channels: int = 1, image_size: int = 28
+) -> SupportSet:
+    """Check an uploaded zip of class folders (zip-slip, bombs, non-images) and keep it."""
+    from engine.data import DatasetError, load_support_set
+
+    if uploaded_file.size > settings.NASWEB_MAX_UPLOAD_BYTES:
+        raise RunInputError(f"the file is larger than {settings.NASWEB_MAX_UPLOAD_BYTES} bytes")
+    folder = Path(settings.MEDIA_ROOT) / "support" / str(owner.pk)
+    folder.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    handle, temp_name = tempfile.mkstemp(dir=folder, suffix=".zip.part")
+    temp = Path(temp_name)
+    try:
+        with open(handle, "wb") as out:
+            for chunk in uploaded_file.chunks():
+                out.write(chunk)
+        if not zipfile.is_zipfile(temp):
+            raise RunInputError("the upload is not a zip file of class folders")
+        try:
+            support = load_support_set(temp, image_size=image_size, channels=channels)
+        except DatasetError as exc:
+            raise RunInputError(str(exc)) from exc
+        import collections
+
+        counts = collections.Counter(int(label) for label in support.y.tolist())
+        with transaction.atomic():
+            row = SupportSet.objects.create(
+                owner=owner,
+                name=name or uploaded_file.name,
+                path="",
+                class_names=list(support.class_names),
+                images_per_class=[counts[i] for i in range(len(support.class_names))],
+            )
+            final = folder / f"support-{row.pk}.zip"
+            temp.replace(final)
+            row.path = str(final)
+            row.save(update_fields=["path"])
+        return row
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# --- adaption -------------------------------------------------------------------------------
+
+
+def adaption_start(
+    *,
+    owner,
+    supernet: MetaTrainingRun,
+    device: Device,
+    constraint: str,
+    budgets: list[float],
+    preset: str = "tiny",
+    support_set: SupportSet | None = None,
+    name: str = "",
+) -> AdaptionRun:
+    import math
+
+    from engine.search.constraints import Constraint, ConstraintError
+
+    if supernet.status != JobStatus.SUCCEEDED or not supernet.is_supernet:
+        raise RunInputError("choose a finished H-Meta-NAS super-net meta-training run")
+    if not budgets:
+        raise RunInputError("give at least one budget")
+    for budget in budgets:
+        if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
+            raise RunInputError(f"budget {budget!r} must be a finite positive number")
+        try:
+            Constraint(constraint, float(budget))
+        except ConstraintError as exc:
+            raise RunInputError(str(exc)) from exc
+    if support_set is not None and len(support_set.class_names) != supernet.ways:
+        raise RunInputError(
+            f"the support set has {len(support_set.class_names)} classes but the super-net is "
+            f"{supernet.ways}-way; upload {supernet.ways} class folders"
+        )
+    if (
+        constraint == "latency_ms"
+        and device.kind == DeviceKind.REMOTE
+        and _table_for(device, supernet) is None
+    ):
+        raise RunInputError(
+            f"{device.name} has no latency table for this super-net's search space yet: profile it "
+            "for this super-net first (its agent must run), or use a params/MACs budget"
+        )
+    with transaction.atomic():
+        run = AdaptionRun.objects.create(
+            owner=owner,
+            name=name,
+            supernet=supernet,
+            device=device,
+            constraint=constraint,
+            budgets=[float(b) for b in budgets],
+            preset=preset,
+            support_set=support_set,
+        )
+        run.out_dir = str(_run_dir("adaption", run.pk))
+        run.save(update_fields=["out_dir"])
+        transaction.on_commit(lambda: _enqueue("runs.adapt", run, queue="adapt"))
+    return run
+
+
+def _table_for(device: Device, supernet: MetaTrainingRun):
+    from devices.services import space_key
+
+    if not supernet.space:
+        return None
+    return device.latency_tables.filter(space_key=space_key(supernet.space)).first()
+
+
+def _ensure_table(run: AdaptionRun, progress) -> Path | None:
+    """The device's LUT for the super-net's space as a file; local devices are profiled on demand."""
+    if run.constraint != "latency_ms":
+        return None
+    from devices import services as device_services
+    from engine.space import SearchSpace
+
+    table = _table_for(run.device, run.supernet)
+    if table is None:
+        if run.device.kind == DeviceKind.REMOTE:
+            raise RunInputError(f"{run.device.name} has no latency table for this super-net's search space")
+        progress({"kind": "adapt_stage", "stage": "profile", "current": 0, "total": 1,
+                  "message": f"profiling {run.device.name} for this search space"})  # fmt: skip
+        job = device_services.profiling_start(
+            device=run.device, owner=run.owner, space=SearchSpace.from_dict(run.supernet.space), repeats=10,
+            warmup=2, threads=settings.NASWEB_TORCH_THREADS, overhead_subnets=5, enqueue=False,
+        )  # fmt: skip
+        # Inline in this worker: the adaption cannot go on without it.
+        device_services.profiling_execute(job_id=job.pk)
+        table = _table_for(run.device, run.supernet)
+        if table is None:
+            raise RunInputError(f"profiling {run.device.name} did not produce a latency table")
+    path = Path(run.out_dir) / "lut.json"
+    from engine.latency.lut import LatencyTable
+
+    LatencyTable.from_dict(table.table).save(path)
+    return path
+
+
+def _baseline_checkpoints(run: AdaptionRun) -> tuple[str, ...]:
+    """Finished MAML / MAML++ runs of the same task the user can see: measured reference points."""
+    baselines = MetaTrainingRun.objects.visible_to(run.owner) if run.owner else MetaTrainingRun.objects.none()
+    baselines = baselines.filter(
+        method__in=[Method.MAML, Method.MAMLPP],
+        status=JobStatus.SUCCEEDED,
+        dataset=run.supernet.dataset,
+        ways=run.supernet.ways,
+        shots=run.supernet.shots,
+    ).order_by("method", "-created_at")
+    latest: dict[str, str] = {}
+    for baseline in baselines:
+        latest.setdefault(baseline.method, str(checkpoint_path(baseline)))
+    return tuple(path for path in latest.values() if Path(path).exists())
+
+
+def _adapt_point(event) -> dict | None:
+    if event.get("kind") != "adapt":
+        return None
+    keys = ("current", "total", "budget_index", "budget", "generation", "population", "front", "best_fitness",
+            "evaluations", "cache_hits")  # fmt: skip
+    return {k: event.get(k) for k in keys if k in event}
+
+
+def adaption_execute(*, run_id: int) -> AdaptionRun:
+    from engine.adaption import AdaptionRequest, run_adaption
+    from engine.progress import JobCancelled
+
+    run = AdaptionRun.objects.select_related("supernet", "device", "support_set").get(pk=run_id)
+    if run.is_finished:
+        return run
+    run.mark_running()
+    broadcast_status(run)
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = HistoryProgress(run, keep=_adapt_point)
+    try:
+        lut_path = _ensure_table(run, progress)
+        request = AdaptionRequest(
+            supernet=str(checkpoint_path(run.supernet)),
+            constraint=run.constraint,
+            budgets=tuple(run.budgets),
+            lut=str(lut_path) if lut_path else None,
+            preset=run.preset,
+            task_source="support" if run.support_set else "validation",
+            support=run.support_set.path if run.support_set else None,
+            measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
+            baseline_checkpoints=_baseline_checkpoints(run),
+            threads=settings.NASWEB_TORCH_THREADS,
+        )
+        AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
+        result = run_adaption(
+            request, out_dir=out / "result", progress=progress, state_path=out / "state.json"
+        )
+        progress.flush()
+        _store_adaption_result(run, result)
+    except JobCancelled:
+        progress.flush()
+        return _finish(run, JobStatus.CANCELLED, "cancelled by the user")
+    except ValueError as exc:  # bad input discovered late (budget infeasible, LUT mismatch, ...)
+        progress.flush()
+        return _finish(run, JobStatus.FAILED, str(exc))
+    except Exception as exc:
+        progress.flush()
+        _finish(run, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    return _finish(run, JobStatus.SUCCEEDED)
+
+
+def _store_adaption_result(run: AdaptionRun, result) -> None:
+    data = result.to_dict()
+    with transaction.atomic():
+        AdaptionRun.objects.filter(pk=run.pk).update(result=data)
+        AdaptedModel.objects.filter(run=run).delete()  # idempotent on redelivery
+        for outcome in data["outcomes"]:
+            folder = Path(outcome["package"])
+            card = outcome["model_card"]
+            files = card.get("files", {})
+            AdaptedModel.objects.create(
+                run=run,
+                budget=float(outcome["budget"]["limit"]),
+                arch=outcome["arch"],
+                card=card,
+                torchscript=str(folder / files.get("torchscript", "model.pt")),
+                onnx=str(folder / files["onnx"]) if "onnx" in files else "",
+                card_path=str(folder / "model_card.json"),
+            )
+
+
+def adaption_delete_files(run: AdaptionRun) -> None:
+    shutil.rmtree(run.out_dir, ignore_errors=True)
+
+
+def reference_points(run: AdaptionRun) -> list[dict[str, Any]]:
+    """MAML / MAML++ points for the Pareto chart: the baselines of the result, plus any finished
+    baseline meta-training runs of the same task the user can see."""
+    points = []
+    for baseline in (run.result or {}).get("baselines", []):
+        points.append(baseline)
+    return points

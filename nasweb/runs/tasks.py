@@ -1,0 +1,19 @@
+"""Celery tasks of runs: thin, load by id, call a service (queues: train, adapt)."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+
+@shared_task(name="runs.meta_train")
+def meta_train(run_id: int) -> None:
+    from nasweb.runs.services import metatrain_execute
+
+    metatrain_execute(run_id=run_id)
+
+
+@shared_task(name="runs.adapt")
+def adapt(run_id: int) -> None:
+    from nasweb.runs.services import adaption_execute
+
+    adaption_execute(run_id=run_id)

@@ -1,0 +1,214 @@
+"""Run pages: HTML shells plus the JSON their charts read (then the websocket extends them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse, Http404, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from devices.models import Device
+from nasweb.core.models import JobStatus
+from nasweb.core.services import job_cancel
+from nasweb.runs import services
+from nasweb.runs.forms import AdaptionForm, MetaTrainingForm
+from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+
+
+def _job_json(run) -> dict:
+    return {
+        "id": run.pk,
+        "status": run.status,
+        "progress": run.progress,
+        "message": run.progress_message,
+        "error": run.error,
+    }
+
+
+@login_required
+def metatrain_list(request):
+    form = MetaTrainingForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            run = services.metatrain_start(owner=request.user, **form.cleaned_data)
+        except services.RunInputError as exc:
+            form.add_error(None, str(exc))
+        else:
+            return redirect(run)
+    runs = MetaTrainingRun.objects.visible_to(request.user)[:50]
+    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs})
+
+
+@login_required
+def metatrain_detail(request, pk: int):
+    run = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
+    return render(request, "runs/metatrain_detail.html", {"run": run})
+
+
+@login_required
+def metatrain_json(request, pk: int):
+    run = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
+    return JsonResponse({**_job_json(run), "history": run.history, "summary": run.summary, "spec": run.spec})
+
+
+@login_required
+@require_POST
+def job_cancel_view(request, kind: str, pk: int):
+    model = {"metatrain": MetaTrainingRun, "adaption": AdaptionRun}.get(kind)
+    if model is None:
+        raise Http404
+    run = get_object_or_404(model.objects.visible_to(request.user), pk=pk)
+    job_cancel(job=run)
+    messages.info(request, f"Cancellation of {run} requested.")
+    return redirect(run)
+
+
+def _adaption_form(request, data=None, files=None):
+    supernets = MetaTrainingRun.objects.visible_to(request.user).filter(
+        method=Method.HMETANAS, status=JobStatus.SUCCEEDED
+    )
+    devices = Device.objects.visible_to(request.user).exclude(status="revoked")
+    return AdaptionForm(data, files, supernets=supernets, devices=devices)
+
+
+@login_required
+def adaption_list(request):
+    form = _adaption_form(request, request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        upload = data.pop("support_zip")
+        try:
+            support = None
+            if upload is not None:
+                supernet = data["supernet"]
+                channels, size = 1, 28
+                if supernet.space:
+                    channels, size = supernet.space["in_channels"], supernet.space["image_size"]
+                support = services.support_set_upload(
+                    owner=request.user,
+                    name=upload.name,
+                    uploaded_file=upload,
+                    channels=channels,
+                    image_size=size,
+                )
+            run = services.adaption_start(owner=request.user, support_set=support, **data)
+        except services.RunInputError as exc:
+            form.add_error(None, str(exc))
+        else:
+            return redirect(run)
+    runs = AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet")[:50]
+    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs})
+
+
+@login_required
+def adaption_detail(request, pk: int):
+    run = get_object_or_404(
+        AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet"), pk=pk
+    )
+    return render(request, "runs/adaption_detail.html", {"run": run, "models": run.models.all()})
+
+
+def _baseline_point(baseline: dict) -> dict:
+    """A MAML/MAML++ reference with its costs under the names the chart uses."""
+    latency = baseline.get("latency_ms_lut")
+    if latency is None:
+        latency = baseline.get("measured_latency_ms")
+    return {
+        "name": baseline.get("name"),
+        "costs": {"params": baseline.get("params"), "macs": baseline.get("macs"), "latency_ms": latency},
+        "accuracy": baseline.get("accuracy"),
+        "source": baseline.get("source"),
+    }
+
+
+def adaption_payload(run: AdaptionRun) -> dict:
+    result = run.result or {}
+    return {
+        **_job_json(run),
+        "device": run.device.name,
+        "constraint": run.constraint,
+        "budgets": run.budgets,
+        "history": run.history,
+        "front": result.get("front", []),
+        "baselines": [_baseline_point(b) for b in result.get("baselines", [])],
+        "outcomes": [
+            {
+                k: outcome.get(k)
+                for k in ("budget", "arch_code", "costs", "constraint_met", "test_accuracy", "random")
+            }
+            for outcome in result.get("outcomes", [])
+        ],
+        "models": [
+            {
+                "id": m.pk,
+                "budget": m.budget,
+                "card": {k: m.card.get(k) for k in ("params", "macs", "arch_code")},
+            }
+            for m in run.models.all()
+        ],
+    }
+
+
+@login_required
+def adaption_json(request, pk: int):
+    run = get_object_or_404(AdaptionRun.objects.visible_to(request.user).select_related("device"), pk=pk)
+    return JsonResponse(adaption_payload(run))
+
+
+@login_required
+def compare(request):
+    supernets = MetaTrainingRun.objects.visible_to(request.user).filter(
+        method=Method.HMETANAS, status=JobStatus.SUCCEEDED
+    )
+    chosen = (
+        supernets.filter(pk=request.GET.get("supernet")).first()
+        if request.GET.get("supernet")
+        else supernets.first()
+    )
+    return render(request, "runs/compare.html", {"supernets": supernets, "chosen": chosen})
+
+
+@login_required
+def compare_json(request, pk: int):
+    supernet = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
+    runs = AdaptionRun.objects.visible_to(request.user).filter(supernet=supernet, status=JobStatus.SUCCEEDED)
+    series = [
+        {
+            "run": run.pk,
+            "device": run.device.name,
+            "constraint": run.constraint,
+            "front": (run.result or {}).get("front", []),
+        }
+        for run in runs.select_related("device")
+    ]
+    return JsonResponse({"supernet": str(supernet), "series": series})
+
+
+MODEL_FILES = {"torchscript": ("torchscript", "application/octet-stream", "model.pt"),
+               "onnx": ("onnx", "application/octet-stream", "model.onnx"),
+               "card": ("card_path", "application/json", "model_card.json")}  # fmt: skip
+
+
+def model_file_response(model: AdaptedModel, kind: str):
+    if kind not in MODEL_FILES:
+        raise Http404
+    field, content_type, filename = MODEL_FILES[kind]
+    path = getattr(model, field)
+    if not path or not Path(path).is_file():
+        raise Http404(f"this model has no {kind} file")
+    response = FileResponse(open(path, "rb"), content_type=content_type)
+    response["Content-Disposition"] = (
+        f'attachment; filename="nasweb-{model.run_id}-{model.budget:g}-{filename}"'
+    )
+    return response
+
+
+@login_required
+def model_download(request, pk: int, kind: str):
+    model = get_object_or_404(
+        AdaptedModel.objects.filter(run__in=AdaptionRun.objects.visible_to(request.user)), pk=pk
+    )
+    return model_file_response(model, kind)
