@@ -1,0 +1,72 @@
+"""In the browser: meta-train a tiny super-net, request an adapted model for this server's CPU, watch the
+Pareto chart fill, download the TorchScript file and classify an image with plain torch.jit.load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from devices.services import seed_builtin_devices
+from tests.browser.conftest import login, screenshot
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.slow]
+
+CLASSIFY = r"""
+import json, sys, torch
+from PIL import Image
+import numpy as np
+model = torch.jit.load(sys.argv[1]).eval()
+image = Image.new("L", (28, 28), 0)
+for i in range(6, 22):
+    image.putpixel((i, i), 255)  # a drawn stroke, as Omniglot (inverted: bright strokes)
+x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+with torch.no_grad():
+    logits = model(x)
+print(json.dumps({"shape": list(logits.shape), "label": int(logits.argmax()), "engine": "engine" in sys.modules}))
+"""
+
+
+def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_page, tmp_path):
+    seed_builtin_devices()
+    get_user_model().objects.create_user("deployer", password="deployer-pw-123")
+    page = browser_page
+    login(page, daphne_server, "deployer", "deployer-pw-123")
+
+    page.click("text=Meta-training")
+    page.fill("input[name=ways]", "5")
+    page.select_option("select[name=preset]", "tiny")
+    page.click("#start-metatrain")
+    page.wait_for_selector("html[data-live-sockets]")
+    page.wait_for_selector(".progress[data-status=succeeded]", timeout=240_000)
+    page.wait_for_selector("#test-accuracy", timeout=30_000)  # reloaded with the summary
+    page.wait_for_selector("#training-chart .main-svg")
+    screenshot(page, "metatraining")
+
+    page.click("text=Request an adapted model")
+    page.select_option("select[name=device]", label="This server's CPU")
+    page.select_option("select[name=constraint]", "params")
+    page.fill("input[name=budgets]", "3000, 8000")
+    page.click("#start-adaption")
+    page.wait_for_selector("#pareto-chart")
+    page.wait_for_selector(".progress[data-status=succeeded]", timeout=240_000)
+    page.wait_for_selector("#models .download-torchscript", timeout=30_000)
+    page.wait_for_selector("#pareto-chart .main-svg")
+    points = page.evaluate("document.getElementById('pareto-chart').data.map(t => (t.x || []).length)")
+    assert points[0] > 0 and points[1] > 0  # population and front are drawn
+    screenshot(page, "adaption")
+    assert page.js_errors == []
+
+    with page.expect_download() as download_info:
+        page.click("#models .download-torchscript >> nth=0")
+    path = tmp_path / "model.pt"
+    download_info.value.save_as(path)
+    result = subprocess.run(
+        [sys.executable, "-c", CLASSIFY, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["shape"] == [1, 5] and 0 <= answer["label"] < 5 and answer["engine"] is False

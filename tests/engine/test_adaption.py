@@ -1,0 +1,507 @@
+"""engine.adaption end to end on a tiny super-net meta-trained in the test (synthetic tasks).
+
+Covers: every result meets its budget, the packages (TorchScript + ONNX + model card) and a
+TorchScript round trip in a clean subprocess that never imports ``engine`` and classifies the
+support images, resume after a cancelled run equals the uninterrupted run, every bad input
+(fails before writing anything), re-training, the CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.adaption import (
+    AdaptionInputError,
+    AdaptionRequest,
+    AdaptionRequestError,
+    AdaptionResult,
+    AdaptionStateError,
+    InfeasibleBudgetError,
+    retrain_subnet,
+    run_adaption,
+)
+from engine.export import onnx_roundtrip_error
+from engine.latency.lut import LatencyTable
+from engine.meta.runs import RunSpec, build_run, task_source
+from engine.meta.train import load_checkpoint, meta_train
+from engine.progress import JobCancelled, ListProgress
+from engine.search.package import MODEL_CARD_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_model_card
+from engine.space import Arch, SearchSpace
+
+REPO = Path(__file__).resolve().parents[2]
+WAYS = 5
+SPEC = RunSpec(
+    dataset="synthetic",
+    ways=WAYS,
+    shots=1,
+    backbone="vgg9",
+    preset="tiny",
+    iterations=16,
+    threads=1,
+    strategy="loop",
+)
+
+
+def fake_lut(space: SearchSpace, device: str = "test-board") -> LatencyTable:
+    """A lookup table for ``space`` whose entries grow with MACs (a stand-in for a measured device)."""
+    entries = {spec.key: 1e-3 + spec.macs() * 1e-6 for spec in space.all_layer_specs()}
+    return LatencyTable(device=device, entries=entries, metadata={"search_space": space.to_dict()})
+
+
+def write_support_zip(path: Path, classes: int, per_class: int = 4, seed: int = 0) -> list[str]:
+    """N classes of distinct blocky patterns + noise, as PNG files in class folders."""
+    rng = np.random.default_rng(seed)
+    names = [f"glyph_{chr(ord('a') + c)}" for c in range(classes)]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in names:
+            prototype = np.kron(rng.random((7, 7)), np.ones((4, 4)))
+            for index in range(per_class):
+                image = np.clip(prototype + 0.08 * rng.standard_normal((28, 28)), 0, 1)
+                buffer = io.BytesIO()
+                Image.fromarray((image * 255).astype(np.uint8), "L").save(buffer, "PNG")
+                archive.writestr(f"{name}/{index}.png", buffer.getvalue())
+    return names
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("adaption")
+    run = build_run(SPEC)
+    train, _ = task_source(SPEC, "train")
+    meta_train(run.learner, train, run.config, out_dir=root / "supernet", space=run.space, run_info=run.info)
+    fake_lut(run.space).save(root / "lut.json")
+    classes = write_support_zip(root / "support.zip", WAYS)
+    rng = np.random.default_rng(0)
+    lut = LatencyTable.load(root / "lut.json")
+    latencies = [lut.predict(run.space, run.space.sample(rng)) for _ in range(300)]
+    budgets = tuple(round(float(np.quantile(latencies, q)), 5) for q in (0.15, 0.5))
+    yield {
+        "root": root,
+        "checkpoint": str(root / "supernet" / "checkpoint.pt"),
+        "lut": str(root / "lut.json"),
+        "support": str(root / "support.zip"),
+        "classes": classes,
+        "space": run.space,
+        "budgets": budgets,
+    }
+    torch.set_num_threads(previous)
+
+
+def request_for(world, **changes) -> AdaptionRequest:
+    values = dict(
+        supernet=world["checkpoint"],
+        constraint="latency_ms",
+        budgets=world["budgets"],
+        lut=world["lut"],
+        preset="tiny",
+        support=world["support"],
+        test_tasks=10,
+    )
+    values.update(changes)
+    return AdaptionRequest(**values)
+
+
+@pytest.fixture(scope="module")
+def adapted(world):
+    events = ListProgress()
+    request = request_for(world, measure_latency=True)
+    out = world["root"] / "out"
+    result = run_adaption(request, out_dir=out, progress=events, state_path=world["root"] / "state.json")
+    return request, result, events, out
+
+
+def comparable(result: AdaptionResult) -> dict:
+    """What must not depend on being interrupted (no timings, paths or creation times)."""
+    return {
+        "outcomes": [
+            {
+                "arch": o.arch,
+                "costs": o.costs,
+                "search_loss": o.search_loss,
+                "evaluations": o.evaluations,
+                "cache_hits": o.cache_hits,
+                "test_accuracy": o.test_accuracy,
+                "random": {k: v for k, v in o.random.items() if k != "elapsed_s"},
+                "support_accuracy": o.model_card["finetuning"]["support_accuracy"],
+            }
+            for o in result.outcomes
+        ],
+        "front": result.front,
+        "evaluations": result.evaluations,
+        "cache_hits": result.cache_hits,
+    }
+
+
+# --------------------------------------------------------------------------- the request
+def test_request_round_trips_through_json(world):
+    request = AdaptionRequest.from_budget_strings(
+        ["latency_ms=0.02", "latency_ms=50us"], supernet=world["checkpoint"], lut=world["lut"], preset="tiny"
+    )
+    assert request.budgets == (0.02, 0.05) and request.unit == "ms"  # mixed units -> base unit
+    assert AdaptionRequest.from_json(request.to_json()) == request
+    assert json.loads(request.to_json())["budgets"] == [0.02, 0.05]
+    params = AdaptionRequest.from_budget_strings(["params=3K", "params=5K"], supernet="x.pt")
+    assert params.unit == "K" and params.constraints()[1].base_limit == 5000
+    assert params.weights_kind == "meta" and request_for(world).weights_kind == "finetuned"
+    config = request_for(world, pool_size=7).ga_config()
+    assert (config.pool_size, config.iterations, config.tasks_per_slice) == (7, 6, 4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"budgets": (0.02, -1.0)}, "budget 2"),
+        ({"budgets": (math.nan,)}, "finite"),
+        ({"budgets": (math.inf,)}, "finite"),
+        ({"budgets": (0.0,)}, "positive"),
+        ({"budgets": ()}, "non-empty"),
+        ({"budgets": (0.02, 0.02)}, "distinct"),
+        ({"constraint": "joules"}, "constraint must be one of"),
+        ({"lut": None}, "needs a latency table"),
+        ({"preset": "huge"}, "unknown preset"),
+        ({"pool_size": 1}, "pool_size"),
+        ({"test_tasks": 1}, "test_tasks"),
+        ({"task_source": "web"}, "task_source"),
+        ({"task_source": "support", "support": None}, "needs a support set"),
+        ({"weights": "finetuned", "support": None}, "fine-tune"),
+        ({"unit": "parsec"}, "unknown unit"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_request_fields_are_named(world, changes, message):
+    with pytest.raises(AdaptionRequestError, match=message):
+        request_for(world, **changes)
+
+
+def test_bad_request_json_is_refused():
+    with pytest.raises(AdaptionRequestError, match="unknown adaption request fields"):
+        AdaptionRequest.from_dict({"supernet": "a", "constraint": "params", "budgets": [1], "colour": "red"})
+    with pytest.raises(AdaptionRequestError, match="lacks"):
+        AdaptionRequest.from_dict({"supernet": "a"})
+    with pytest.raises(AdaptionRequestError, match="one kind"):
+        AdaptionRequest.from_budget_strings(["params=1K", "macs=1M"], supernet="a")
+    with pytest.raises(AdaptionRequestError, match="cannot parse"):
+        AdaptionRequest.from_budget_strings(["latency=fast"], supernet="a")
+
+
+# --------------------------------------------------------------------------- end to end
+def test_every_budget_gets_a_feasible_package_with_a_model_card(world, adapted):
+    request, result, events, out = adapted
+    assert len(result.outcomes) == 2 and result.constraints_met
+    for outcome, budget in zip(result.outcomes, request.budgets, strict=True):
+        assert outcome.costs["latency_ms"] <= budget
+        assert outcome.random is not None and outcome.random["costs"]["latency_ms"] <= budget
+        assert outcome.random["evaluations"] <= outcome.evaluations
+        folder = Path(outcome.package)
+        assert folder.parent == out and {p.name for p in folder.iterdir()} >= {
+            TORCHSCRIPT_NAME,
+            ONNX_NAME,
+            MODEL_CARD_NAME,
+            "weights.pt",
+            "inner_loop.json",
+        }
+        card = read_model_card(folder)
+        assert card == outcome.model_card
+        assert card["architecture"] == outcome.arch and card["device"] == "test-board"
+        assert card["budget"]["limit"] == budget and card["constraint_met"] is True
+        assert card["latency_ms"]["lut_predicted"] == pytest.approx(outcome.costs["latency_ms"])
+        assert card["latency_ms"]["measured_here"]["median_ms"] > 0
+        assert card["params"] == outcome.costs["params"] and card["macs"] == outcome.costs["macs"]
+        assert (
+            0 <= card["accuracy"]["mean"] <= 1
+            and card["accuracy"]["tasks"] == 10
+            and card["accuracy"]["ci95"] >= 0
+        )
+        assert card["classes"] == world["classes"] and card["weights"] == "finetuned"
+        assert card["preprocessing"]["input_shape"] == [1, 1, 28, 28]
+        assert card["preprocessing"]["mean"] == [0.0] and card["preprocessing"]["invert"] is False
+        assert card["bn_statistics"]["source"] == "support set"
+        assert card["finetuning"]["steps"] == 3 * 2  # tiny preset: 2 inner steps, fine-tuned for 3x
+    # The front is the non-dominated set of (latency, loss) over everything evaluated.
+    points = [(p["costs"]["latency_ms"], p["loss"]) for p in result.front]
+    assert points == sorted(points) and all(a[1] > b[1] for a, b in zip(points, points[1:], strict=False))
+    assert AdaptionResult.load(out) == result
+    baselines = {b["name"]: b for b in result.baselines}
+    assert set(baselines) == {"MAML 4-conv", "MAML++ 4-conv"}
+    assert baselines["MAML 4-conv"]["params"] == 112_261  # 64 filters, 28x28x1, 5-way
+    assert (
+        baselines["MAML 4-conv"]["accuracy"] is None
+        and "no baseline checkpoint" in baselines["MAML 4-conv"]["accuracy_note"]
+    )
+    assert result.ms_per_evaluation > 0 and result.evaluations > 0
+
+
+def test_progress_events_are_small_json_with_population_front_and_best(adapted):
+    request, result, events, _ = adapted
+    generations = events.of_kind("adapt")
+    assert len(generations) == 2 * 6
+    assert [e["current"] for e in generations] == list(range(1, 13)) and generations[0]["total"] == 12
+    for event in generations:
+        text = json.dumps(event, allow_nan=False)
+        assert len(text) < 20_000
+        assert len(event["population"]) == 12 and event["front"] and event["best"]["backbone"] == "vgg9"
+        assert event["budget"]["limit"] == request.budgets[event["budget_index"]]
+        assert all(p["costs"]["latency_ms"] <= event["budget"]["limit"] for p in event["population"])
+    stages = {e["stage"] for e in events.of_kind("adapt_stage")}
+    assert stages == {"random_search", "evaluate", "package"}
+
+
+def test_exported_model_classifies_the_support_set_in_a_process_without_engine(world, adapted):
+    _, result, _, _ = adapted
+    script = textwrap.dedent(
+        """
+        import io, json, sys, zipfile
+        import numpy as np, torch
+        from PIL import Image
+        package, support = sys.argv[1], sys.argv[2]
+        card = json.load(open(package + "/model_card.json"))
+        pre = card["preprocessing"]
+        model = torch.jit.load(package + "/" + card["files"]["torchscript"])
+        mean = np.array(pre["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        std = np.array(pre["std"], dtype=np.float32).reshape(-1, 1, 1)
+        right = total = 0
+        with zipfile.ZipFile(support) as archive:
+            for name in sorted(archive.namelist()):
+                if not name.endswith(".png"):
+                    continue
+                image = Image.open(io.BytesIO(archive.read(name))).convert(pre["color_mode"])
+                image = image.resize(tuple(pre["input_size"][::-1]), Image.Resampling.LANCZOS)
+                pixels = np.asarray(image, dtype=np.float32).reshape(pre["channels"], *pre["input_size"])
+                if pre["invert"]:
+                    pixels = 255.0 - pixels
+                x = torch.from_numpy((pixels / 255.0 - mean) / std).unsqueeze(0)
+                with torch.no_grad():
+                    predicted = card["classes"][int(model(x).argmax(dim=1))]
+                right += predicted == name.split("/")[0]
+                total += 1
+        assert "engine" not in sys.modules
+        print(json.dumps({"accuracy": right / total, "images": total}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for outcome in result.outcomes:
+        done = subprocess.run(
+            [sys.executable, "-c", script, outcome.package, world["support"]],
+            cwd=world["root"],  # not the repository: engine is not importable there
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["images"] == WAYS * 4
+        assert report["accuracy"] >= 0.8, report
+        assert report["accuracy"] == pytest.approx(outcome.model_card["finetuning"]["support_accuracy"])
+
+
+def test_onnx_export_matches_the_torchscript_model(world, adapted):
+    _, result, _, _ = adapted
+    from engine.export import load_torchscript
+
+    folder = Path(result.outcomes[0].package)
+    module = load_torchscript(folder / TORCHSCRIPT_NAME)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert onnx_roundtrip_error(module, folder / ONNX_NAME, x) < 1e-4
+
+
+def test_resume_after_cancellation_equals_the_uninterrupted_run(world, adapted):
+    request, uninterrupted, _, _ = adapted
+    root = world["root"] / "resume"
+    state = root / "state.json"
+    out = root / "out"
+
+    class CancelAt:
+        def __init__(self, kind: str, count: int) -> None:
+            self.kind, self.count, self.seen = kind, count, 0
+            self.events = ListProgress()
+
+        def __call__(self, event: dict) -> None:
+            self.events(event)
+            if event["kind"] == self.kind:
+                self.seen += 1
+                if self.seen == self.count:
+                    raise JobCancelled()
+
+    in_second_budget = CancelAt("adapt", 9)  # budget 2, generation 3
+    with pytest.raises(JobCancelled):
+        run_adaption(request, out_dir=out, progress=in_second_budget, state_path=state)
+    assert state.exists() and not out.exists()  # nothing but the state is written before the end
+    while_evaluating = CancelAt("adapt_stage", 3)  # 2 random searches done, first test evaluation done
+    with pytest.raises(JobCancelled):
+        run_adaption(request, out_dir=out, progress=while_evaluating, state_path=state)
+    resumed_generations = while_evaluating.events.of_kind("adapt")
+    assert resumed_generations[0]["current"] == 10  # continued after the last finished generation
+    final = run_adaption(request, out_dir=out, progress=ListProgress(), state_path=state)
+    assert final.resumed
+    assert comparable(final) == comparable(uninterrupted)
+    with pytest.raises(AdaptionStateError, match="different adaption request"):
+        run_adaption(request_for(world, seed=5), out_dir=root / "other", state_path=state)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs_fail_before_anything_is_written(world, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InfeasibleBudgetError, match="the smallest one .* none of"):
+        run_adaption(request_for(world, budgets=(1e-6,)), out_dir=out)
+    other = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=WAYS)  # full width: another space
+    fake_lut(other, "other-board").save(tmp_path / "other_lut.json")
+    with pytest.raises(AdaptionInputError, match="another search space"):
+        run_adaption(request_for(world, lut=str(tmp_path / "other_lut.json")), out_dir=out)
+    write_support_zip(tmp_path / "three.zip", 3)
+    with pytest.raises(AdaptionRequestError, match="has 3 classes .* 5-way"):
+        run_adaption(request_for(world, support=str(tmp_path / "three.zip")), out_dir=out)
+    with pytest.raises(AdaptionRequestError, match="does not exist"):
+        run_adaption(request_for(world, support=str(tmp_path / "missing.zip")), out_dir=out)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run_adaption(request_for(world, supernet=str(tmp_path / "none.pt")), out_dir=out)
+    single = tmp_path / "single.zip"
+    write_support_zip(single, WAYS, per_class=1)
+    with pytest.raises(AdaptionRequestError, match=">= 2 images per class"):
+        run_adaption(request_for(world, support=str(single), task_source="support"), out_dir=out)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- other paths
+def test_meta_weight_package_and_support_tasks(world, tmp_path):
+    """Inherited meta-weights (task-agnostic card) and GA fitness on tasks cut from the support set."""
+    request = request_for(
+        world,
+        budgets=(world["budgets"][1],),
+        weights="meta",
+        task_source="support",
+        pool_size=4,
+        iterations=2,
+        num_slices=2,
+        test_tasks=0,
+        random_baseline=False,
+        export_onnx=False,
+    )
+    result = run_adaption(request, out_dir=tmp_path / "out")
+    (outcome,) = result.outcomes
+    card = outcome.model_card
+    assert card["classes"] == "task-agnostic" and card["weights"] == "meta"
+    assert card["accuracy"] is None and outcome.random is None and "onnx" not in card["files"]
+    assert card["search"]["task_source"] == "support" and "support" in card["bn_statistics"]["source"]
+    rates = json.loads((Path(outcome.package) / "inner_loop.json").read_text())
+    assert rates["steps"] == 2 and "head.2.weight" in rates["learning_rates"]
+    assert all(len(values) == 2 for values in rates["learning_rates"].values())
+
+
+def test_retrain_changes_only_the_subnets_weights(world, tmp_path):
+    space = world["space"]
+    arch = space.smallest().with_layer(0, kernel=3).with_depth(2)
+    events = ListProgress()
+    result = retrain_subnet(world["checkpoint"], arch.to_dict(), iterations=3, out=tmp_path, progress=events)
+    assert result.iterations == 3 and len(events.of_kind("meta_train")) == 3
+    before = load_checkpoint(world["checkpoint"])["learner"]
+    after = load_checkpoint(result.checkpoint)["learner"]
+    assert load_checkpoint(result.checkpoint)["run_info"]["retrain"]["arch"] == arch.canonical().to_dict()
+    assert not torch.equal(before["model.layers.0.conv.weight"], after["model.layers.0.conv.weight"])
+    assert torch.equal(
+        before["model.layers.3.conv.weight"], after["model.layers.3.conv.weight"]
+    )  # unused layer
+    with pytest.raises(AdaptionRequestError, match="re-trained fixed sub-net"):
+        run_adaption(request_for(world, supernet=result.checkpoint), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="depth 9"):
+        retrain_subnet(
+            world["checkpoint"],
+            Arch.from_dict({**arch.to_dict(), "depth": 9}),
+            iterations=1,
+            out=tmp_path / "bad",
+        )
+
+
+def test_cli_adapt_and_its_errors(world, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    common = [
+        sys.executable,
+        "-m",
+        "engine",
+        "adapt",
+        "--supernet",
+        world["checkpoint"],
+        "--lut",
+        world["lut"],
+    ]
+    tiny = [
+        "--preset",
+        "tiny",
+        "--pool",
+        "4",
+        "--iterations",
+        "2",
+        "--test-tasks",
+        "4",
+        "--no-onnx",
+        "--quiet",
+    ]
+    budget = f"latency_ms={world['budgets'][1]}"
+    done = subprocess.run(
+        [*common, "--budget", budget, *tiny, "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["constraints_met"] and len(summary["packages"]) == 1
+    assert (Path(summary["packages"][0]) / MODEL_CARD_NAME).exists()
+    assert (tmp_path / "out" / ".adaption-state.json").exists()
+    bad = subprocess.run(
+        [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "must be positive" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_adapt_events_stay_small_at_the_papers_pool_size():
+    """P=100 on the full vgg9 space: the streamed event (population, front, best) is < 20 KB."""
+    from engine.adaption import _compact_adapt_event
+    from engine.search.adapt import make_costs_fn
+    from engine.search.constraints import Constraint
+    from engine.search.evolution import GAConfig, run_ga
+
+    space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20)
+    costs = make_costs_fn(space)
+
+    def fitness(arch, slice_id: int) -> float:  # synthetic: bigger is better, plus a per-slice shift
+        return 1e5 / costs(arch)["params"] + 0.01 * slice_id
+
+    events = ListProgress()
+    config = GAConfig(pool_size=100, iterations=3, num_slices=2, final_candidates=2)
+    run_ga(
+        space,
+        fitness,
+        costs,
+        [Constraint("params", 60_000)],
+        config,
+        progress=events,
+        event_extra={"budget": {}},
+    )
+    decode = Arch.from_dict
+    for event in events.of_kind("adapt"):
+        compact = _compact_adapt_event(event, 0, 1, decode)
+        assert len(compact["population"]) == 100
+        assert len(json.dumps(compact, allow_nan=False)) < 20_000

@@ -1,0 +1,468 @@
+"""Algorithm 1 (engine.search.evolution) against the real search space with synthetic fitness.
+
+The fitness functions here are synthetic on purpose: they make the optimum known by
+enumeration and every evaluation observable. The real super-net fitness is tested in
+test_adapt.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from engine.cost import arch_macs, arch_params
+from engine.progress import JobCancelled, ListProgress
+from engine.search.constraints import Constraint, ConstraintError, CostModel, InfeasibleBudgetError
+from engine.search.evolution import (
+    FitnessCache,
+    GAConfig,
+    GAConfigError,
+    GAStateError,
+    get_choice,
+    load_state,
+    mutable_choices,
+    mutate,
+    run_ga,
+    save_state,
+    search_budgets,
+)
+from engine.search.pareto import dominates, pareto_front
+from engine.search.random_search import random_search
+from engine.space import DEFAULT_CHOICE, Arch, LayerChoice, SearchSpace
+
+SMALL_KERNELS = (1, 3)
+SMALL_WIDTHS = (0.25, 0.5, 1.0, 2.0)
+SMALL_ACTIVATIONS = ("relu", "elu")
+
+
+def small_space() -> SearchSpace:
+    """vgg9 with 2 kernels x 4 widths x 2 activations: 69,904 distinct networks, enumerable."""
+    return SearchSpace(
+        backbone="vgg9",
+        in_channels=1,
+        image_size=28,
+        num_classes=5,
+        kernels=SMALL_KERNELS,
+        widths=SMALL_WIDTHS,
+        activations=SMALL_ACTIVATIONS,
+    )
+
+
+def enumerate_distinct(space: SearchSpace) -> list[Arch]:
+    options = [
+        LayerChoice(kernel=k, width=w, activation=a)
+        for k in space.kernels
+        for w in space.widths
+        for a in space.activations
+    ]
+    archs = []
+    for depth in space.depths:
+        for used in itertools.product(options, repeat=depth):
+            layers = tuple(used) + (DEFAULT_CHOICE,) * (space.n_layers - depth)
+            archs.append(Arch(backbone=space.backbone, layers=layers, depth=depth))
+    return archs
+
+
+class SyntheticFitness:
+    """Additive per-layer loss table + a per-slice offset; records every call.
+
+    Wider layers and more depth tend to lower the loss (as capacity does in a real super-net),
+    with seeded random perturbations so the constrained optimum is not obvious. The slice
+    offset shifts every architecture equally: it changes losses, never a ranking on one slice.
+    """
+
+    def __init__(self, space: SearchSpace, seed: int = 7, num_slices: int = 4) -> None:
+        rng = np.random.default_rng(seed)
+        n = space.n_layers
+        self.kernel_term = {(i, k): float(rng.normal(0, 0.15)) for i in range(n) for k in space.kernels}
+        self.width_term = {
+            (i, w): -0.25 * math.log2(w) + float(rng.normal(0, 0.15)) for i in range(n) for w in space.widths
+        }
+        self.activation_term = {
+            (i, a): float(rng.normal(0, 0.1)) for i in range(n) for a in space.activations
+        }
+        self.depth_term = {d: 1.0 - 0.15 * d + float(rng.normal(0, 0.05)) for d in space.depths}
+        self.slice_offset = [float(x) for x in rng.normal(0, 0.3, size=num_slices)]
+        self.calls: list[tuple[Arch, int]] = []
+
+    def true_loss(self, arch: Arch) -> float:
+        total = self.depth_term[arch.depth]
+        for index in range(arch.depth):
+            layer = arch.layers[index]
+            total += self.kernel_term[(index, layer.kernel)]
+            total += self.width_term[(index, layer.width)]
+            total += self.activation_term[(index, layer.activation)]
+        return total
+
+    def __call__(self, arch: Arch, slice_id: int) -> float:
+        self.calls.append((arch, slice_id))
+        return self.true_loss(arch) + self.slice_offset[slice_id]
+
+
+def costs_fn_for(space: SearchSpace):
+    def costs(arch: Arch) -> dict[str, float]:
+        return {"params": arch_params(space, arch), "macs": arch_macs(space, arch)}
+
+    return costs
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    return small_space()
+
+
+@pytest.fixture(scope="module")
+def enumerated(space):
+    """Every distinct network of the small space with its params (computed once)."""
+    archs = enumerate_distinct(space)
+    params = np.array([arch_params(space, arch) for arch in archs], dtype=float)
+    return archs, params
+
+
+def small_config(**overrides) -> GAConfig:
+    values = dict(pool_size=20, iterations=12, num_slices=4, final_candidates=3, max_init_tries=2000, seed=3)
+    values.update(overrides)
+    return GAConfig(**values)
+
+
+# --------------------------------------------------------------------------- constraints
+@pytest.mark.parametrize("limit", [0, -1.0, math.nan, math.inf, -math.inf, True, "3"])
+def test_bad_budget_is_refused_with_a_clear_error(limit):
+    with pytest.raises(ConstraintError, match="latency_ms budget"):
+        Constraint("latency_ms", limit)
+
+
+def test_unknown_kind_and_unit_are_refused():
+    with pytest.raises(ConstraintError, match="unknown constraint kind 'energy'"):
+        Constraint("energy", 1.0)
+    with pytest.raises(ConstraintError, match="unknown unit 'K' for latency_ms"):
+        Constraint("latency_ms", 1.0, "K")
+
+
+def test_constraint_parse_and_units():
+    assert Constraint.parse("latency_ms=3").base_limit == 3.0
+    assert Constraint.parse("params=70K").base_limit == 70_000.0
+    assert Constraint.parse("macs=24.1M").base_limit == pytest.approx(24.1e6)
+    assert Constraint.parse("latency_ms=500us").base_limit == pytest.approx(0.5)
+    for text in ("latency_ms=nan", "params=-3", "params=0", "latency_ms", "params=inf"):
+        with pytest.raises(ConstraintError):
+            Constraint.parse(text)
+    c = Constraint("params", 70, "K")
+    assert Constraint.from_dict(c.to_dict()) == c
+    assert c.satisfied_by({"params": 70_000}) and not c.satisfied_by({"params": 70_001})
+    with pytest.raises(ConstraintError, match="no 'params' cost"):
+        c.satisfied_by({"macs": 1})
+
+
+def test_ga_config_is_validated():
+    for bad in (
+        {"pool_size": 1},
+        {"iterations": 0},
+        {"top_fraction": 0},
+        {"top_fraction": 1.5},
+        {"max_mutation_tries": 0},
+        {"final_candidates": -1},
+        {"seed": 1.5},
+    ):
+        with pytest.raises(GAConfigError):
+            GAConfig(**bad)
+    assert GAConfig().elite_size == 10
+    assert GAConfig(pool_size=5, top_fraction=0.1).elite_size == 1
+
+
+# --------------------------------------------------------------------------- pareto
+def brute_force_front(points):
+    vectors = [((*np.atleast_1d(cost),), loss) for cost, loss in points]
+    result = []
+    for i, (cost, loss) in enumerate(vectors):
+        vector = (*cost, loss)
+        if not all(math.isfinite(x) for x in vector):
+            continue
+        dominated = any(
+            dominates((*c2, l2), vector) or ((*c2, l2) == vector and j < i)
+            for j, (c2, l2) in enumerate(vectors)
+            if j != i and all(math.isfinite(x) for x in (*c2, l2))
+        )
+        if not dominated:
+            result.append(i)
+    return sorted(result)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_pareto_front_matches_brute_force(dims):
+    rng = np.random.default_rng(dims)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        # Small integer grids force ties and duplicates.
+        costs = rng.integers(0, 6, size=(n, dims)).astype(float)
+        losses = rng.integers(0, 6, size=n).astype(float)
+        points = [
+            (float(c[0]) if dims == 1 else tuple(c), float(loss))
+            for c, loss in zip(costs, losses, strict=True)
+        ]
+        front = pareto_front(points)
+        assert sorted(front) == brute_force_front(points)
+        # Sorted by cost, and along a 1-D front the loss strictly falls.
+        keys = [points[i][0] for i in front]
+        assert keys == sorted(keys)
+        if dims == 1:
+            front_losses = [points[i][1] for i in front]
+            assert all(a > b for a, b in itertools.pairwise(front_losses))
+
+
+def test_pareto_front_skips_nan_and_inf_and_checks_dimensions():
+    points = [(1.0, math.nan), (2.0, 1.0), (0.5, math.inf), (3.0, 0.5), (2.5, 2.0)]
+    assert pareto_front(points) == [1, 3]
+    assert pareto_front([]) == []
+    with pytest.raises(ValueError, match="costs"):
+        pareto_front([((1.0, 2.0), 1.0), (1.0, 1.0)])
+
+
+# --------------------------------------------------------------------------- mutation
+def test_mutate_changes_exactly_two_choices_to_different_values(space):
+    rng = np.random.default_rng(0)
+    choices = mutable_choices(space)
+    for _ in range(200):
+        parent = space.sample(rng)
+        child = mutate(parent, choices, 2, rng)
+        changed = [c for c in choices if get_choice(parent, c[0], c[1]) != get_choice(child, c[0], c[1])]
+        assert len(changed) == 2
+        space.validate(child)
+
+
+# --------------------------------------------------------------------------- the GA
+def test_infeasible_budget_fails_before_any_evaluation(space):
+    fitness = SyntheticFitness(space)
+    smallest_params = arch_params(space, space.smallest())
+    with pytest.raises(InfeasibleBudgetError, match=r"params <= .*smallest"):
+        run_ga(
+            space, fitness, costs_fn_for(space), [Constraint("params", smallest_params - 1)], small_config()
+        )
+    assert fitness.calls == []
+    with pytest.raises(InfeasibleBudgetError):
+        search_budgets(
+            space, fitness, costs_fn_for(space), "params", [1e9, smallest_params - 1], small_config()
+        )
+    assert fitness.calls == []
+
+
+def test_every_evaluated_and_chosen_arch_meets_all_constraints(space, enumerated):
+    archs, params = enumerated
+    limit_params = float(np.quantile(params, 0.3))
+    costs = costs_fn_for(space)
+    macs = np.array([arch_macs(space, a) for a in archs[:: max(1, len(archs) // 3000)]])
+    limit_macs = float(np.quantile(macs, 0.5))
+    constraints = [Constraint("params", limit_params), Constraint("macs", limit_macs)]
+    fitness = SyntheticFitness(space)
+    progress = ListProgress()
+    result = run_ga(space, fitness, costs, constraints, small_config(), progress=progress)
+    assert result.constraint_met
+    for arch, _ in fitness.calls:
+        c = costs(arch)
+        assert c["params"] <= limit_params and c["macs"] <= limit_macs
+    events = progress.of_kind("adapt")
+    assert [e["current"] for e in events] == list(range(1, 13))
+    for event in events:
+        assert len(event["population"]) == 20
+        for point in event["population"]:
+            assert point["costs"]["params"] <= limit_params and point["costs"]["macs"] <= limit_macs
+        front_costs = [p["costs"]["params"] for p in event["front"]]
+        front_losses = [p["loss"] for p in event["front"]]
+        assert front_costs == sorted(front_costs)
+        assert all(a > b for a, b in itertools.pairwise(front_losses))
+        json.dumps(event, allow_nan=False)  # the dashboard gets strict JSON
+
+
+def test_cache_prevents_reevaluation_and_counts(space):
+    fitness = SyntheticFitness(space)
+    config = small_config(iterations=25, num_slices=2)
+    result = run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 60_000)], config)
+    keys = [(arch, slice_id) for arch, slice_id in fitness.calls]
+    assert len(keys) == len(set(keys)), "an architecture was evaluated twice on one slice"
+    assert all(arch == arch.canonical() for arch, _ in fitness.calls)
+    assert result.evaluations == len(fitness.calls)
+    # Every pool member is looked up once per generation, plus the final choice on all slices.
+    lookups = config.pool_size * config.iterations + config.final_candidates * config.num_slices
+    assert result.evaluations + result.cache_hits == lookups
+    # With two slices, surviving elites meet a slice again: the cache must have answered.
+    assert result.cache_hits >= config.elite_size * (config.iterations // 2)
+
+
+def test_same_seed_same_run_other_seed_other_run(space):
+    def run(seed):
+        fitness = SyntheticFitness(space)
+        progress = ListProgress()
+        result = run_ga(
+            space,
+            fitness,
+            costs_fn_for(space),
+            [Constraint("params", 50_000)],
+            small_config(seed=seed),
+            progress=progress,
+        )
+        return result, fitness.calls, progress.events
+
+    first, second, other = run(11), run(11), run(12)
+    assert first[0].to_dict() | {"elapsed_s": 0} == second[0].to_dict() | {"elapsed_s": 0}
+    assert first[1] == second[1]
+    assert first[2] == second[2]
+    assert first[1] != other[1]
+
+
+def test_ga_beats_random_search_at_equal_evaluations(space, enumerated):
+    """The constrained optimum is known by enumerating all 69,904 networks."""
+    archs, params = enumerated
+    fitness = SyntheticFitness(space, seed=7)
+    limit = float(np.quantile(params, 0.25))
+    true = np.array([fitness.true_loss(a) for a in archs])
+    feasible = params <= limit
+    optimum = float(true[feasible].min())
+    spread = float(true[feasible].max() - optimum)
+    costs = CostModel(costs_fn_for(space))
+    constraint = [Constraint("params", limit)]
+    ga_regret, random_regret = [], []
+    for seed in range(4):
+        config = small_config(pool_size=30, iterations=20, seed=seed)
+        ga = run_ga(space, fitness, costs, constraint, config)
+        rs = random_search(
+            space,
+            fitness,
+            costs,
+            constraint,
+            evaluations=ga.evaluations,
+            num_slices=config.num_slices,
+            final_candidates=config.final_candidates,
+            seed=seed,
+        )
+        assert ga.constraint_met and rs.constraint_met
+        assert rs.evaluations <= ga.evaluations
+        ga_regret.append(fitness.true_loss(ga.best_arch) - optimum)
+        random_regret.append(fitness.true_loss(rs.best_arch) - optimum)
+    assert min(ga_regret) >= -1e-9 and min(random_regret) >= -1e-9
+    # Better on average and never worse by much; regrets relative to the feasible loss spread.
+    assert np.mean(ga_regret) < 0.5 * np.mean(random_regret), (ga_regret, random_regret)
+    assert np.mean(ga_regret) < 0.05 * spread, (ga_regret, spread)
+
+
+def test_resume_from_saved_state_equals_uninterrupted_run(space, tmp_path):
+    constraint = [Constraint("params", 60_000)]
+    config = small_config(iterations=10, crossover=True)
+    uninterrupted = run_ga(space, SyntheticFitness(space), costs_fn_for(space), constraint, config)
+
+    checkpoint = tmp_path / "ga_state.json"
+
+    def cancel_after_four(event):
+        if event["current"] == 4:
+            raise JobCancelled()
+
+    fitness = SyntheticFitness(space)
+    with pytest.raises(JobCancelled):
+        run_ga(
+            space,
+            fitness,
+            costs_fn_for(space),
+            constraint,
+            config,
+            progress=cancel_after_four,
+            on_state=lambda state: save_state(checkpoint, state),
+        )
+    state = load_state(checkpoint)
+    assert state["generation"] == 4
+    evaluated_before = list(fitness.calls)
+    resumed = run_ga(
+        space,
+        fitness,
+        costs_fn_for(space),
+        constraint,
+        config,
+        state=state,
+    )
+    a, b = uninterrupted.to_dict(), resumed.to_dict()
+    a["elapsed_s"] = b["elapsed_s"] = 0
+    assert a == b
+    # The resumed run did not redo the first four generations' evaluations.
+    assert len(fitness.calls) == uninterrupted.evaluations
+    assert len(evaluated_before) < uninterrupted.evaluations
+
+    # A state of another search is refused.
+    with pytest.raises(GAStateError, match="different GAConfig"):
+        run_ga(space, fitness, costs_fn_for(space), constraint, small_config(seed=99), state=state)
+    with pytest.raises(GAStateError, match="different constraints"):
+        run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 1e6)], config, state=state)
+
+
+def test_tight_budget_finishes_with_bounded_fallbacks(space):
+    """Only a handful of networks fit: the pool cannot be filled with distinct children."""
+    smallest = space.smallest()
+    limit = arch_params(space, smallest) + 150  # a few depth-1 variants only
+    fitness = SyntheticFitness(space)
+    config = small_config(iterations=4, max_init_tries=200, max_mutation_tries=5)
+    result = run_ga(space, fitness, costs_fn_for(space), [Constraint("params", limit)], config)
+    assert result.constraint_met
+    assert result.evaluated_archs < config.pool_size
+    assert result.stats["init_duplicates"] > 0
+    assert result.stats["fallback_duplicate"] > 0
+
+
+def test_non_finite_losses_rank_last_and_bad_fitness_type_is_reported(space):
+    def fitness(arch, slice_id):
+        return math.nan if arch.depth == 4 else float(arch.depth)
+
+    result = run_ga(
+        space, fitness, costs_fn_for(space), [Constraint("params", 1e9)], small_config(iterations=3)
+    )
+    assert result.best_arch.depth == 1
+    assert result.stats["non_finite"] > 0
+    json.dumps(result.to_dict(), allow_nan=False)
+
+    with pytest.raises(TypeError, match="fitness_fn must return a number"):
+        run_ga(space, lambda a, s: "low", costs_fn_for(space), [Constraint("params", 1e9)], small_config())
+
+
+def test_budget_sweep_shares_evaluations_and_returns_a_front(space, enumerated):
+    _, params = enumerated
+    budgets = [float(np.quantile(params, q)) for q in (0.1, 0.3, 0.6)]
+    config = small_config(iterations=8)
+    costs = CostModel(costs_fn_for(space))
+    fitness = SyntheticFitness(space)
+    progress = ListProgress()
+    sweep = search_budgets(space, fitness, costs, "params", budgets, config, progress=progress)
+    assert len(sweep.results) == 3
+    for budget, result in zip(budgets, sweep.results, strict=True):
+        assert result.best_costs["params"] <= budget
+        assert result.constraints[0].limit == budget
+    assert {e["budget_index"] for e in progress.of_kind("adapt")} == {0, 1, 2}
+    assert sweep.evaluations == len(fitness.calls) == sum(r.evaluations for r in sweep.results)
+    # Independent runs (own caches) pay at least as much; the same trajectories, shared cache.
+    independent = 0
+    for index, budget in enumerate(budgets):
+        from engine.seeding import derive_seed
+
+        seeded = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
+        alone = run_ga(space, SyntheticFitness(space), costs, [Constraint("params", budget)], seeded)
+        assert alone.best_arch == sweep.results[index].best_arch
+        independent += alone.evaluations
+    assert sweep.evaluations <= independent
+    # The front is non-dominated, covers the cheapest evaluated arch, and each choice is near it.
+    points = [(p.costs["params"], p.loss) for p in sweep.front]
+    assert sorted(pareto_front(points)) == list(range(len(points)))
+    json.dumps(sweep.to_dict(), allow_nan=False)
+
+
+def test_fitness_cache_state_round_trip(space):
+    cache = FitnessCache()
+    fitness = SyntheticFitness(space)
+    rng = np.random.default_rng(1)
+    archs = [space.sample(rng) for _ in range(5)]
+    for arch in archs:
+        cache.lookup(arch, 0, fitness)
+        cache.lookup(arch, 0, fitness)
+    restored = FitnessCache()
+    restored.load_state(json.loads(json.dumps(cache.to_state())), Arch.from_dict)
+    assert restored.evaluations == 5 and restored.hits == 5
+    for arch in archs:
+        assert restored.losses(arch) == cache.losses(arch)

@@ -1,0 +1,259 @@
+"""Weight-sharing super-net, per-step BN, functional use, sub-net extraction, baselines."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from engine.baselines import MamlConvNet, ceil_pooling_macs, maml_miniimagenet, maml_omniglot
+from engine.cost import count_params
+from engine.ops import ElasticConv2d, FixedAvgPool2d
+from engine.seeding import make_rngs
+from engine.space import Arch, ArchError, SearchSpace
+from engine.supernet import SuperNet, extract_subnet
+
+BN_STEPS = 3
+# One intra-op thread: the CI box has 2 cores shared with other jobs, where extra threads only contend.
+torch.set_num_threads(1)
+
+SPACES = {
+    "vgg9": SearchSpace.vgg9(),
+    "vgg9_pool1": SearchSpace.vgg9(pool_size=1, global_expansion=False),
+    "vgg9_mini": SearchSpace.vgg9(in_channels=3, image_size=84, num_classes=5),
+    "resnet12": SearchSpace.resnet12(),  # 28x28: the full 84x84 ResNet12 is too slow for unit tests
+}
+N_ARCHS = 12
+
+
+def _batch(space: SearchSpace, batch: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, space.in_channels, space.image_size, space.image_size, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def trained_supernets() -> dict[str, SuperNet]:
+    """Super-nets whose per-step running statistics differ from their initial values."""
+    torch.manual_seed(0)
+    nets = {}
+    for name, space in SPACES.items():
+        net = SuperNet(space, bn_steps=BN_STEPS).train()
+        rng = make_rngs(1).numpy
+        with torch.no_grad():
+            for index in range(2):
+                for step in range(BN_STEPS):
+                    net(
+                        _batch(space, 6, index) * (1 + step),
+                        space.largest() if index == 0 else space.sample(rng),
+                        step,
+                    )
+        nets[name] = net.eval()
+    return nets
+
+
+def _archs(name: str) -> list[Arch]:
+    space = SPACES[name]
+    rng = make_rngs(42).numpy
+    return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(N_ARCHS - 2)]
+
+
+CASES = [(name, index) for name in SPACES for index in range(N_ARCHS)]
+
+
+@pytest.mark.parametrize(("name", "index"), CASES)
+def test_subnet_equals_supernet_and_has_the_right_shape(trained_supernets, name, index):
+    space, net = SPACES[name], trained_supernets[name]
+    arch = _archs(name)[index]
+    x = _batch(space, 4, index)
+    step = index % BN_STEPS
+    sub = extract_subnet(net, arch, step=step)
+    assert not sub.training
+    with torch.no_grad():
+        expected = net(x, arch, step=step)
+        actual = sub(x)
+    assert expected.shape == actual.shape == (4, space.num_classes)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # The extracted module holds no elastic machinery.
+    assert not any(isinstance(module, ElasticConv2d) for module in sub.modules())
+
+
+def test_extracted_weights_are_the_shared_centre_slices(trained_supernets):
+    net = trained_supernets["vgg9"]
+    arch = SPACES["vgg9"].largest().with_layer(1, kernel=3, width=0.5).with_layer(0, width=0.75)
+    sub = extract_subnet(net, arch, step=1)
+    conv = sub.layer1[0]
+    assert conv.weight.shape == (32, 48, 3, 3)
+    torch.testing.assert_close(conv.weight, net.layers[1].conv.weight[:32, :48, 1:4, 1:4], rtol=0, atol=0)
+    torch.testing.assert_close(
+        sub.layer1[1].running_mean, net.layers[1].bn.running_mean[1, :32], rtol=0, atol=0
+    )
+    # Copies, not views: training the sub-net leaves the super-net alone.
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+    assert not torch.equal(conv.weight, net.layers[1].conv.weight[:32, :48, 1:4, 1:4])
+
+
+def test_train_mode_updates_only_the_running_stats_of_its_step():
+    space = SPACES["vgg9"]
+    net = SuperNet(space, bn_steps=BN_STEPS).train()
+    arch = space.largest()
+    before = net.layers[0].bn.running_mean.clone()
+    net(_batch(space, 5, 0) + 3.0, arch, step=1)
+    after = net.layers[0].bn.running_mean
+    assert not torch.equal(after[1], before[1])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    snapshot = after.clone()
+    net(_batch(space, 5, 1), arch, step=2, track_stats=False)
+    assert torch.equal(net.layers[0].bn.running_mean, snapshot)
+
+
+def test_eval_mode_uses_the_selected_step(trained_supernets):
+    net = trained_supernets["vgg9"]
+    space = SPACES["vgg9"]
+    x = _batch(space, 3, 9)
+    with torch.no_grad():
+        outputs = [net(x, space.largest(), step=step) for step in range(BN_STEPS)]
+        last = net(x, space.largest(), step=-1)
+    assert not torch.allclose(outputs[0], outputs[1])
+    torch.testing.assert_close(last, outputs[-1])
+
+
+def test_forward_rejects_invalid_arch_and_step():
+    space = SPACES["vgg9"]
+    net = SuperNet(space, bn_steps=2)
+    with pytest.raises(ArchError, match="kernel 7"):
+        net(_batch(space, 2, 0), space.largest().with_layer(0, kernel=7))
+    with pytest.raises(IndexError, match="BN step 2 out of range"):
+        net(_batch(space, 2, 0), space.largest(), step=2)
+    with pytest.raises(IndexError, match="BN step"):
+        extract_subnet(net, space.largest(), step=5)
+
+
+def test_parameter_names_are_stable():
+    net = SuperNet(SPACES["resnet12"], bn_steps=2)
+    names = dict(net.named_parameters())
+    assert names["layers.0.conv.weight"].shape == (64, 1, 5, 5)
+    assert names["layers.11.bn.weight"].shape == (2, 512)
+    assert names["shortcuts.3.conv.weight"].shape == (512, 256, 1, 1)  # in: block 2 output (128 x 2)
+    assert names["head.weight"].shape == (20, 512, 5, 5)
+    assert set(dict(net.named_buffers())) == {
+        f"{prefix}.bn.{stat}"
+        for prefix in [f"layers.{i}" for i in range(12)] + [f"shortcuts.{b}" for b in range(4)]
+        for stat in ("running_mean", "running_var")
+    }
+
+
+def test_functional_call_grad_matches_autograd():
+    space = SPACES["vgg9"]
+    net = SuperNet(space, bn_steps=2).train()
+    arch = space.sample(make_rngs(3).numpy)
+    x, y = _batch(space, 6, 0), torch.arange(6) % space.num_classes
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+
+    def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(net, (p, buffers), (x,), {"arch": arch, "step": 1})
+        return F.cross_entropy(logits, y)
+
+    grads = grad(loss_fn)(params)
+    net.zero_grad()
+    F.cross_entropy(net(x, arch, step=1), y).backward()
+    for name, parameter in net.named_parameters():
+        expected = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad  # unused layers
+        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-6)
+    assert grads["layers.0.bn.weight"][0].abs().sum() == 0, "step 0 BN params unused at step 1"
+    unused = arch.n_used_layers
+    if unused < 4:
+        assert grads[f"layers.{unused}.conv.weight"].abs().sum() == 0
+
+
+def test_vmap_over_tasks_matches_a_loop():
+    space = SearchSpace.resnet12(image_size=16, num_classes=5)
+    net = SuperNet(space, bn_steps=1).train()
+    arch = space.sample(make_rngs(4).numpy)
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    xs = torch.stack([_batch(space, 5, seed) for seed in range(3)])
+    ys = torch.randint(0, space.num_classes, (3, 5), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(p, x, y):
+        logits = functional_call(net, (p, buffers), (x,), {"arch": arch, "track_stats": False})
+        return F.cross_entropy(logits, y)
+
+    batched = vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, xs, ys)
+    for task in range(3):
+        single = grad(loss_fn)(params, xs[task], ys[task])
+        for name in ("layers.0.conv.weight", "head.weight", "shortcuts.0.bn.bias"):
+            torch.testing.assert_close(batched[name][task], single[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_avg_pool_matches_adaptive_pooling():
+    for in_size in (1, 2, 4, 6, 7, 11, 14, 21, 42):
+        for out_size in (1, 5):
+            x = torch.randn(2, 3, in_size, in_size, generator=torch.Generator().manual_seed(in_size))
+            torch.testing.assert_close(
+                FixedAvgPool2d(in_size, out_size)(x), F.adaptive_avg_pool2d(x, out_size), rtol=1e-6, atol=1e-6
+            )
+
+
+def test_sample_extract_forward_is_fast():
+    """Sampling + extracting + forwarding a VGG9 sub-net on an Omniglot 20-way batch: milliseconds."""
+    space = SPACES["vgg9"]
+    net = SuperNet(space).eval()
+    rng = make_rngs(0).numpy
+    x = _batch(space, 20, 0)
+    timings = []
+    for _ in range(15):
+        start = time.perf_counter()
+        sub = extract_subnet(net, space.sample(rng))
+        with torch.no_grad():
+            sub(x)
+        timings.append(time.perf_counter() - start)
+    # Best of 15 with a generous bound (shared 2-core machine); the benchmark reports the real figure.
+    assert min(timings) < 0.05
+
+
+def test_baseline_parameter_counts_reproduce_the_papers():
+    assert count_params(maml_omniglot(ways=20)) == 113_236  # "113.21K"
+    assert count_params(maml_miniimagenet(ways=5)) == 70_085  # "70.09K"
+    # MAML++ per-step BN adds gamma/beta rows per extra step.
+    assert count_params(maml_omniglot(ways=20, bn_steps=5)) == 113_236 + 4 * 4 * 2 * 64
+
+
+def test_baseline_shapes_steps_and_extraction():
+    net = MamlConvNet(in_channels=3, image_size=84, num_classes=5, filters=48, bn_steps=2).train()
+    x = torch.randn(4, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    assert net(x, step=1).shape == (4, 5)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.extract(step=1)(x), net(x, step=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        net(x, step=2)
+    with pytest.raises(ValueError, match="too small"):
+        MamlConvNet(in_channels=1, image_size=8, num_classes=5)
+
+
+def test_ceil_pooling_macs_reproduce_the_papers_figures():
+    # The papers quote 10.07M and 57.38M: these, truncated (see docs/SEARCH_SPACE.md).
+    assert ceil_pooling_macs(1, 28, 20, 64) == 10_078_208
+    assert ceil_pooling_macs(3, 84, 5, 48) == 57_385_152
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_subnet_equals_supernet():
+    for space in (SPACES["vgg9"], SPACES["resnet12"]):
+        net = SuperNet(space, bn_steps=2).cuda().train()
+        x = _batch(space, 8, 0).cuda()
+        rng = make_rngs(5).numpy
+        with torch.no_grad():
+            net(x, space.largest(), step=1)
+        net.eval()
+        for _ in range(5):
+            arch = space.sample(rng)
+            sub = extract_subnet(net, arch, step=1)
+            with torch.no_grad():
+                torch.testing.assert_close(sub(x), net(x, arch, step=1), rtol=1e-4, atol=1e-4)

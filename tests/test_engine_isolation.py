@@ -1,0 +1,31 @@
+"""engine/ is pure PyTorch: importing every module of it must not import Django, Celery or Channels."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import importlib, pkgutil, sys
+import engine
+names = [m.name for m in pkgutil.walk_packages(engine.__path__, "engine.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in {"django", "celery", "channels", "nasweb", "devices"})
+print(len(names), "modules;", "leaked:", leaked)
+sys.exit(1 if leaked else 0)
+"""
+
+
+def test_engine_imports_without_django():
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": ""},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "leaked: []" in result.stdout

@@ -1,0 +1,148 @@
+"""Profiling for real: the agent as a subprocess against daphne (killed halfway and restarted), and the
+built-in CPU and simulated Eyeriss profiled by a real Celery worker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from devices import services
+from devices.models import Device, DeviceStatus, LatencyTableRecord, LayerTiming
+from nasweb.core.models import JobStatus
+from tests.conftest import REPO_ROOT, free_port, start_daphne, tiny_space, wait_for_http, wait_until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+AGENT = REPO_ROOT / "engine" / "agent" / "nasweb_agent.py"
+
+
+def _run_agent(server: str, token: str, log_path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(AGENT),
+            "--server",
+            server,
+            "--token",
+            token,
+            "--once",
+            "--batch",
+            "4",
+            "--backoff",
+            "0.2",
+            *extra,
+        ],
+        stdout=open(log_path, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def test_agent_subprocess_killed_halfway_resumes_and_builds_the_table(tmp_path):
+    owner = get_user_model().objects.create_user("live-owner", password="pw-live-owner-1")
+    registration = services.board_register(owner=owner, name="slow-board")
+    job = services.profiling_start(
+        device=registration.device,
+        owner=owner,
+        space=tiny_space(),
+        repeats=40,
+        warmup=2,
+        accuracy_subnets=2,
+        overhead_subnets=2,
+    )
+    port = free_port()
+    web = start_daphne(port, tmp_path / "daphne.log")
+    server = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{server}/agent/nasweb_agent.py", child=web)
+        first = _run_agent(server, registration.token, tmp_path / "agent1.log")
+        wait_until(
+            lambda: LayerTiming.objects.filter(job=job).count() >= 8 or first.poll() is not None,
+            timeout=120,
+            message="first batches",
+        )
+        assert first.poll() is None, (tmp_path / "agent1.log").read_text()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        stored_before = LayerTiming.objects.filter(job=job).count()
+        assert 0 < stored_before < job.total_layers
+
+        second = _run_agent(server, registration.token, tmp_path / "agent2.log")
+        assert second.wait(timeout=240) == 0, (tmp_path / "agent2.log").read_text()
+        log = (tmp_path / "agent2.log").read_text()
+        assert f"{stored_before} done" in log  # it skipped what the first run delivered
+    finally:
+        web.stop()
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED
+    assert LayerTiming.objects.filter(job=job).count() == job.total_layers
+    record = LatencyTableRecord.objects.get(device=registration.device)
+    assert record.entries_count == job.total_layers
+    assert record.table["metadata"]["source"] == "agent"
+    assert record.accuracy["n"] == 2  # the held-out check models were timed on the "board"
+    assert record.accuracy["overhead_fit_networks"] == 2
+    assert record.table["metadata"]["overhead_fit"]["networks"] == 2
+    assert all(sample["measured_ms"] > 0 for sample in record.accuracy["samples"])
+
+
+def test_builtin_cpu_and_eyeriss_are_profiled_by_a_worker(celery_worker_process):
+    services.seed_builtin_devices()
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    eyeriss = Device.objects.get(builtin_key="eyeriss")
+    space = tiny_space()
+    cpu_job = services.profiling_start(
+        device=cpu, space=space, repeats=5, warmup=1, threads=1, accuracy_subnets=3
+    )
+    eyeriss_job = services.profiling_start(device=eyeriss, space=space)
+    for job in (cpu_job, eyeriss_job):
+        wait_until(
+            lambda job=job: type(job).objects.get(pk=job.pk).is_finished,
+            timeout=240,
+            message=f"profiling of {job.device}; worker log:\n{celery_worker_process.log()[-3000:]}",
+        )
+        job.refresh_from_db()
+        assert job.status == JobStatus.SUCCEEDED, job.error
+        assert job.result.entries_count == job.total_layers == 36
+        job.device.refresh_from_db()
+        assert job.device.status == DeviceStatus.READY
+    cpu_table = LatencyTableRecord.objects.get(device=cpu)
+    assert cpu_table.accuracy["n"] == 3
+    assert set(cpu_table.accuracy) >= {"within_10pct", "mape", "mse"}
+    assert cpu_table.accuracy["overhead_fit_networks"] == 5
+    # Held out from the fit, the prediction is still close on this (noisy, shared) machine.
+    assert cpu_table.accuracy["mape"] < 60
+    eyeriss_table = LatencyTableRecord.objects.get(device=eyeriss)
+    assert eyeriss_table.table["metadata"]["runtime"] == "scalesim-compute-model"
+    # The simulated accelerator is deterministic: every entry is cycles / clock.
+    assert all(ms > 0 for ms in eyeriss_table.table["entries"].values())
+
+
+def test_cancelling_a_running_profiling_job_keeps_its_partial_timings(celery_worker_process):
+    from rest_framework.test import APIClient
+
+    services.seed_builtin_devices()
+    staff = get_user_model().objects.create_user("ops", password="pw-ops-12345", is_staff=True)
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    from engine.presets import search_space
+
+    job = services.profiling_start(
+        device=cpu, owner=staff, space=search_space("paper"), repeats=30, warmup=2, threads=1
+    )
+    wait_until(
+        lambda: LayerTiming.objects.filter(job=job).count() >= 20, timeout=120, message="some layers measured"
+    )
+    client = APIClient()
+    client.force_authenticate(staff)
+    assert client.post(f"/api/profiling/{job.pk}/cancel/").status_code == 200
+    wait_until(lambda: type(job).objects.get(pk=job.pk).is_finished, timeout=60, message="job cancelled")
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    kept = LayerTiming.objects.filter(job=job).count()
+    assert 20 <= kept < job.total_layers
+    assert not LatencyTableRecord.objects.filter(device=cpu).exists()
+    cpu.refresh_from_db()
+    assert cpu.status != DeviceStatus.PROFILING
