@@ -1,0 +1,160 @@
+"""Layer-wise latency LUT on the local CPU vs an OFA-style MLP predictor (H-Meta-NAS Table 3).
+
+1. Build the LUT of the whole VGG9 Omniglot search space (28x28x1, 20-way, 5x5 pool): every
+   distinct layer timed as TorchScript; then fit the per-network overhead on a few sub-nets.
+2. Measure N random sub-networks end to end (extracted from a SuperNet, scripted, median of
+   repeated timings) and compare with the LUT: share within ±10 %, MAPE, MSE.
+3. Train the MLP predictor on end-to-end measurements of other random sub-networks and evaluate it
+   on the same N test sub-networks; its build time = collecting its samples + training.
+
+End-to-end timings on a shared machine are noisy; every figure is a median of repeated calls.
+The last stdout line is one JSON object.
+
+    python benchmarks/lut_accuracy.py [--quick] [--threads 1] [--subnets 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.latency.lut import accuracy_report, build_lut, error_metrics, fit_overhead  # noqa: E402
+from engine.latency.measure import ArchTimer, LayerTimer  # noqa: E402
+from engine.latency.predictor import train_predictor  # noqa: E402
+from engine.seeding import seed_everything  # noqa: E402
+from engine.space import Arch, SearchSpace  # noqa: E402
+from engine.supernet import SuperNet, extract_subnet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sub-nets and repeats (< 1 minute)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every timing")
+    parser.add_argument("--subnets", type=int, default=None, help="test sub-nets (default 1000, quick 60)")
+    parser.add_argument(
+        "--train-subnets", type=int, default=None, help="predictor samples (default 2000, quick 150)"
+    )
+    parser.add_argument(
+        "--layer-repeats", type=int, default=None, help="timed calls per layer (default 10, quick 10)"
+    )
+    parser.add_argument(
+        "--net-repeats", type=int, default=None, help="timed calls per sub-net (default 30, quick 15)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    subnets = args.subnets or (60 if args.quick else 1000)
+    train_subnets = args.train_subnets or (150 if args.quick else 2000)
+    layer_repeats = args.layer_repeats or 10
+    net_repeats = args.net_repeats or (15 if args.quick else 30)
+
+    rngs = seed_everything(args.seed)
+    torch.set_num_threads(args.threads)
+    space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
+    supernet = SuperNet(space).eval()
+    arch_timer = ArchTimer(
+        space,
+        network_fn=lambda arch: extract_subnet(supernet, arch),
+        repeats=net_repeats,
+        warmup=5,
+        threads=args.threads,
+    )
+
+    print(f"VGG9 Omniglot space: {space.size():.3g} archs, {len(space.all_layer_specs())} distinct layers")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}"
+    )
+
+    # 1. LUT build (layers + overhead fit).
+    layer_timer = LayerTimer(repeats=layer_repeats, warmup=3, threads=args.threads)
+    started = time.perf_counter()
+    table = build_lut(space, layer_timer, device="cpu", metadata=layer_timer.metadata())
+    layers_s = time.perf_counter() - started
+    fit_rngs = rngs.child(1)
+    fit_archs = [space.sample(fit_rngs.numpy) for _ in range(10)]
+    fit_overhead(space, table, [(arch, arch_timer(arch)) for arch in fit_archs])
+    lut_build_s = time.perf_counter() - started
+    print(
+        f"LUT: {len(table)} entries, layers {layers_s:.2f} s (+ overhead fit = {lut_build_s:.2f} s), "
+        f"overhead {table.overhead_ms * 1e3:.2f} us, fresh TorchScript compiles {layer_timer.fresh_compiles}"
+    )
+
+    # 2. LUT accuracy on random sub-nets.
+    started = time.perf_counter()
+    report = accuracy_report(space, table, arch_timer, subnets, rngs.child(2))
+    accuracy_s = time.perf_counter() - started
+    measured = [s["measured_ms"] for s in report["samples"]]
+    # Noise floor: the same sub-nets timed a second time. The LUT cannot agree with one timing of a
+    # sub-net better than two timings of it agree with each other.
+    remeasured = [arch_timer(Arch.from_dict(s["arch"])) for s in report["samples"]]
+    noise = error_metrics(remeasured, measured)
+    print(
+        f"LUT vs {subnets} measured sub-nets ({accuracy_s:.1f} s): within ±10 % {100 * report['within_10pct']:.1f} %, "
+        f"MAPE {report['mape']:.2f} %, MSE {report['mse']:.3g} ms² "
+        f"(sub-net latency median {statistics.median(measured):.3f} ms, range {min(measured):.3f}-{max(measured):.3f})"
+    )
+    print(
+        f"noise floor (same sub-nets timed again): within ±10 % {100 * noise['within_10pct']:.1f} %, "
+        f"MAPE {noise['mape']:.2f} %, MSE {noise['mse']:.3g} ms²"
+    )
+
+    # 3. OFA-style predictor: collect measured sub-nets, train, test on the same sub-nets.
+    started = time.perf_counter()
+    train_rngs = rngs.child(3)
+    train_archs = [space.sample(train_rngs.numpy) for _ in range(train_subnets)]
+    train_ms = [arch_timer(arch) for arch in train_archs]
+    collect_s = time.perf_counter() - started
+    predictor = train_predictor(
+        space, train_archs, train_ms, rngs=rngs.child(4), epochs=150 if args.quick else 200
+    )
+    predictor_build_s = time.perf_counter() - started
+    test_archs = [Arch.from_dict(s["arch"]) for s in report["samples"]]
+    predicted = [float(v) for v in predictor.predict_many(test_archs)]
+    predictor_metrics = error_metrics([max(p, 1e-9) for p in predicted], measured)
+    print(
+        f"MLP predictor: {train_subnets} samples collected in {collect_s:.1f} s, trained in {predictor.train_s:.1f} s; "
+        f"within ±10 % {100 * predictor_metrics['within_10pct']:.1f} %, MAPE {predictor_metrics['mape']:.2f} %, "
+        f"MSE {predictor_metrics['mse']:.3g} ms²"
+    )
+    lut_mse = report["mse"]
+    print(
+        f"Table 3 (this machine): LUT MSE {lut_mse:.3g} in {lut_build_s:.2f} s | predictor MSE "
+        f"{predictor_metrics['mse']:.3g} in {predictor_build_s:.1f} s"
+    )
+    result = {
+        "lut_build_s": round(lut_build_s, 3),
+        "lut_layers_s": round(layers_s, 3),
+        "lut_entries": len(table),
+        "overhead_ms": table.overhead_ms,
+        "within_10pct": report["within_10pct"],
+        "mape": report["mape"],
+        "mse": lut_mse,
+        "predictor_mse": predictor_metrics["mse"],
+        "predictor_mape": predictor_metrics["mape"],
+        "predictor_within_10pct": predictor_metrics["within_10pct"],
+        "predictor_build_s": round(predictor_build_s, 3),
+        "predictor_samples": train_subnets,
+        "subnets": subnets,
+        "median_subnet_ms": statistics.median(measured),
+        "noise_within_10pct": noise["within_10pct"],
+        "noise_mape": noise["mape"],
+        "threads": args.threads,
+        "layer_repeats": layer_repeats,
+        "net_repeats": net_repeats,
+        "quick": args.quick,
+        "seed": args.seed,
+    }
+    print(json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
