@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
         env["REDIS_URL"] = redis_url
         manage("migrate", "--noinput", env=env)
-        manage("bootstrap", env=env)
+        demo = ["--demo"] if env.get("NASWEB_DEMO", "1").lower() not in ("0", "false", "no", "off") else []
+        manage("bootstrap", *demo, env=env)
         manage("collectstatic", "--noinput", "-v", "0", env=env)
         queues = env.get("NASWEB_WORKER_QUEUES", "default,train,profile,adapt")
         stack.start(

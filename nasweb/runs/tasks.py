@@ -7,9 +7,11 @@ from celery import shared_task
 
 @shared_task(name="runs.meta_train")
 def meta_train(run_id: int) -> None:
+    from nasweb.runs.demo import demo_followup
     from nasweb.runs.services import metatrain_execute
 
     metatrain_execute(run_id=run_id)
+    demo_followup(run_id=run_id)  # nothing unless this was the first-launch demo run
 
 
 @shared_task(name="runs.adapt")

@@ -43,3 +43,31 @@ def test_it_seeds_the_builtin_devices_idempotently():
     assert Device.objects.filter(builtin_key="local-cpu").count() == 1
     eyeriss = Device.objects.get(builtin_key="eyeriss")
     assert eyeriss.config["array_rows"] == 12 and eyeriss.config["array_cols"] == 14
+
+
+def test_demo_is_queued_on_the_first_launch_only(monkeypatch):
+    from nasweb.runs.demo import DEMO_NAME, demo_budgets
+    from nasweb.runs.models import MetaTrainingRun
+
+    monkeypatch.setenv("NASWEB_ADMIN_PASSWORD", "configured-pw-999")
+    out = StringIO()
+    call_command("bootstrap", "--demo", stdout=out)
+    assert "First launch: queued the demo run" in out.getvalue()
+    demo = MetaTrainingRun.objects.get()
+    assert demo.name == DEMO_NAME and demo.owner.is_superuser and demo.preset == "tiny"
+
+    again = StringIO()
+    call_command("bootstrap", "--demo", stdout=again)
+    assert "demo" not in again.getvalue()
+    assert MetaTrainingRun.objects.count() == 1
+
+
+def test_demo_budgets_lie_strictly_between_the_smallest_and_largest_subnet():
+    from engine.cost import arch_params
+    from engine.presets import search_space
+    from nasweb.runs.demo import demo_budgets
+
+    space = search_space("tiny")
+    low, high = arch_params(space, space.smallest()), arch_params(space, space.largest())
+    budgets = demo_budgets(space.to_dict())
+    assert low < budgets[0] < budgets[1] < high

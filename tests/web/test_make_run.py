@@ -1,5 +1,5 @@
-"""`make run` from a clean copy of the repo: green /healthz, a working admin login, and Ctrl-C stops
-everything it started - and nothing else."""
+"""`make run` from a clean copy of the repo: green /healthz, a working admin login, the first-launch
+demo runs to a downloadable adapted model, and Ctrl-C stops everything it started - and nothing else."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.parse
@@ -15,6 +16,7 @@ from http.cookiejar import CookieJar
 
 import psutil
 import pytest
+from django.conf import settings
 
 from tests.conftest import REPO_ROOT, free_port, wait_until
 
@@ -52,7 +54,8 @@ def test_make_run_serves_healthz_and_admin_then_stops_cleanly(tmp_path):
         "REDIS_URL": dead_redis,
         "NASWEB_ADMIN_PASSWORD": "make-run-admin-pw-123",
         "NASWEB_TORCH_THREADS": "1",
-        "NASWEB_DATA_DIR": str(tmp_path / "data"),
+        # The real data dir: the first-launch demo meta-trains on Omniglot.
+        "NASWEB_DATA_DIR": str(settings.NASWEB_DATA_DIR),
     }
     log_path = tmp_path / "make-run.log"
     venv = REPO_ROOT / ".venv"
@@ -93,6 +96,28 @@ def test_make_run_serves_healthz_and_admin_then_stops_cleanly(tmp_path):
         admin_page = opener.open(request).read().decode()
         assert "Site administration" in admin_page
         assert "Devices" in admin_page
+
+        # The first-launch demo: a tiny super-net, then an adaption for this CPU, both finished.
+        database = checkout / "var" / "nasweb.sqlite3"
+
+        def demo_states() -> list[tuple[str, str]]:
+            with sqlite3.connect(database, timeout=10) as connection:
+                return connection.execute(
+                    "SELECT name, status FROM runs_metatrainingrun WHERE name LIKE 'demo:%' UNION ALL "
+                    "SELECT name, status FROM runs_adaptionrun WHERE name LIKE 'demo:%'"
+                ).fetchall()
+
+        wait_until(
+            lambda: len(demo_states()) == 2 and all(status != "running" and status != "queued"
+                                                    for _, status in demo_states()),
+            timeout=420,
+            message="the demo runs to finish",
+        )  # fmt: skip
+        assert [status for _, status in demo_states()] == ["succeeded", "succeeded"], _read(log_path)[-3000:]
+        assert "First launch: queued the demo run" in _read(log_path)
+        with sqlite3.connect(database) as connection:
+            (models,) = connection.execute("SELECT COUNT(*) FROM runs_adaptedmodel").fetchone()
+        assert models == 2  # one model per demo budget
 
         started = [child.pid for child in psutil.Process(make.pid).children(recursive=True)]
         assert len(started) >= 4  # launcher, redis, worker (+ pool), daphne

@@ -12,6 +12,13 @@ from django.core.management.base import BaseCommand
 class Command(BaseCommand):
     help = "Create the admin account on first run and seed the built-in devices."
 
+    def add_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--demo",
+            action="store_true",
+            help="on a first launch (no runs yet), queue the demo: a tiny super-net, then an adaption",
+        )
+
     def handle(self, *args, **options) -> None:
         from devices.services import seed_builtin_devices
 
@@ -32,3 +39,12 @@ class Command(BaseCommand):
                 self.stdout.write(f"Created admin account '{username}' (password from NASWEB_ADMIN_PASSWORD)")
         devices = seed_builtin_devices()
         self.stdout.write(f"Built-in devices: {', '.join(device.name for device in devices)}")
+        if options["demo"]:
+            from nasweb.runs.demo import demo_start
+
+            demo = demo_start()
+            if demo is not None:
+                self.stdout.write(
+                    f"First launch: queued the demo run {demo.pk} (tiny super-net, then an adaption "
+                    f"for this CPU); watch it at {demo.get_absolute_url()} (NASWEB_DEMO=0 to skip)"
+                )
