@@ -41,7 +41,13 @@ def demo_start(*, owner=None) -> MetaTrainingRun | None:
 
     with transaction.atomic():
         run = metatrain_start(
-            owner=owner, method=Method.HMETANAS, dataset="omniglot", ways=5, shots=1, preset="tiny", name=DEMO_NAME
+            owner=owner,
+            method=Method.HMETANAS,
+            dataset="omniglot",
+            ways=5,
+            shots=1,
+            preset="tiny",
+            name=DEMO_NAME,
         )
     return run
 

@@ -46,7 +46,7 @@ def test_it_seeds_the_builtin_devices_idempotently():
 
 
 def test_demo_is_queued_on_the_first_launch_only(monkeypatch):
-    from nasweb.runs.demo import DEMO_NAME, demo_budgets
+    from nasweb.runs.demo import DEMO_NAME
     from nasweb.runs.models import MetaTrainingRun
 
     monkeypatch.setenv("NASWEB_ADMIN_PASSWORD", "configured-pw-999")
