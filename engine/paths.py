@@ -23,6 +23,12 @@ def data_dir() -> Path:
     return REPO_ROOT / "var" / "data"
 
 
+def download_allowed() -> bool:
+    """``NASWEB_DATA_DOWNLOAD`` (default on): fetch a missing dataset from its official source
+    (Omniglot only; checksum-checked) instead of failing, so a fresh machine with internet works."""
+    return os.environ.get("NASWEB_DATA_DOWNLOAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def cache_dir() -> Path:
     """``NASWEB_CACHE_DIR``, else ``var/cache`` in the repo (decoded datasets, LUT caches)."""
     configured = os.environ.get("NASWEB_CACHE_DIR")

@@ -100,7 +100,8 @@ def _locate_sets(
     if missing:
         raise DatasetNotFoundError(
             f"Omniglot not found: expected {', '.join(str(root / (m + '.zip')) for m in missing)} "
-            f"(or the extracted folders); pass download=True to fetch the official zips"
+            f"(or the extracted folders); pass download=True (NASWEB_DATA_DOWNLOAD=1 in nasweb) to fetch "
+            "the official zips"
         )
     return found
 

@@ -219,10 +219,13 @@ def _omniglot_source(
 ) -> tuple[TaskSource, Callable[[int, int, int], Iterator[Any]]]:
     from engine.data.omniglot import load_omniglot
     from engine.data.sampling import TaskSampler
+    from engine.paths import download_allowed
 
     # H-Meta-NAS App. F / MAML++: MAML++'s character split, rotations by multiples of 90 degrees
     # as augmentation of the training tasks (not as extra classes).
-    dataset = load_omniglot(split, protocol=OMNIGLOT_PROTOCOL, rotations_as_classes=False)
+    dataset = load_omniglot(
+        split, protocol=OMNIGLOT_PROTOCOL, rotations_as_classes=False, download=download_allowed()
+    )
     sampler = TaskSampler(
         dataset, spec.ways, spec.shots, queries, spec.seed, augment_rotations=split == "train"
     )

@@ -136,3 +136,14 @@ def test_omniglot_download_with_wrong_checksum_fails_cleanly(served, tmp_path: P
             cache_root=tmp_path / "cache",
         )
     assert sorted(p.name for p in (data / "omniglot").iterdir()) == ["images_background.zip"]
+
+
+@pytest.mark.parametrize(("value", "allowed"), [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_runs_download_missing_omniglot_unless_told_not_to(monkeypatch, value, allowed):
+    from engine.paths import download_allowed
+
+    if value is None:
+        monkeypatch.delenv("NASWEB_DATA_DOWNLOAD", raising=False)
+    else:
+        monkeypatch.setenv("NASWEB_DATA_DOWNLOAD", value)
+    assert download_allowed() is allowed
