@@ -186,7 +186,10 @@
                x: f.map(function (p) { return costOf(p, s.constraint); }), y: f.map(function (p) { return p.loss != null ? p.loss : p.fitness; }) };
     });
     if (!traces.length) { element.textContent = "No finished adaption of this super-net yet."; return; }
-    Plotly.newPlot(element, traces, layout("Pareto fronts of one super-net on several devices", "cost", "mean query loss"), { responsive: true });
+    // Fronts of different budget kinds (latency vs params) share no unit; name it when they agree.
+    var kinds = data.series.map(function (s) { return s.constraint; }).filter(function (k, i, all) { return all.indexOf(k) === i; });
+    var xTitle = kinds.length === 1 ? kinds[0] : "cost (" + kinds.join(" / ") + ")";
+    Plotly.newPlot(element, traces, layout("Pareto fronts of one super-net on several devices", xTitle, "mean query loss"), { responsive: true });
   };
 
   function setupChart(element) {

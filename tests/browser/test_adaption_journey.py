@@ -70,3 +70,18 @@ def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_pag
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["shape"] == [1, 5] and 0 <= answer["label"] < 5 and answer["engine"] is False
+
+    # The same super-net adapted for a second device, then both fronts on the compare page.
+    page.goto(f"{daphne_server}/runs/adapt/")
+    page.select_option("select[name=device]", label="Eyeriss (simulated, scalesim 12x14)")
+    page.select_option("select[name=constraint]", "params")
+    page.fill("input[name=budgets]", "3000, 8000")
+    page.click("#start-adaption")
+    page.wait_for_selector(".progress[data-status=succeeded]", timeout=240_000)
+    page.goto(f"{daphne_server}/runs/adapt/")
+    page.click("text=Compare devices")
+    page.wait_for_selector("#compare-chart .main-svg")
+    names = page.evaluate("document.getElementById('compare-chart').data.map(t => t.name)")
+    assert len(names) == 2 and any("CPU" in n for n in names) and any("Eyeriss" in n for n in names), names
+    screenshot(page, "compare-devices")
+    assert page.js_errors == []
