@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="nasweb engine commands")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, handler) in commands().items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings ("95% CI" would crash --help); descriptions are literal.
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         add_arguments(command)
         command.set_defaults(handler=handler)
     return parser
