@@ -49,7 +49,8 @@ def device_register(request):
                 "job": job,
             },
         )
-    return render(request, "devices/register.html", {"form": form})
+    status = 400 if request.method == "POST" else 200  # a refused submission, shown with its errors
+    return render(request, "devices/register.html", {"form": form}, status=status)
 
 
 @login_required

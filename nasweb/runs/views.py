@@ -39,7 +39,9 @@ def metatrain_list(request):
         else:
             return redirect(run)
     runs = MetaTrainingRun.objects.visible_to(request.user)[:50]
-    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs})
+    # A refused submission re-renders the form with its errors, as a 400 so scripts see the refusal.
+    status = 400 if request.method == "POST" else 200
+    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs}, status=status)
 
 
 @login_required
@@ -100,7 +102,8 @@ def adaption_list(request):
         else:
             return redirect(run)
     runs = AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet")[:50]
-    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs})
+    status = 400 if request.method == "POST" else 200  # a refused submission, shown with its errors
+    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs}, status=status)
 
 
 @login_required
