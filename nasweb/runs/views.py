@@ -30,7 +30,7 @@ def _job_json(run) -> dict:
 
 @login_required
 def metatrain_list(request):
-    form = MetaTrainingForm(request.POST or None)
+    form = MetaTrainingForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         try:
             run = services.metatrain_start(owner=request.user, **form.cleaned_data)
@@ -78,25 +78,13 @@ def _adaption_form(request, data=None, files=None):
 
 @login_required
 def adaption_list(request):
-    form = _adaption_form(request, request.POST or None, request.FILES or None)
+    posted = request.method == "POST"
+    form = _adaption_form(request, request.POST if posted else None, request.FILES if posted else None)
     if request.method == "POST" and form.is_valid():
         data = dict(form.cleaned_data)
         upload = data.pop("support_zip")
         try:
-            support = None
-            if upload is not None:
-                supernet = data["supernet"]
-                channels, size = 1, 28
-                if supernet.space:
-                    channels, size = supernet.space["in_channels"], supernet.space["image_size"]
-                support = services.support_set_upload(
-                    owner=request.user,
-                    name=upload.name,
-                    uploaded_file=upload,
-                    channels=channels,
-                    image_size=size,
-                )
-            run = services.adaption_start(owner=request.user, support_set=support, **data)
+            run = services.adaption_start_with_upload(owner=request.user, support_upload=upload, **data)
         except services.RunInputError as exc:
             form.add_error(None, str(exc))
         else:
