@@ -590,18 +590,19 @@ def agent_complete(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str
     job = _job_for_token(token, job_id)
     if not isinstance(payload, dict):
         raise AgentProtocolError(400, "body must be a JSON object")
+    unknown_fields = set(payload) - {"call_overhead_ms", "metadata"}
+    if unknown_fields:
+        raise AgentProtocolError(400, f"unknown fields: {sorted(unknown_fields)}")
     if job.status == JobStatus.SUCCEEDED:
         return {"complete": True}
     if job.is_finished:
         raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
     overhead = payload.get("call_overhead_ms", 0.0)
-    if not (
-        isinstance(overhead, int | float)
-        and not isinstance(overhead, bool)
-        and math.isfinite(overhead)
-        and overhead >= 0
-    ):
-        raise AgentProtocolError(400, "call_overhead_ms must be a finite number >= 0")
+    # Zero is a fair overhead (a fast board); above zero it must be a plausible time, like a layer's.
+    if isinstance(overhead, bool) or not (overhead == 0 or _valid_ms(overhead)):
+        raise AgentProtocolError(
+            400, "call_overhead_ms must be a finite number of ms, >= 0 and under an hour"
+        )
     metadata = payload.get("metadata") or {}
     if not isinstance(metadata, dict) or len(json.dumps(metadata)) > 10_000:
         raise AgentProtocolError(400, "metadata must be a JSON object under 10 kB")

@@ -32,7 +32,7 @@ def device_list(request):
 
 @login_required
 def device_register(request):
-    form = BoardRegistrationForm(request.POST or None)
+    form = BoardRegistrationForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         data = dict(form.cleaned_data)
         preset = data.pop("preset")
@@ -49,7 +49,8 @@ def device_register(request):
                 "job": job,
             },
         )
-    return render(request, "devices/register.html", {"form": form})
+    status = 400 if request.method == "POST" else 200  # a refused submission, shown with its errors
+    return render(request, "devices/register.html", {"form": form}, status=status)
 
 
 @login_required

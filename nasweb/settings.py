@@ -259,8 +259,18 @@ os.environ.setdefault("NASWEB_ARTIFACT_DIR", str(NASWEB_ARTIFACT_DIR))
 os.environ.setdefault("NASWEB_CACHE_DIR", str(NASWEB_CACHE_DIR))
 
 NASWEB_MAX_UPLOAD_BYTES = env_int("NASWEB_MAX_UPLOAD_BYTES", 64 * 1024 * 1024, minimum=1024)
+# What an uploaded support-set zip may expand to: a zip bomb is refused from its directory,
+# before anything is decompressed.
+NASWEB_MAX_UNZIPPED_BYTES = env_int("NASWEB_MAX_UNZIPPED_BYTES", 512 * 1024 * 1024, minimum=1024)
+NASWEB_MAX_UPLOAD_FILES = env_int("NASWEB_MAX_UPLOAD_FILES", 5000, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# A request body larger than the upload limit is refused before it is read (nasweb/core/uploads.py).
+FILE_UPLOAD_HANDLERS = [
+    "nasweb.core.uploads.UploadSizeLimitHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 
 # --- Redis, Celery, Channels ------------------------------------------------
 

@@ -17,3 +17,6 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]
+
+# Oversized bodies and the like: say what was wrong (JSON for the API) instead of a bare 400 page.
+handler400 = "nasweb.core.views.bad_request"

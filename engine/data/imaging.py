@@ -76,9 +76,10 @@ def decode_image(
                 array = np.asarray(image, dtype=np.uint8)
     except CorruptImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise CorruptImageError(f"{name}: image too large to decode safely ({error})") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise CorruptImageError(f"{name}: not a readable image ({error})") from error
-    except Image.DecompressionBombWarning as error:
         raise CorruptImageError(f"{name}: image too large to decode safely ({error})") from error
     return array.reshape(array.shape[0], array.shape[1], channels)
 
@@ -92,10 +93,10 @@ def read_image_header(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAG
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise CorruptImageError(f"{name}: not a readable image ({error})") from error
-    except Image.DecompressionBombWarning as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise CorruptImageError(f"{name}: image too large to decode safely ({error})") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CorruptImageError(f"{name}: not a readable image ({error})") from error
     if width * height > max_pixels:
         raise CorruptImageError(
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"

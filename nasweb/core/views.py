@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.http import JsonResponse
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.http import HttpResponseBadRequest, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -34,3 +35,14 @@ def home(request):
             "active_jobs": active[:20],
         },
     )
+
+
+#: Refusals whose message helps the caller (others, e.g. a bad Host header, stay generic).
+EXPLAINED_REFUSALS = (RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent)
+
+
+def bad_request(request, exception=None):
+    message = str(exception) if isinstance(exception, EXPLAINED_REFUSALS) else "bad request"
+    if request.path.startswith("/api/"):
+        return JsonResponse({"error": message}, status=400)
+    return HttpResponseBadRequest(f"Bad request: {message}", content_type="text/plain")

@@ -127,18 +127,11 @@ class AdaptionListApi(APIView):
             MetaTrainingRun.objects.visible_to(request.user), pk=data.pop("supernet")
         )
         device = get_object_or_404(Device.objects.visible_to(request.user), pk=data.pop("device"))
-        upload = data.pop("support_zip", None)
         try:
-            support = None
-            if upload is not None:
-                space = supernet.space or {}
-                support = services.support_set_upload(
-                    owner=request.user, name=upload.name, uploaded_file=upload,
-                    channels=space.get("in_channels", 1), image_size=space.get("image_size", 28),
-                )  # fmt: skip
-            run = services.adaption_start(
-                owner=request.user, supernet=supernet, device=device, support_set=support, **data
-            )
+            run = services.adaption_start_with_upload(
+                owner=request.user, supernet=supernet, device=device,
+                support_upload=data.pop("support_zip", None), **data,
+            )  # fmt: skip
         except services.RunInputError as exc:
             return _run_input_error(exc)
         return Response(AdaptionOutput(run).data, status=status.HTTP_201_CREATED)

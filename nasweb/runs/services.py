@@ -193,19 +193,29 @@ def checkpoint_path(run: MetaTrainingRun) -> Path:
 
 
 def support_set_upload(
-    *, owner, name: str, uploaded_file, channels: int = 1, image_size: int = 28
+    *, owner, name: str, uploaded_file, channels: int = 1, image_size: int = 28, ways: int | None = None
 ) -> SupportSet:
-    """Check an uploaded zip of class folders (zip-slip, bombs, non-images) and keep it."""
+    """Check an uploaded zip of class folders (zip-slip, bombs, non-images) and keep it.
+
+    ``ways``: the class count the zip must have, checked from its directory before any image is
+    decoded. Nothing is kept unless every check passed; messages name the upload, not our paths.
+    """
+    import collections
+    import tempfile
+
     from engine.data import DatasetError, load_support_set
+    from engine.data.image_folder import ArchiveLimits, read_image_folder_layout
 
     if uploaded_file.size > settings.NASWEB_MAX_UPLOAD_BYTES:
         raise RunInputError(f"the file is larger than {settings.NASWEB_MAX_UPLOAD_BYTES} bytes")
+    limits = ArchiveLimits(
+        max_total_bytes=settings.NASWEB_MAX_UNZIPPED_BYTES, max_members=settings.NASWEB_MAX_UPLOAD_FILES
+    )
     folder = Path(settings.MEDIA_ROOT) / "support" / str(owner.pk)
     folder.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     handle, temp_name = tempfile.mkstemp(dir=folder, suffix=".zip.part")
     temp = Path(temp_name)
+    shown = uploaded_file.name or "the upload"
     try:
         with open(handle, "wb") as out:
             for chunk in uploaded_file.chunks():
@@ -213,11 +223,15 @@ def support_set_upload(
         if not zipfile.is_zipfile(temp):
             raise RunInputError("the upload is not a zip file of class folders")
         try:
-            support = load_support_set(temp, image_size=image_size, channels=channels)
+            classes = len(read_image_folder_layout(temp, limits))
+            if ways is not None and classes != ways:
+                raise RunInputError(
+                    f"the support set has {classes} classes but the super-net is {ways}-way; "
+                    f"upload {ways} class folders"
+                )
+            support = load_support_set(temp, image_size=image_size, channels=channels, limits=limits)
         except DatasetError as exc:
-            raise RunInputError(str(exc)) from exc
-        import collections
-
+            raise RunInputError(str(exc).replace(str(temp), shown)) from exc
         counts = collections.Counter(int(label) for label in support.y.tolist())
         with transaction.atomic():
             row = SupportSet.objects.create(
@@ -294,6 +308,30 @@ def adaption_start(
         run.save(update_fields=["out_dir"])
         transaction.on_commit(lambda: _enqueue("runs.adapt", run, queue="adapt"))
     return run
+
+
+def adaption_start_with_upload(
+    *, owner, supernet: MetaTrainingRun, device: Device, support_upload=None, **options
+) -> AdaptionRun:
+    """``adaption_start`` with an optional uploaded support zip: both are kept, or neither."""
+    if support_upload is None:
+        return adaption_start(owner=owner, supernet=supernet, device=device, **options)
+    space = supernet.space or {}
+    support = None
+    try:
+        with transaction.atomic():
+            support = support_set_upload(
+                owner=owner, name=support_upload.name, uploaded_file=support_upload,
+                channels=space.get("in_channels", 1), image_size=space.get("image_size", 28),
+                ways=supernet.ways,
+            )  # fmt: skip
+            return adaption_start(
+                owner=owner, supernet=supernet, device=device, support_set=support, **options
+            )
+    except BaseException:
+        if support is not None:  # the row was rolled back; its file must go too
+            Path(support.path).unlink(missing_ok=True)
+        raise
 
 
 def _table_for(device: Device, supernet: MetaTrainingRun):

@@ -30,7 +30,7 @@ def _job_json(run) -> dict:
 
 @login_required
 def metatrain_list(request):
-    form = MetaTrainingForm(request.POST or None)
+    form = MetaTrainingForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         try:
             run = services.metatrain_start(owner=request.user, **form.cleaned_data)
@@ -39,7 +39,9 @@ def metatrain_list(request):
         else:
             return redirect(run)
     runs = MetaTrainingRun.objects.visible_to(request.user)[:50]
-    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs})
+    # A refused submission re-renders the form with its errors, as a 400 so scripts see the refusal.
+    status = 400 if request.method == "POST" else 200
+    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs}, status=status)
 
 
 @login_required
@@ -76,31 +78,20 @@ def _adaption_form(request, data=None, files=None):
 
 @login_required
 def adaption_list(request):
-    form = _adaption_form(request, request.POST or None, request.FILES or None)
+    posted = request.method == "POST"
+    form = _adaption_form(request, request.POST if posted else None, request.FILES if posted else None)
     if request.method == "POST" and form.is_valid():
         data = dict(form.cleaned_data)
         upload = data.pop("support_zip")
         try:
-            support = None
-            if upload is not None:
-                supernet = data["supernet"]
-                channels, size = 1, 28
-                if supernet.space:
-                    channels, size = supernet.space["in_channels"], supernet.space["image_size"]
-                support = services.support_set_upload(
-                    owner=request.user,
-                    name=upload.name,
-                    uploaded_file=upload,
-                    channels=channels,
-                    image_size=size,
-                )
-            run = services.adaption_start(owner=request.user, support_set=support, **data)
+            run = services.adaption_start_with_upload(owner=request.user, support_upload=upload, **data)
         except services.RunInputError as exc:
             form.add_error(None, str(exc))
         else:
             return redirect(run)
     runs = AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet")[:50]
-    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs})
+    status = 400 if request.method == "POST" else 200  # a refused submission, shown with its errors
+    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs}, status=status)
 
 
 @login_required

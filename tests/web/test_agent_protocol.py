@@ -240,3 +240,239 @@ def test_the_agent_file_downloads_without_authentication(client):
     assert response.status_code == 200
     text = b"".join(response.streaming_content).decode()
     assert "def main(" in text and "import django" not in text
+
+
+# --- hostile agents: whatever they send, the stored timings and the LUT stay sound ------------------
+
+
+def model_result_url(job, index=0) -> str:
+    return f"/api/agent/jobs/{job.pk}/models/{index}/result"
+
+
+def complete_url(job) -> str:
+    return f"/api/agent/jobs/{job.pk}/complete"
+
+
+@pytest.fixture
+def board_with_model(owner, tmp_path):
+    """A board's job with one end-to-end model to time (its file made here, not by scripting)."""
+    from devices.models import ModelMeasurement
+
+    registration = services.board_register(owner=owner, name="rpi-5")
+    job = services.profiling_start(
+        device=registration.device, owner=owner, space=tiny_space(), repeats=3, warmup=1, overhead_subnets=1
+    )
+    model_file = tmp_path / "model-0.pt"
+    model_file.write_bytes(b"a torchscript model")
+    arch = tiny_space().largest().to_dict()
+    ModelMeasurement.objects.create(
+        job=job, index=0, purpose="fit", arch=arch, input_shape=[1, 1, 28, 28], file=str(model_file)
+    )
+    return registration, job
+
+
+def stored_state(job) -> tuple:
+    from devices.models import ModelMeasurement
+
+    return (
+        sorted(LayerTiming.objects.filter(job=job).values_list("key", "ms")),
+        AgentBatch.objects.filter(job=job).count(),
+        sorted(ModelMeasurement.objects.filter(job=job).values_list("index", "measured_ms")),
+        LatencyTableRecord.objects.count(),
+    )
+
+
+BAD_MODEL_BODIES = [
+    "NaN", "Infinity", "-Infinity", -1.0, 0, 1e9, "1.5", None, True, [1.0],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_MODEL_BODIES, ids=[repr(v) for v in BAD_MODEL_BODIES])
+def test_a_bad_whole_model_timing_is_refused(board_with_model, bad):
+    registration, job = board_with_model
+    before = stored_state(job)
+    text = '{"ms": %s}' % (bad if isinstance(bad, str) and bad[0] in "NI-" else json.dumps(bad))
+    response = agent(registration.token).post(
+        model_result_url(job), data=text, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    assert "error" in response.json()
+    assert stored_state(job) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"ms": 1.0, "extra": 2}',
+        "{}",
+        "[1.0]",
+        '{"ms": 1.0',
+        "",
+    ],
+    ids=["unknown-field", "empty-object", "list", "malformed", "empty-body"],
+)
+def test_malformed_whole_model_bodies_are_refused(board_with_model, body):
+    registration, job = board_with_model
+    before = stored_state(job)
+    response = agent(registration.token).post(
+        model_result_url(job), data=body, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    assert stored_state(job) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"call_overhead_ms": NaN}',
+        '{"call_overhead_ms": Infinity}',
+        '{"call_overhead_ms": -0.5}',
+        '{"call_overhead_ms": 1e300}',
+        '{"call_overhead_ms": "0.1"}',
+        '{"call_overhead_ms": 0.01, "surprise": 1}',
+        '{"call_overhead_ms": 0.01, "metadata": ["not", "an", "object"]}',
+        '{"call_overhead_ms": 0.01, "metadata": {"blob": "%s"}}' % ("x" * 20_000),
+        '"complete"',
+        "{not json",
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "negative",
+        "absurd",
+        "string",
+        "unknown-field",
+        "metadata-list",
+        "metadata-huge",
+        "string-body",
+        "malformed",
+    ],  # fmt: skip
+)
+def test_a_bad_completion_is_refused_and_builds_no_table(board_with_model, body):
+    registration, job = board_with_model
+    client = agent(registration.token)
+    post(client, results_url(job), batch(job, [{"key": layer["key"], "ms": 0.2} for layer in job.layers]))
+    post(client, model_result_url(job), {"ms": 3.0})
+    before = stored_state(job)
+    response = client.post(complete_url(job), data=body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert stored_state(job) == before
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING or job.status == JobStatus.QUEUED
+
+
+@pytest.mark.parametrize("endpoint", ["results", "model-file", "model-result", "complete"])
+def test_another_devices_job_is_refused_on_every_endpoint(board_with_model, owner, endpoint):
+    registration, job = board_with_model
+    other = services.board_register(owner=owner, name="another board of the same owner")
+    client = agent(other.token)
+    before = stored_state(job)
+    if endpoint == "results":
+        response = post(client, results_url(job), batch(job, [{"key": job.layers[0]["key"], "ms": 1.0}]))
+    elif endpoint == "model-file":
+        response = client.get(f"/api/agent/jobs/{job.pk}/models/0/file")
+    elif endpoint == "model-result":
+        response = post(client, model_result_url(job), {"ms": 1.0})
+    else:
+        response = post(client, complete_url(job), {"call_overhead_ms": 0.0})
+    assert response.status_code == 404
+    assert stored_state(job) == before
+    job.refresh_from_db()
+    assert job.status == JobStatus.QUEUED  # nothing the other board did touched it
+
+
+@pytest.mark.parametrize(
+    "job_id", ["0", "-1", "1.0", "1e3", "9" * 30, "%2e%2e", "abc", "1%00"], ids=lambda v: v[:12]
+)
+def test_odd_job_ids_are_not_found(board, job_id):
+    registration, _ = board
+    client = agent(registration.token)
+    response = post(
+        client, f"/api/agent/jobs/{job_id}/results", {"batch_id": str(uuid.uuid4()), "results": []}
+    )
+    assert response.status_code == 404
+    assert client.get(f"/api/agent/jobs/{job_id}/models/0/file").status_code == 404
+    assert post(client, f"/api/agent/jobs/{job_id}/complete", {}).status_code == 404
+    assert LayerTiming.objects.count() == 0
+
+
+def test_a_replayed_batch_id_with_different_values_changes_nothing(board):
+    registration, job = board
+    client = agent(registration.token)
+    batch_id = uuid.uuid4()
+    keys = [layer["key"] for layer in job.layers[:3]]
+    first = post(client, results_url(job), batch(job, [{"key": k, "ms": 0.5} for k in keys], batch_id))
+    assert first.status_code == 200
+    forged = post(client, results_url(job), batch(job, [{"key": k, "ms": 99.0} for k in keys], batch_id))
+    assert forged.status_code == 200 and forged.json()["duplicate"] is True
+    assert dict(LayerTiming.objects.values_list("key", "ms")) == {k: 0.5 for k in keys}
+
+
+def test_oversized_batches_are_refused(board):
+    registration, job = board
+    client = agent(registration.token)
+    too_many = [{"key": job.layers[0]["key"], "ms": 1.0}] * (services.MAX_RESULTS_PER_BATCH + 1)
+    response = post(client, results_url(job), batch(job, too_many))
+    assert response.status_code == 400 and "at most" in response.json()["error"]
+    huge_key = post(client, results_url(job), batch(job, [{"key": "k" * 1_000_000, "ms": 1.0}]))
+    assert huge_key.status_code == 400
+    assert LayerTiming.objects.count() == 0 and AgentBatch.objects.count() == 0
+
+
+def test_a_cancelled_job_takes_no_more_results(board):
+    from nasweb.core.services import job_cancel
+
+    registration, job = board
+    client = agent(registration.token)
+    client.get("/api/agent/job")
+    job_cancel(job=job)
+    response = post(client, results_url(job), batch(job, [{"key": job.layers[0]["key"], "ms": 1.0}]))
+    assert response.status_code == 409
+    assert post(client, complete_url(job), {"call_overhead_ms": 0.0}).status_code == 409
+    assert LayerTiming.objects.count() == 0 and LatencyTableRecord.objects.count() == 0
+
+
+def test_a_token_revoked_mid_job_stops_the_agent_and_keeps_what_was_stored(board):
+    registration, job = board
+    client = agent(registration.token)
+    post(client, results_url(job), batch(job, [{"key": job.layers[0]["key"], "ms": 0.7}]))
+    services.device_revoke(device=registration.device)
+    response = post(client, results_url(job), batch(job, [{"key": job.layers[1]["key"], "ms": 0.7}]))
+    assert response.status_code in (401, 403)
+    assert list(LayerTiming.objects.values_list("key", "ms")) == [(job.layers[0]["key"], 0.7)]
+
+
+def test_after_a_barrage_of_garbage_the_table_holds_exactly_the_accepted_timings(board_with_model):
+    """Replays, forgeries, NaNs, unknown keys and a foreign board: the LUT is built from the first
+    valid value of every key and nothing else."""
+    registration, job = board_with_model
+    client = agent(registration.token)
+    intruder = services.board_register(owner=registration.device.owner, name="intruder")
+    accepted = {layer["key"]: 0.1 + i / 1000 for i, layer in enumerate(job.layers)}
+    items = [{"key": key, "ms": ms} for key, ms in accepted.items()]
+    half = len(items) // 2
+    first_id = uuid.uuid4()
+    assert post(client, results_url(job), batch(job, items[:half], first_id)).status_code == 200
+    garbage = [
+        (client, batch(job, [{**item, "ms": 50.0} for item in items[:half]], first_id)),  # replayed id
+        (client, batch(job, [{**item, "ms": 60.0} for item in items[:half]])),  # same keys, new id
+        (agent(intruder.token), batch(job, [{**item, "ms": 70.0} for item in items[half:]])),
+        (client, batch(job, [{"key": items[half]["key"], "ms": -1.0}])),
+        (client, {**batch(job, items[half:]), "extra": True}),
+    ]
+    for sender, body in garbage:
+        assert post(sender, results_url(job), body).status_code in (200, 400, 404)
+    text = json.dumps(batch(job, [{"key": items[half]["key"], "ms": float("nan")}]))
+    assert client.post(results_url(job), data=text, content_type="application/json").status_code == 400
+    assert post(client, results_url(job), batch(job, items[half:])).status_code == 200
+    assert post(client, model_result_url(job), {"ms": 2.5}).status_code == 200
+    assert (
+        post(client, complete_url(job), {"call_overhead_ms": 0.01, "metadata": {"torch": "2"}}).status_code
+        == 200
+    )
+
+    record = LatencyTableRecord.objects.get()
+    assert record.table["entries"] == accepted
+    assert all(math.isfinite(ms) and ms > 0 for ms in record.table["entries"].values())
+    assert math.isfinite(record.table["overhead_ms"]) and record.table["overhead_ms"] >= 0
+    assert LayerTiming.objects.filter(job=job).count() == len(job.layers)

@@ -98,7 +98,7 @@ def test_registering_a_board_shows_the_token_once_and_starts_profiling(client, u
 def test_registration_form_errors_are_shown(client, users):
     client.force_login(users["owner"])
     response = client.post("/devices/register/", {"name": ""})
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert "This field is required" in response.content.decode()
     assert not Device.objects.filter(owner=users["owner"]).exists()
 

@@ -121,7 +121,7 @@ def test_the_adaption_form_rejects_bad_budgets(client, users, runs, budgets, mes
             "preset": "tiny",
         },
     )
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert message in response.content.decode()
     assert AdaptionRun.objects.count() == before
 
