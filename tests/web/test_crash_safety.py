@@ -1,0 +1,167 @@
+"""Crash safety with real workers: kill -9 mid-job, a new worker resumes it to the uninterrupted
+result; Redis restarted under queued and running jobs, every job completes exactly once.
+
+The workers here use their own redis-server (started by this module), so the session's shared
+worker cannot take these tasks, and the Redis restart touches nothing else.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+from django.conf import settings
+
+from nasweb.core.models import JobStatus, WorkerReport
+from nasweb.core.recovery import RecoveryScanner, broker_task_ids, job_claim, lease_owner_id
+from tests.conftest import child_env, free_port, start_worker, wait_for_worker, wait_until
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+#: Long enough to be killed in the middle (checkpoints every 4 iterations in the tiny preset).
+ITERATIONS = 240
+#: Fast leases and scans so a test does not wait on production timings (90 s lease, 30 s scans).
+WORKER_TIMINGS = {
+    "NASWEB_JOB_HEARTBEAT_S": "1",
+    "NASWEB_JOB_LEASE_S": "10",
+    "NASWEB_RECOVERY_INTERVAL_S": "1",
+    "NASWEB_LOST_MESSAGE_GRACE_S": "2",
+    "NASWEB_TORCH_THREADS": "1",
+}
+
+
+class OwnRedis:
+    """A redis-server for this module, restartable on the same port (without persistence: a
+    restart loses every queued and unacknowledged message, the hardest case)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        from nasweb.launcher import embedded_redis_binary, redis_answers
+
+        self.process = subprocess.Popen(
+            [embedded_redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_until(lambda: redis_answers(self.url), timeout=20, message="own redis-server answers")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+@contextmanager
+def _broker(url: str):
+    """Send this process's tasks to ``url`` (services enqueue through nasweb.celery.app)."""
+    from nasweb.celery import app
+
+    def point_at(target: str) -> None:
+        app.conf.broker_url = target
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    previous = app.conf.broker_url
+    point_at(url)
+    try:
+        yield app
+    finally:
+        point_at(previous)
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    redis = OwnRedis(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture
+def broker(own_redis):
+    with _broker(own_redis.url) as app:
+        yield app
+
+
+def _worker(tmp_path: Path, name: str, redis: OwnRedis):
+    worker = start_worker(
+        tmp_path / f"{name}.log", env=child_env(CELERY_BROKER_URL=redis.url, **WORKER_TIMINGS), name=name
+    )
+    try:
+        wait_for_worker(timeout=90)
+    except TimeoutError:
+        worker.stop()
+        raise RuntimeError(f"worker {name} did not start:\n{worker.log()[-4000:]}") from None
+    return worker
+
+
+def _kill_minus_9(worker) -> None:
+    """SIGKILL the worker's main process and its pool children at once, as a crash would."""
+    main = psutil.Process(worker.process.pid)
+    tree = [main, *main.children(recursive=True)]
+    for process in tree:
+        process.send_signal(signal.SIGKILL)
+    worker.process.wait(timeout=20)
+    psutil.wait_procs(tree, timeout=20)
+
+
+def _wait_finished(job, worker, timeout: float = 240):
+    wait_until(
+        lambda: type(job).objects.get(pk=job.pk).is_finished,
+        timeout=timeout,
+        interval=0.5,
+        message=f"{job} finished; worker log:\n{worker.log()[-4000:]}",
+    )
+    job.refresh_from_db()
+    return job
+
+
+@pytest.fixture(scope="module")
+def reference_supernet(tmp_path_factory):
+    """The tiny super-net meta-trained without interruption, by the engine in this process."""
+    from engine.meta.runs import RunSpec
+    from engine.meta.service import execute_meta_training
+
+    spec = RunSpec(dataset="omniglot", ways=5, shots=1, backbone="vgg9", preset="tiny",
+                   iterations=ITERATIONS, seed=0, threads=settings.NASWEB_TORCH_THREADS)  # fmt: skip
+    out = tmp_path_factory.mktemp("reference-supernet")
+    summary = execute_meta_training(spec, out)
+    return spec, out, summary
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+def test_a_running_job_is_claimed_again_only_when_its_worker_is_gone(broker):
+    report = WorkerReport.objects.create(queue="default", celery_task_id="not-sent")
+    lease = job_claim(report)
+    assert lease is not None and report.status == JobStatus.RUNNING and report.attempts == 1
+    assert job_claim(WorkerReport.objects.get(pk=report.pk)) is None  # alive here: a duplicate
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    dead_owner = lease_owner_id(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    WorkerReport.objects.filter(pk=report.pk).update(lease_owner=dead_owner)
+    scanners = [RecoveryScanner(broker), RecoveryScanner(broker)]
+    assert scanners[0].run_once() == [f"workerreport #{report.pk}: its worker stopped"]
+    assert scanners[1].run_once() == []  # the row changed: one scanner sends it, not two
+    report.refresh_from_db()
+    assert report.status == JobStatus.QUEUED and report.celery_task_id != "not-sent"
+    assert report.celery_task_id in broker_task_ids(broker, {"default"})
+
+    assert lease.finish(JobStatus.SUCCEEDED) is False  # the old holder can no longer write an end
+    again = job_claim(report)
+    assert again is not None and report.attempts == 2
+    assert again.finish(JobStatus.SUCCEEDED) and WorkerReport.objects.get(pk=report.pk).is_finished
+    assert job_claim(report) is None  # finished work is never done again
