@@ -7,6 +7,7 @@ worker cannot take these tasks, and the Redis restart touches nothing else.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -14,10 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from nasweb.core.models import JobStatus, WorkerReport
 from nasweb.core.recovery import RecoveryScanner, broker_task_ids, job_claim, lease_owner_id
+from nasweb.runs import services
+from nasweb.runs.models import Method
 from tests.conftest import child_env, free_port, start_worker, wait_for_worker, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -165,3 +170,57 @@ def test_a_running_job_is_claimed_again_only_when_its_worker_is_gone(broker):
     assert again is not None and report.attempts == 2
     assert again.finish(JobStatus.SUCCEEDED) and WorkerReport.objects.get(pk=report.pk).is_finished
     assert job_claim(report) is None  # finished work is never done again
+
+
+# --- kill -9 in the middle of a job -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_metatraining_resumes_after_kill_9_to_the_uninterrupted_result(
+    broker, own_redis, reference_supernet, tmp_path
+):
+    from engine.meta.runs import RunSpec
+    from engine.meta.train import CHECKPOINT_NAME, load_checkpoint
+
+    spec, reference_dir, reference_summary = reference_supernet
+    user = get_user_model().objects.create_user("crash-trainer", password="pw-crash-trainer-1")
+    first = _worker(tmp_path, "first", own_redis)
+    run = services.metatrain_start(
+        owner=user, method=Method.HMETANAS, ways=5, preset="tiny", iterations=ITERATIONS
+    )
+    assert RunSpec.from_dict(run.spec) == spec
+    metrics = Path(run.out_dir) / "metrics.json"
+
+    def trained() -> int:
+        try:
+            return json.loads(metrics.read_text())["iteration"]
+        except (OSError, ValueError):
+            return 0
+
+    wait_until(lambda: trained() >= 40, timeout=180, interval=0.05, message="a few checkpoints written")
+    _kill_minus_9(first)
+    run.refresh_from_db()
+    assert run.status == JobStatus.RUNNING and run.attempts == 1
+    killed_at = load_checkpoint(Path(run.out_dir) / CHECKPOINT_NAME)["iteration"]
+    assert 40 <= killed_at < ITERATIONS
+    points_before = len(run.history)
+
+    second = _worker(tmp_path, "second", own_redis)
+    try:
+        run = _wait_finished(run, second)
+    finally:
+        second.stop()
+    assert run.status == JobStatus.SUCCEEDED, run.error
+    assert run.attempts == 2 and run.summary["resumed"] is True
+    resumed_points = [point["current"] for point in run.history[points_before:]]
+    assert resumed_points[0] == killed_at + 1  # continued after the last checkpoint, not from 0
+    assert resumed_points == sorted(set(resumed_points))
+
+    resumed = load_checkpoint(Path(run.out_dir) / CHECKPOINT_NAME)
+    reference = load_checkpoint(reference_dir / CHECKPOINT_NAME)
+    assert resumed["iteration"] == reference["iteration"] == ITERATIONS
+    for name, value in reference["learner"].items():
+        assert torch.equal(resumed["learner"][name], value), name  # bit for bit
+    assert resumed["history"] == reference["history"]
+    assert run.summary["test"] == reference_summary["test"]
+    assert run.summary["test_smallest"] == reference_summary["test_smallest"]
