@@ -8,6 +8,7 @@ worker cannot take these tasks, and the Redis restart touches nothing else.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -19,10 +20,12 @@ import torch
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
+from devices import services as device_services
+from devices.models import Device
 from nasweb.core.models import JobStatus, WorkerReport
 from nasweb.core.recovery import RecoveryScanner, broker_task_ids, job_claim, lease_owner_id
 from nasweb.runs import services
-from nasweb.runs.models import Method
+from nasweb.runs.models import AdaptedModel, MetaTrainingRun, Method
 from tests.conftest import child_env, free_port, start_worker, wait_for_worker, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -224,3 +227,70 @@ def test_metatraining_resumes_after_kill_9_to_the_uninterrupted_result(
     assert resumed["history"] == reference["history"]
     assert run.summary["test"] == reference_summary["test"]
     assert run.summary["test_smallest"] == reference_summary["test_smallest"]
+
+
+def _comparable(result: dict) -> dict:
+    """What must not depend on being interrupted (no timings, paths or creation times)."""
+    keys = ("arch", "costs", "search_loss", "evaluations", "cache_hits", "test_accuracy")
+    return {
+        "outcomes": [{k: outcome[k] for k in keys} for outcome in result["outcomes"]],
+        "front": result["front"],
+        "evaluations": result["evaluations"],
+        "cache_hits": result["cache_hits"],
+    }
+
+
+@pytest.mark.slow
+def test_adaption_resumes_at_its_last_generation_after_kill_9(
+    broker, own_redis, reference_supernet, tmp_path
+):
+    from engine.adaption import AdaptionRequest, run_adaption
+    from engine.meta.runs import build_space
+
+    spec, reference_dir, summary = reference_supernet
+    user = get_user_model().objects.create_user("crash-adapter", password="pw-crash-adapter-1")
+    supernet = MetaTrainingRun.objects.create(
+        owner=user, method=Method.HMETANAS, ways=5, preset="tiny", spec=spec.to_dict(), summary=summary,
+        space=build_space(spec).to_dict(), status=JobStatus.SUCCEEDED, out_dir=str(tmp_path / "supernet"),
+    )  # fmt: skip
+    shutil.copytree(reference_dir, supernet.out_dir)
+    device_services.seed_builtin_devices()
+    eyeriss = Device.objects.get(builtin_key="eyeriss")  # no wall-clock latency in the result
+
+    first = _worker(tmp_path, "first", own_redis)
+    budgets = [3000, 5000, 8000]
+    run = services.adaption_start(
+        owner=user, supernet=supernet, device=eyeriss, constraint="params", budgets=budgets
+    )
+    state_path = Path(run.out_dir) / "state.json"
+
+    def generations_saved() -> int:
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            return 0
+        if state["ga_index"] is None:
+            return len(state["completed"]) * 6
+        return state["ga_index"] * 6 + state["ga_state"]["generation"]
+
+    wait_until(lambda: generations_saved() >= 2, timeout=180, interval=0.02, message="two GA generations")
+    _kill_minus_9(first)
+    saved = generations_saved()
+    assert 2 <= saved < 6 * len(budgets), "killed after the GA: nothing left to resume at generation level"
+    run.refresh_from_db()
+    assert run.status == JobStatus.RUNNING
+    points_before = len(run.history)
+
+    second = _worker(tmp_path, "second", own_redis)
+    try:
+        run = _wait_finished(run, second)
+    finally:
+        second.stop()
+    assert run.status == JobStatus.SUCCEEDED, run.error
+    assert run.attempts == 2 and run.result["resumed"] is True
+    resumed_generations = [point["current"] for point in run.history[points_before:]]
+    assert resumed_generations[0] == saved + 1  # the GA went on after its last saved generation
+    assert AdaptedModel.objects.filter(run=run).count() == len(budgets)  # none twice
+
+    reference = run_adaption(AdaptionRequest.from_dict(run.request), out_dir=tmp_path / "reference")
+    assert _comparable(run.result) == _comparable(reference.to_dict())
