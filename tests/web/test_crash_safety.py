@@ -21,12 +21,12 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from devices import services as device_services
-from devices.models import Device
+from devices.models import Device, LatencyTableRecord, LayerTiming
 from nasweb.core.models import JobStatus, WorkerReport
 from nasweb.core.recovery import RecoveryScanner, broker_task_ids, job_claim, lease_owner_id
 from nasweb.runs import services
 from nasweb.runs.models import AdaptedModel, MetaTrainingRun, Method
-from tests.conftest import child_env, free_port, start_worker, wait_for_worker, wait_until
+from tests.conftest import child_env, free_port, start_worker, tiny_space, wait_for_worker, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -294,3 +294,33 @@ def test_adaption_resumes_at_its_last_generation_after_kill_9(
 
     reference = run_adaption(AdaptionRequest.from_dict(run.request), out_dir=tmp_path / "reference")
     assert _comparable(run.result) == _comparable(reference.to_dict())
+
+
+@pytest.mark.slow
+def test_profiling_keeps_its_timings_when_killed_and_completes_the_table(broker, own_redis, tmp_path):
+    device_services.seed_builtin_devices()
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    first = _worker(tmp_path, "first", own_redis)
+    job = device_services.profiling_start(
+        device=cpu, space=tiny_space(), repeats=60, warmup=2, threads=1, overhead_subnets=0
+    )
+    wait_until(
+        lambda: LayerTiming.objects.filter(job=job).count() >= 8, timeout=180, message="some layers timed"
+    )
+    _kill_minus_9(first)
+    kept = {row.key: (row.pk, row.ms) for row in LayerTiming.objects.filter(job=job)}
+    assert 8 <= len(kept) < job.total_layers
+
+    second = _worker(tmp_path, "second", own_redis)
+    try:
+        job = _wait_finished(job, second)
+    finally:
+        second.stop()
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 2
+    timings = {row.key: (row.pk, row.ms) for row in LayerTiming.objects.filter(job=job)}
+    assert len(timings) == job.total_layers == 36
+    assert {key: timings[key] for key in kept} == kept  # kept, not measured again
+    record = LatencyTableRecord.objects.get(device=cpu)  # one table, not one per delivery
+    assert record.entries_count == 36
+    assert record.table["entries"] == {key: ms for key, (_, ms) in timings.items()}
