@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from devices import services as device_services
 from devices.models import Device, LatencyTableRecord, LayerTiming
 from nasweb.core.models import JobStatus, WorkerReport
 from nasweb.core.recovery import RecoveryScanner, broker_task_ids, job_claim, lease_owner_id
+from nasweb.core.services import worker_report_request
 from nasweb.runs import services
 from nasweb.runs.models import AdaptedModel, MetaTrainingRun, Method
 from tests.conftest import child_env, free_port, start_worker, tiny_space, wait_for_worker, wait_until
@@ -324,3 +326,53 @@ def test_profiling_keeps_its_timings_when_killed_and_completes_the_table(broker,
     record = LatencyTableRecord.objects.get(device=cpu)  # one table, not one per delivery
     assert record.entries_count == 36
     assert record.table["entries"] == {key: ms for key, (_, ms) in timings.items()}
+
+
+# --- Redis restarted under queued and running jobs ------------------------------------------
+
+
+@pytest.mark.slow
+def test_redis_restart_with_queued_and_running_jobs_runs_each_exactly_once(broker, own_redis, tmp_path):
+    user = get_user_model().objects.create_user("restart-owner", password="pw-restart-owner-1")
+    device_services.seed_builtin_devices()
+    eyeriss = Device.objects.get(builtin_key="eyeriss")
+    worker = _worker(tmp_path, "survivor", own_redis)
+    try:
+        running = services.metatrain_start(owner=user, ways=5, preset="tiny", iterations=120)
+        wait_until(
+            lambda: MetaTrainingRun.objects.get(pk=running.pk).progress > 0.1,
+            timeout=180,
+            message="the first run is training",
+        )
+        queued = [
+            services.metatrain_start(owner=user, ways=5, preset="tiny", iterations=12),
+            device_services.profiling_start(device=eyeriss, space=tiny_space()),
+            worker_report_request(queue="default"),
+            worker_report_request(queue="adapt"),
+        ]
+        wait_until(
+            lambda: all(type(job).objects.get(pk=job.pk).celery_task_id for job in queued),
+            timeout=30,
+            message="queued jobs sent",
+        )
+        assert broker_task_ids(broker, {"default", "train", "profile", "adapt"}) >= {
+            type(job).objects.get(pk=job.pk).celery_task_id for job in queued
+        }
+        sent = {job.pk: type(job).objects.get(pk=job.pk).celery_task_id for job in queued}
+        own_redis.stop()  # no persistence: the queued messages and the running one's ack are gone
+        time.sleep(2)
+        own_redis.start()
+        for job in [running, *queued]:
+            _wait_finished(job, worker, timeout=240)
+        time.sleep(3)  # a few more recovery scans: nothing may run again
+    finally:
+        worker.stop()
+    for job in [running, *queued]:
+        job.refresh_from_db()
+        assert job.status == JobStatus.SUCCEEDED, f"{job}: {job.error}"
+        assert job.attempts == 1, f"{job} ran {job.attempts} times"
+    assert running.summary["resumed"] is False  # it kept running through the outage
+    for job in queued:  # their messages died with Redis: the workers' recovery sent them again
+        assert job.celery_task_id != sent[job.pk]
+    assert all(r.progress_message.startswith("queued again") for r in WorkerReport.objects.all())
+    assert LatencyTableRecord.objects.filter(device=eyeriss).count() == 1
