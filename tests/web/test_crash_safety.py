@@ -33,7 +33,7 @@ from tests.conftest import child_env, free_port, start_worker, tiny_space, wait_
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 #: Long enough to be killed in the middle (checkpoints every 4 iterations in the tiny preset).
-ITERATIONS = 240
+ITERATIONS = 160
 #: Fast leases and scans so a test does not wait on production timings (90 s lease, 30 s scans).
 WORKER_TIMINGS = {
     "NASWEB_JOB_HEARTBEAT_S": "1",
@@ -362,6 +362,7 @@ def test_redis_restart_with_queued_and_running_jobs_runs_each_exactly_once(broke
         own_redis.stop()  # no persistence: the queued messages and the running one's ack are gone
         time.sleep(2)
         own_redis.start()
+        assert MetaTrainingRun.objects.get(pk=running.pk).status == JobStatus.RUNNING  # through the outage
         for job in [running, *queued]:
             _wait_finished(job, worker, timeout=240)
         time.sleep(3)  # a few more recovery scans: nothing may run again
