@@ -235,7 +235,9 @@ class RecoveryScanner:
                 if lease_is_dead(job.lease_owner, job.lease_renewed_at, now):
                     expect = {"status": JobStatus.RUNNING, "lease_owner": job.lease_owner,
                               "lease_renewed_at": job.lease_renewed_at}  # fmt: skip
-                    if self._resend(job, expect, "its worker stopped"):
+                    if job.cancel_requested:  # the user cancelled it while its worker was gone
+                        self._cancel(job, expect)
+                    elif self._resend(job, expect, "its worker stopped"):
                         resent.append(f"{job.job_kind} #{job.pk}: its worker stopped")
             queued += self._with_route(
                 model.objects.filter(status=JobStatus.QUEUED, created_at__lte=now - timedelta(seconds=grace))
@@ -261,6 +263,19 @@ class RecoveryScanner:
         if hasattr(rows.model, "device"):
             rows = rows.select_related("device")
         return [job for job in rows if job.celery_route() is not None]
+
+    @staticmethod
+    def _cancel(job, expect: dict[str, Any]) -> None:
+        from nasweb.core.progress import broadcast_status
+
+        finished = (
+            type(job)
+            .objects.filter(pk=job.pk, **expect)
+            .update(status=JobStatus.CANCELLED, error="cancelled by the user", finished_at=timezone.now())
+        )
+        if finished == 1:
+            job.refresh_from_db()
+            broadcast_status(job)
 
     def _resend(self, job, expect: dict[str, Any], reason: str) -> bool:
         """Swap the row to queued under a new task id, then send that task; False if another

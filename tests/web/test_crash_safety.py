@@ -176,6 +176,12 @@ def test_a_running_job_is_claimed_again_only_when_its_worker_is_gone(broker):
     assert again.finish(JobStatus.SUCCEEDED) and WorkerReport.objects.get(pk=report.pk).is_finished
     assert job_claim(report) is None  # finished work is never done again
 
+    cancelled = WorkerReport.objects.create(queue="default", celery_task_id="not-sent")
+    assert job_claim(cancelled) is not None
+    WorkerReport.objects.filter(pk=cancelled.pk).update(lease_owner=dead_owner, cancel_requested=True)
+    assert scanners[0].run_once() == []  # cancelled while its worker was gone: not run again
+    assert WorkerReport.objects.get(pk=cancelled.pk).status == JobStatus.CANCELLED
+
 
 # --- kill -9 in the middle of a job -------------------------------------------------------
 
