@@ -139,6 +139,11 @@ class ProfilingJob(Job):
     class Meta(Job.Meta):
         pass
 
+    def celery_route(self) -> tuple[str, str] | None:
+        if self.device.kind == DeviceKind.REMOTE:
+            return None  # the board's agent measures it
+        return "devices.profile_device", "profile"
+
     def __str__(self) -> str:
         return f"Profiling #{self.pk} of {self.device} ({self.status})"
 

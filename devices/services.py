@@ -314,21 +314,29 @@ def _measure_fn_for(device: Device, job: ProfilingJob):
 
 def profiling_execute(*, job_id: int) -> ProfilingJob:
     """Worker side for local and simulated devices: measure the missing layers (resumable)."""
+    from nasweb.core.recovery import job_claim
+
+    job = ProfilingJob.objects.select_related("device").get(pk=job_id)
+    lease = job_claim(job)
+    if lease is None:
+        return job  # finished, or a live worker measures it: this delivery is a duplicate
+    with lease:
+        return _profile_holding(job, lease)
+
+
+def _profile_holding(job: ProfilingJob, lease) -> ProfilingJob:
     from engine.latency.lut import LatencyTable, build_lut
     from engine.progress import JobCancelled
     from engine.space import SearchSpace
+    from nasweb.core.recovery import LeaseLost
 
-    job = ProfilingJob.objects.select_related("device").get(pk=job_id)
-    if job.is_finished:
-        return job  # redelivered after it finished: nothing to do
-    job.mark_running()
     broadcast_status(job)
     space = SearchSpace.from_dict(job.space)
     measure, metadata, simulator = _measure_fn_for(job.device, job)
     existing = LatencyTable(
         device=job.device.name, entries=dict(job.timings.values_list("key", "ms")), metadata={}
     )
-    progress = JobProgress(job)
+    progress = JobProgress(job, lease=lease)
 
     def measure_and_store(spec) -> float:
         ms = measure(spec)
@@ -351,23 +359,25 @@ def profiling_execute(*, job_id: int) -> ProfilingJob:
             # A simulated accelerator has no end-to-end run to compare with: its network latency
             # is by construction the sum of its layers' cycles.
             _local_validation(job, space, table, progress)
+        lease.check()
         _store_table(job, table)
+    except LeaseLost:
+        return job
     except JobCancelled:
-        job.refresh_from_db()
-        job.mark_finished(JobStatus.CANCELLED, "cancelled by the user")
-        _refresh_device_status(job.device)
-        broadcast_status(job)
+        _finish_profiling(job, lease, JobStatus.CANCELLED, "cancelled by the user")
         return job
     except Exception as exc:
-        job.mark_finished(JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        _finish_profiling(job, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    _finish_profiling(job, lease, JobStatus.SUCCEEDED)
+    return job
+
+
+def _finish_profiling(job: ProfilingJob, lease, status: JobStatus, error: str = "") -> None:
+    if lease.finish(status, error):
         _refresh_device_status(job.device)
         broadcast_status(job)
-        raise
     job.refresh_from_db()
-    job.mark_finished(JobStatus.SUCCEEDED)
-    _refresh_device_status(job.device)
-    broadcast_status(job)
-    return job
 
 
 def _local_validation(job, space, table, progress) -> None:
@@ -397,6 +407,9 @@ def _local_validation(job, space, table, progress) -> None:
 
 def _store_table(job: ProfilingJob, table) -> LatencyTableRecord:
     with transaction.atomic():
+        stored = ProfilingJob.objects.select_for_update().get(pk=job.pk)
+        if stored.result_id is not None:  # a worker stored it and died before marking the job done
+            return stored.result
         record = LatencyTableRecord.objects.create(
             device=job.device,
             space=job.space,

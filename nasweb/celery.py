@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "nasweb.settings")
 
@@ -28,3 +28,11 @@ def _limit_torch_threads(**_kwargs) -> None:
     from django.conf import settings
 
     torch.set_num_threads(settings.NASWEB_TORCH_THREADS)
+
+
+@worker_ready.connect
+def _start_job_recovery(**_kwargs) -> None:
+    """Resume jobs whose worker died and re-send lost messages (nasweb/core/recovery.py)."""
+    from nasweb.core.recovery import start_recovery_thread
+
+    start_recovery_thread(app)

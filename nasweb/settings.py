@@ -287,13 +287,27 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A message left unacknowledged by a killed worker comes back only after this; it must exceed the
+# longest job, or a running job would be delivered twice. Recovery does not wait for it: job
+# leases and the workers' recovery scan (nasweb/core/recovery.py) resume a dead worker's job.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("NASWEB_VISIBILITY_TIMEOUT_S", 6 * 3600)}
+# A running task keeps running through a broker outage; its job row, not the ack, records the end.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = False
 # Queues a worker of `make run` consumes; a GPU machine can run `-Q train` only.
 NASWEB_WORKER_QUEUES = env_list("NASWEB_WORKER_QUEUES", ["default", "train", "profile", "adapt"])
 NASWEB_WORKER_CONCURRENCY = env_int("NASWEB_WORKER_CONCURRENCY", 1, minimum=1)
+# Job leases (nasweb/core/recovery.py): a running job renews its lease every HEARTBEAT seconds;
+# one not renewed for LEASE seconds is resumed by another worker. Workers scan for such jobs and
+# for queued jobs whose message is missing from Redis (for GRACE seconds) every INTERVAL seconds.
+NASWEB_JOB_HEARTBEAT_S = env_int("NASWEB_JOB_HEARTBEAT_S", 10, minimum=1)
+NASWEB_JOB_LEASE_S = env_int("NASWEB_JOB_LEASE_S", 90, minimum=2)
+if NASWEB_JOB_LEASE_S < 2 * NASWEB_JOB_HEARTBEAT_S:
+    raise ImproperlyConfigured("NASWEB_JOB_LEASE_S must be at least twice NASWEB_JOB_HEARTBEAT_S")
+NASWEB_RECOVERY_INTERVAL_S = env_int("NASWEB_RECOVERY_INTERVAL_S", 30, minimum=1)
+NASWEB_LOST_MESSAGE_GRACE_S = env_int("NASWEB_LOST_MESSAGE_GRACE_S", 60, minimum=1)
 # Torch threads per worker process: workers must not oversubscribe the cores.
 NASWEB_TORCH_THREADS = env_int(
     "NASWEB_TORCH_THREADS", max(1, (os.cpu_count() or 1) // NASWEB_WORKER_CONCURRENCY)

@@ -54,6 +54,10 @@ class Job(models.Model):
     cancel_requested = models.BooleanField(default=False)
     celery_task_id = models.CharField(max_length=64, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="How many times a worker started this job")
+    # The lease of the worker process executing the job (nasweb.core.recovery): who holds it and
+    # when it last said it is alive. A running job whose lease went stale is put back on the queue.
+    lease_owner = models.CharField(max_length=300, blank=True, help_text="host/pid-namespace/pid/start-time")
+    lease_renewed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -68,6 +72,11 @@ class Job(models.Model):
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
 
+    def celery_route(self) -> tuple[str, str] | None:
+        """(task name, queue) that executes this job, so a lost job can be sent again; None when
+        no Celery task runs it (a board's agent does)."""
+        return None
+
     @property
     def group_name(self) -> str:
         """Channel-layer group of this job (ASCII letters, digits, dots: Channels' rule)."""
@@ -80,13 +89,20 @@ class Job(models.Model):
         self.error = ""
         self.save(update_fields=["status", "attempts", "started_at", "error"])
 
-    def mark_finished(self, status: JobStatus, error: str = "") -> None:
-        self.status = status
-        self.error = error
-        self.finished_at = timezone.now()
+    def mark_finished(self, status: JobStatus, error: str = "", *, lease_owner: str | None = None) -> bool:
+        """Finish the job; with ``lease_owner`` only while that worker process still holds it
+        running (nasweb.core.recovery), so a worker that lost its job never writes its end."""
+        fields = {"status": status, "error": error, "finished_at": timezone.now()}
         if status == JobStatus.SUCCEEDED:
-            self.progress = 1.0
-        self.save(update_fields=["status", "error", "finished_at", "progress"])
+            fields["progress"] = 1.0
+        rows = type(self).objects.filter(pk=self.pk)
+        if lease_owner is not None:
+            rows = rows.filter(lease_owner=lease_owner, status=JobStatus.RUNNING)
+        if rows.update(**fields) != 1:
+            return False
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return True
 
 
 def job_models() -> list[type[Job]]:
@@ -116,6 +132,9 @@ class WorkerReport(Job):
 
     class Meta(Job.Meta):
         pass
+
+    def celery_route(self) -> tuple[str, str] | None:
+        return "core.collect_worker_report", self.queue
 
     def __str__(self) -> str:
         return f"Worker report #{self.pk} ({self.status})"

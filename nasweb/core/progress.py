@@ -44,12 +44,16 @@ class JobProgress:
     (progress bar, message, cancel flag) is written at most every ``db_interval_s``.
     """
 
-    def __init__(self, job, *, db_interval_s: float = 1.0) -> None:
+    def __init__(self, job, *, db_interval_s: float = 1.0, lease=None) -> None:
         self.job = job
         self.db_interval_s = db_interval_s
+        #: The worker's JobLease: the job stops (LeaseLost) once another worker holds it.
+        self.lease = lease
         self._last_db_write = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
+        if self.lease is not None:
+            self.lease.check()
         event = dict(event)
         event.setdefault("sent_at", time.time())
         broadcast(self.job.group_name, "job.progress", event)
@@ -69,7 +73,11 @@ class JobProgress:
             fields.append("progress_message")
         if fields:
             type(self.job).objects.filter(pk=self.job.pk).update(**{f: getattr(self.job, f) for f in fields})
-        if type(self.job).objects.filter(pk=self.job.pk, cancel_requested=True).exists():
+        rows = type(self.job).objects.filter(pk=self.job.pk)
+        row = rows.values("cancel_requested", "lease_owner", "status").first()
+        if self.lease is not None:
+            self.lease.check(row)
+        if row and row["cancel_requested"]:
             raise JobCancelled(f"{self.job.job_kind} #{self.job.pk} was cancelled")
 
 

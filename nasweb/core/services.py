@@ -29,10 +29,12 @@ def worker_report_collect(*, report_id: int) -> WorkerReport:
     """Runs in the worker: record what this worker process is."""
     import torch
 
+    from nasweb.core.recovery import job_claim
+
     report = WorkerReport.objects.get(pk=report_id)
-    if report.is_finished:
+    lease = job_claim(report)
+    if lease is None:
         return report  # at-least-once delivery: a redelivered task must not redo finished work
-    report.mark_running()
     broadcast_status(report)
     report.hostname = socket.gethostname()
     report.pid = os.getpid()
@@ -43,8 +45,8 @@ def worker_report_collect(*, report_id: int) -> WorkerReport:
     report.save(
         update_fields=["hostname", "pid", "torch_version", "torch_threads", "cuda_available", "cpu_count"]
     )
-    report.mark_finished(JobStatus.SUCCEEDED)
-    broadcast_status(report)
+    if lease.finish(JobStatus.SUCCEEDED):
+        broadcast_status(report)
     return report
 
 

@@ -35,6 +35,9 @@ class MetaTrainingRun(Job):
     class Meta(Job.Meta):
         pass
 
+    def celery_route(self) -> tuple[str, str] | None:
+        return "runs.meta_train", "train"
+
     def __str__(self) -> str:
         return self.name or f"Meta-training #{self.pk}"
 
@@ -84,6 +87,9 @@ class AdaptionRun(Job):
 
     class Meta(Job.Meta):
         pass
+
+    def celery_route(self) -> tuple[str, str] | None:
+        return "runs.adapt", "adapt"
 
     def __str__(self) -> str:
         return self.name or f"Adaption #{self.pk}"

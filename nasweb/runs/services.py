@@ -18,6 +18,7 @@ from django.db import transaction
 from devices.models import Device, DeviceKind
 from nasweb.core.models import JobStatus
 from nasweb.core.progress import JobProgress, broadcast_status
+from nasweb.core.recovery import LeaseLost, job_claim
 from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
 
 HISTORY_LIMIT = 2000
@@ -36,8 +37,10 @@ class HistoryProgress(JobProgress):
     """JobProgress that also keeps a thinned history on the row, so a page opened mid-run can
     draw the curves so far before its websocket delivers the rest."""
 
-    def __init__(self, job, *, keep, db_interval_s: float = 1.0, flush_interval_s: float = 2.0) -> None:
-        super().__init__(job, db_interval_s=db_interval_s)
+    def __init__(
+        self, job, *, keep, db_interval_s: float = 1.0, flush_interval_s: float = 2.0, lease=None
+    ) -> None:
+        super().__init__(job, db_interval_s=db_interval_s, lease=lease)
         self.keep = keep
         self.flush_interval_s = flush_interval_s
         self.pending: list[dict] = []
@@ -150,36 +153,42 @@ def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
     from engine.progress import JobCancelled
 
     run = MetaTrainingRun.objects.get(pk=run_id)
-    if run.is_finished:
-        return run
-    resumed = (Path(run.out_dir) / CHECKPOINT_NAME).exists()
-    run.mark_running()
-    broadcast_status(run)
-    progress = HistoryProgress(run, keep=_metatrain_point)
-    spec = _spec_of(run)
-    try:
-        summary = execute_meta_training(spec, run.out_dir, resume=resumed, progress=progress)
-        progress.flush()
-        from engine.meta.runs import build_space
+    lease = job_claim(run)
+    if lease is None:
+        return run  # finished, or a live worker executes it: this delivery is a duplicate
+    with lease:
+        resumed = (Path(run.out_dir) / CHECKPOINT_NAME).exists()
+        broadcast_status(run)
+        progress = HistoryProgress(run, keep=_metatrain_point, lease=lease)
+        spec = _spec_of(run)
+        try:
+            summary = execute_meta_training(spec, run.out_dir, resume=resumed, progress=progress)
+            progress.flush()
+            from engine.meta.runs import build_space
 
-        space = build_space(spec)
-        MetaTrainingRun.objects.filter(pk=run.pk).update(
-            summary={**summary, "resumed": resumed}, space=space.to_dict() if space is not None else None
-        )
-    except JobCancelled:
-        progress.flush()
-        return _finish(run, JobStatus.CANCELLED, "cancelled by the user")
-    except Exception as exc:
-        progress.flush()
-        _finish(run, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-        raise
-    return _finish(run, JobStatus.SUCCEEDED)
+            space = build_space(spec)
+            lease.check()
+            MetaTrainingRun.objects.filter(pk=run.pk, lease_owner=lease.owner).update(
+                summary={**summary, "resumed": resumed},
+                space=space.to_dict() if space is not None else None,
+            )
+        except LeaseLost:
+            return run
+        except JobCancelled:
+            progress.flush()
+            return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
+        except Exception as exc:
+            progress.flush()
+            _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        return _finish(run, lease, JobStatus.SUCCEEDED)
 
 
-def _finish(run, status: JobStatus, error: str = ""):
+def _finish(run, lease, status: JobStatus, error: str = ""):
+    """End the run if this worker still holds it (else its successor will)."""
+    if lease.finish(status, error):
+        broadcast_status(run)
     run.refresh_from_db()
-    run.mark_finished(status, error)
-    broadcast_status(run)
     return run
 
 
@@ -400,44 +409,48 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
     from engine.progress import JobCancelled
 
     run = AdaptionRun.objects.select_related("supernet", "device", "support_set").get(pk=run_id)
-    if run.is_finished:
-        return run
-    run.mark_running()
-    broadcast_status(run)
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = HistoryProgress(run, keep=_adapt_point)
-    try:
-        lut_path = _ensure_table(run, progress)
-        request = AdaptionRequest(
-            supernet=str(checkpoint_path(run.supernet)),
-            constraint=run.constraint,
-            budgets=tuple(run.budgets),
-            lut=str(lut_path) if lut_path else None,
-            preset=run.preset,
-            task_source="support" if run.support_set else "validation",
-            support=run.support_set.path if run.support_set else None,
-            measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
-            baseline_checkpoints=_baseline_checkpoints(run),
-            threads=settings.NASWEB_TORCH_THREADS,
-        )
-        AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
-        result = run_adaption(
-            request, out_dir=out / "result", progress=progress, state_path=out / "state.json"
-        )
-        progress.flush()
-        _store_adaption_result(run, result)
-    except JobCancelled:
-        progress.flush()
-        return _finish(run, JobStatus.CANCELLED, "cancelled by the user")
-    except ValueError as exc:  # bad input discovered late (budget infeasible, LUT mismatch, ...)
-        progress.flush()
-        return _finish(run, JobStatus.FAILED, str(exc))
-    except Exception as exc:
-        progress.flush()
-        _finish(run, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-        raise
-    return _finish(run, JobStatus.SUCCEEDED)
+    lease = job_claim(run)
+    if lease is None:
+        return run  # finished, or a live worker executes it: this delivery is a duplicate
+    with lease:
+        broadcast_status(run)
+        out = Path(run.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        progress = HistoryProgress(run, keep=_adapt_point, lease=lease)
+        try:
+            lut_path = _ensure_table(run, progress)
+            request = AdaptionRequest(
+                supernet=str(checkpoint_path(run.supernet)),
+                constraint=run.constraint,
+                budgets=tuple(run.budgets),
+                lut=str(lut_path) if lut_path else None,
+                preset=run.preset,
+                task_source="support" if run.support_set else "validation",
+                support=run.support_set.path if run.support_set else None,
+                measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
+                baseline_checkpoints=_baseline_checkpoints(run),
+                threads=settings.NASWEB_TORCH_THREADS,
+            )
+            AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
+            result = run_adaption(
+                request, out_dir=out / "result", progress=progress, state_path=out / "state.json"
+            )
+            progress.flush()
+            lease.check()
+            _store_adaption_result(run, result)
+        except LeaseLost:
+            return run
+        except JobCancelled:
+            progress.flush()
+            return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
+        except ValueError as exc:  # bad input discovered late (budget infeasible, LUT mismatch, ...)
+            progress.flush()
+            return _finish(run, lease, JobStatus.FAILED, str(exc))
+        except Exception as exc:
+            progress.flush()
+            _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        return _finish(run, lease, JobStatus.SUCCEEDED)
 
 
 def _store_adaption_result(run: AdaptionRun, result) -> None:
