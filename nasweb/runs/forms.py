@@ -16,7 +16,10 @@ class MetaTrainingForm(forms.Form):
     dataset = forms.ChoiceField(choices=[("omniglot", "Omniglot")], initial="omniglot")
     ways = forms.IntegerField(min_value=2, max_value=50, initial=5)
     shots = forms.IntegerField(min_value=1, max_value=20, initial=1)
-    backbone = forms.ChoiceField(choices=[("vgg9", "VGG9"), ("resnet12", "ResNet12")], initial="vgg9")
+    backbone = forms.ChoiceField(
+        choices=[("vgg9", "VGG9"), ("resnet12", "ResNet12")], initial="vgg9",
+        help_text="the H-Meta-NAS super-net's backbone; MAML/MAML++ use the 4-conv net, MetaNAS its DARTS cells",
+    )  # fmt: skip
     preset = forms.ChoiceField(choices=PRESETS, initial="tiny")
 
 
@@ -45,7 +48,10 @@ class BudgetsField(forms.CharField):
 
 class AdaptionForm(forms.Form):
     name = forms.CharField(max_length=120, required=False)
-    supernet = forms.ModelChoiceField(queryset=None, empty_label=None, label="Super-net")
+    supernet = forms.ModelChoiceField(
+        queryset=None, empty_label=None, label="Meta-trained run",
+        help_text="an H-Meta-NAS super-net (hardware-aware search) or a MetaNAS run (task-specific DARTS network)",
+    )  # fmt: skip
     device = forms.ModelChoiceField(queryset=None, empty_label=None)
     constraint = forms.ChoiceField(choices=CONSTRAINTS, initial="latency_ms")
     budgets = BudgetsField(max_length=200, help_text="one value, or several separated by commas for a sweep")

@@ -13,6 +13,11 @@ class Method(models.TextChoices):
     HMETANAS = "hmetanas", "H-Meta-NAS super-net (MAML++ + progressive shrinking)"
     MAMLPP = "mamlpp", "MAML++ (fixed 4-conv net)"
     MAML = "maml", "MAML (fixed 4-conv net)"
+    METANAS = "metanas", "MetaNAS (DARTS + REPTILE, soft-pruning)"
+
+
+#: Methods whose finished runs an adaption request can start from.
+ADAPTABLE_METHODS = (Method.HMETANAS, Method.METANAS)
 
 
 class MetaTrainingRun(Job):
@@ -25,7 +30,7 @@ class MetaTrainingRun(Job):
     shots = models.PositiveIntegerField(default=1)
     backbone = models.CharField(max_length=16, default="vgg9")
     preset = models.CharField(max_length=16, default="tiny")
-    spec = models.JSONField(help_text="engine.meta.runs.RunSpec")
+    spec = models.JSONField(help_text="engine.meta.runs.RunSpec, or engine.metanas.service.MetaNasRunSpec")
     out_dir = models.CharField(max_length=500, blank=True)
     #: Progress events, thinned (at most a few thousand points) for the curves.
     history = models.JSONField(default=list, blank=True)
@@ -50,6 +55,15 @@ class MetaTrainingRun(Job):
     @property
     def is_supernet(self) -> bool:
         return self.method == Method.HMETANAS
+
+    @property
+    def is_metanas(self) -> bool:
+        return self.method == Method.METANAS
+
+    @property
+    def is_adaptable(self) -> bool:
+        """An adaption request can start from it: an H-Meta-NAS super-net or a MetaNAS meta-state."""
+        return self.method in ADAPTABLE_METHODS
 
 
 class SupportSet(models.Model):

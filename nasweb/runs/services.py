@@ -22,7 +22,7 @@ from nasweb.core.recovery import LeaseLost, job_claim
 from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
 
 HISTORY_LIMIT = 2000
-METHOD_BACKBONE = {Method.MAMLPP: "maml", Method.MAML: "maml"}
+METHOD_BACKBONE = {Method.MAMLPP: "maml", Method.MAML: "maml", Method.METANAS: "darts"}
 
 
 class RunInputError(ValueError):
@@ -89,24 +89,29 @@ def metatrain_start(
     seed: int = 0,
     name: str = "",
 ) -> MetaTrainingRun:
-    from engine.meta.runs import RunSpec, RunSpecError
+    from engine.meta.runs import RunSpec
 
     if method not in Method.values:
         raise RunInputError(f"unknown method {method!r}")
     backbone = METHOD_BACKBONE.get(method, backbone)
     try:
-        spec = RunSpec(
-            dataset=dataset,
-            ways=ways,
-            shots=shots,
-            backbone=backbone,
-            preset=preset,
-            iterations=iterations,
-            seed=seed,
-            threads=settings.NASWEB_TORCH_THREADS,
-            algorithm="maml" if method == Method.MAML else "mamlpp",
-        )
-    except RunSpecError as exc:
+        if method == Method.METANAS:
+            spec = _metanas_spec(
+                dataset=dataset, ways=ways, shots=shots, preset=preset, iterations=iterations, seed=seed
+            )
+        else:
+            spec = RunSpec(
+                dataset=dataset,
+                ways=ways,
+                shots=shots,
+                backbone=backbone,
+                preset=preset,
+                iterations=iterations,
+                seed=seed,
+                threads=settings.NASWEB_TORCH_THREADS,
+                algorithm="maml" if method == Method.MAML else "mamlpp",
+            )
+    except ValueError as exc:  # RunSpecError, MetaNasRunError, MetaNasConfigError
         raise RunInputError(str(exc)) from exc
     spec_dict = spec.to_dict()
     with transaction.atomic():
@@ -125,6 +130,21 @@ def metatrain_start(
         run.save(update_fields=["out_dir"])
         transaction.on_commit(lambda: _enqueue("runs.meta_train", run, queue="train"))
     return run
+
+
+def _metanas_spec(*, dataset: str, ways: int, shots: int, preset: str, iterations: int | None, seed: int):
+    """A MetaNAS run: ``iterations`` are meta-epochs (each one REPTILE update over a meta-batch of tasks)."""
+    from engine.metanas.service import MetaNasRunSpec
+
+    return MetaNasRunSpec(
+        dataset=dataset,
+        ways=ways,
+        shots=shots,
+        preset=preset,
+        meta_epochs=iterations,
+        seed=seed,
+        threads=settings.NASWEB_TORCH_THREADS,
+    )
 
 
 def _enqueue(task_name: str, run, *, queue: str) -> None:
@@ -148,8 +168,6 @@ def _metatrain_point(event) -> dict | None:
 
 
 def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
-    from engine.meta.service import execute_meta_training
-    from engine.meta.train import CHECKPOINT_NAME
     from engine.progress import JobCancelled
 
     run = MetaTrainingRun.objects.get(pk=run_id)
@@ -157,16 +175,25 @@ def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
     if lease is None:
         return run  # finished, or a live worker executes it: this delivery is a duplicate
     with lease:
-        resumed = (Path(run.out_dir) / CHECKPOINT_NAME).exists()
+        resumed = checkpoint_path(run).exists()
         broadcast_status(run)
         progress = HistoryProgress(run, keep=_metatrain_point, lease=lease)
-        spec = _spec_of(run)
         try:
-            summary = execute_meta_training(spec, run.out_dir, resume=resumed, progress=progress)
-            progress.flush()
-            from engine.meta.runs import build_space
+            if run.is_metanas:
+                from engine.metanas.service import MetaNasRunSpec, execute_metanas_training
 
-            space = build_space(spec)
+                summary = execute_metanas_training(
+                    MetaNasRunSpec.from_dict(run.spec), run.out_dir, resume=resumed, progress=progress
+                )
+                space = None
+            else:
+                from engine.meta.runs import build_space
+                from engine.meta.service import execute_meta_training
+
+                spec = _spec_of(run)
+                summary = execute_meta_training(spec, run.out_dir, resume=resumed, progress=progress)
+                space = build_space(spec)
+            progress.flush()
             lease.check()
             MetaTrainingRun.objects.filter(pk=run.pk, lease_owner=lease.owner).update(
                 summary={**summary, "resumed": resumed},
@@ -193,6 +220,10 @@ def _finish(run, lease, status: JobStatus, error: str = ""):
 
 
 def checkpoint_path(run: MetaTrainingRun) -> Path:
+    if run.is_metanas:
+        from engine.metanas.train import CHECKPOINT_NAME as METANAS_CHECKPOINT
+
+        return Path(run.out_dir) / METANAS_CHECKPOINT
     from engine.meta.train import CHECKPOINT_NAME
 
     return Path(run.out_dir) / CHECKPOINT_NAME
@@ -277,8 +308,8 @@ def adaption_start(
 
     from engine.search.constraints import Constraint, ConstraintError
 
-    if supernet.status != JobStatus.SUCCEEDED or not supernet.is_supernet:
-        raise RunInputError("choose a finished H-Meta-NAS super-net meta-training run")
+    if supernet.status != JobStatus.SUCCEEDED or not supernet.is_adaptable:
+        raise RunInputError("choose a finished H-Meta-NAS super-net or MetaNAS meta-training run")
     if not budgets:
         raise RunInputError("give at least one budget")
     for budget in budgets:
@@ -295,6 +326,7 @@ def adaption_start(
         )
     if (
         constraint == "latency_ms"
+        and supernet.is_supernet  # MetaNAS models are measured end to end, not from a LUT
         and device.kind == DeviceKind.REMOTE
         and _table_for(device, supernet) is None
     ):
@@ -413,6 +445,8 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
     if lease is None:
         return run  # finished, or a live worker executes it: this delivery is a duplicate
     with lease:
+        if run.supernet.is_metanas:
+            return _metanas_adaption_execute(run, lease)
         broadcast_status(run)
         out = Path(run.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +471,7 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
             )
             progress.flush()
             lease.check()
-            _store_adaption_result(run, result)
+            _store_adaption_result(run, result, extra_baselines=_metanas_references(run))
         except LeaseLost:
             return run
         except JobCancelled:
@@ -453,8 +487,155 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
         return _finish(run, lease, JobStatus.SUCCEEDED)
 
 
-def _store_adaption_result(run: AdaptionRun, result) -> None:
+def _metanas_references(run: AdaptionRun) -> list[dict[str, Any]]:
+    """The latest finished MetaNAS run of the same task the user can see, as a reference point.
+
+    Its figures come from the run's own test evaluation (each test task adapted, pruned, counted and
+    timed end to end on this server's CPU), so the latency is only shown for the local-CPU device."""
+    if not run.owner or not run.supernet.is_supernet:
+        return []
+    candidates = MetaTrainingRun.objects.visible_to(run.owner).filter(
+        method=Method.METANAS,
+        status=JobStatus.SUCCEEDED,
+        dataset=run.supernet.dataset,
+        ways=run.supernet.ways,
+        shots=run.supernet.shots,
+    )
+    for metanas in candidates.order_by("-created_at"):
+        reference = (metanas.summary or {}).get("reference")
+        if not reference:
+            continue
+        same_machine = run.device.kind == DeviceKind.LOCAL_CPU
+        keys = (
+            "accuracy",
+            "one_shot_accuracy",
+            "loss",
+            "params",
+            "params_range",
+            "macs",
+            "accuracy_protocol",
+        )
+        return [
+            {
+                **{key: reference.get(key) for key in keys},
+                "name": "MetaNAS",
+                "source": f"MetaNAS run #{metanas.pk}",
+                "run": metanas.pk,
+                "latency_ms_lut": None,
+                "measured_latency_ms": reference.get("measured_latency_ms") if same_machine else None,
+                "latency_note": reference.get("latency_note")
+                if same_machine
+                else f"measured on this server's CPU, not on {run.device.name}: not comparable, not shown",
+            }
+        ]
+    return []
+
+
+def _metanas_measurement(device: Device) -> tuple[str, str]:
+    """Where a MetaNAS task network is timed end to end for ``device``, and what the card says about it."""
+    if device.kind == DeviceKind.LOCAL_CPU:
+        return "cpu", f"measured end to end on {device.name} (this server's CPU)"
+    if device.kind == DeviceKind.LOCAL_GPU:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", f"measured end to end on {device.name} (this server's GPU)"
+        return "cpu", f"no GPU is visible to the worker: measured on this server's CPU, not on {device.name}"
+    if device.kind == DeviceKind.SIMULATED:
+        return "cpu", (
+            f"{device.name} is a layer-wise simulation of a search space's layers; a DARTS network is not one, "
+            "so it was measured on this server's CPU instead"
+        )
+    return "cpu", (
+        f"measured on this server's CPU, not on {device.name}: the agent times whole networks only as part "
+        "of a profiling job (layer table + validation networks); there is no model-only agent job yet"
+    )
+
+
+def _metanas_adapt_point(event) -> dict | None:
+    if event.get("kind") not in ("metanas_adapt", "metanas_eval"):
+        return None
+    return {k: event.get(k) for k in ("kind", "stage", "current", "total", "message") if k in event}
+
+
+def _metanas_adaption_execute(run: AdaptionRun, lease) -> AdaptionRun:
+    """A MetaNAS adaption: adapt weights and architecture to the task, prune, export, measure end to end.
+    Runs under the caller's lease on the job."""
+    from engine.metanas.service import EVAL_TASKS, MetaNasAdaptionRequest, adapt_metanas
+    from engine.progress import JobCancelled
+
+    broadcast_status(run)
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = HistoryProgress(run, keep=_metanas_adapt_point, lease=lease)
+    measure_device, measure_note = _metanas_measurement(run.device)
+    try:
+        request = MetaNasAdaptionRequest(
+            run_dir=run.supernet.out_dir,
+            constraint=run.constraint,
+            budgets=tuple(run.budgets),
+            support=run.support_set.path if run.support_set else None,
+            eval_tasks=EVAL_TASKS[run.preset],
+            measure_device=measure_device,
+            measure_note=measure_note,
+            threads=settings.NASWEB_TORCH_THREADS,
+        )
+        AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
+        result = adapt_metanas(request, out / "result", progress=progress)
+        progress.flush()
+        lease.check()
+        _store_metanas_result(run, result)
+    except LeaseLost:
+        return run
+    except JobCancelled:
+        progress.flush()
+        return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
+    except ValueError as exc:  # MetaNasRunError: a support set that does not fit, a damaged run folder
+        progress.flush()
+        return _finish(run, lease, JobStatus.FAILED, str(exc))
+    except Exception as exc:
+        progress.flush()
+        _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    return _finish(run, lease, JobStatus.SUCCEEDED)
+
+
+def _store_metanas_result(run: AdaptionRun, result: dict[str, Any]) -> None:
+    """One task model (MetaNAS searches no budgets): stored as the run's only outcome and model."""
+    card = result["model_card"]
+    checks = card["budgets"]
+    evaluation = result.get("evaluation") or {}
+    reference = evaluation.get("reference")
+    outcome = {
+        "budget": checks[0] if checks else None,
+        "arch_code": card["arch_code"],
+        "arch": card["genotype"],
+        "costs": result["costs"],
+        "constraint_met": bool(checks) and all(check["met"] for check in checks),
+        "budget_checks": checks,
+        "search_loss": reference["loss"] if reference else result["loss"],
+        "test_accuracy": card["accuracy"],
+        "random": None,
+        "package": result["package"],
+    }
+    data = {**result, "outcomes": [outcome], "front": [], "baselines": []}
+    folder = Path(result["package"])
+    with transaction.atomic():
+        AdaptionRun.objects.filter(pk=run.pk).update(result=data)
+        AdaptedModel.objects.filter(run=run).delete()  # idempotent on redelivery
+        AdaptedModel.objects.create(
+            run=run,
+            budget=min(run.budgets),
+            arch=card["genotype"],
+            card=card,
+            torchscript=str(folder / card["files"]["torchscript"]),
+            card_path=str(folder / card["files"]["card"]),
+        )
+
+
+def _store_adaption_result(run: AdaptionRun, result, *, extra_baselines: list[dict] = ()) -> None:
     data = result.to_dict()
+    data["baselines"] = list(data["baselines"]) + list(extra_baselines)
     with transaction.atomic():
         AdaptionRun.objects.filter(pk=run.pk).update(result=data)
         AdaptedModel.objects.filter(run=run).delete()  # idempotent on redelivery

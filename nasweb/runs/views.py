@@ -15,7 +15,7 @@ from nasweb.core.models import JobStatus
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
 from nasweb.runs.forms import AdaptionForm, MetaTrainingForm
-from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+from nasweb.runs.models import ADAPTABLE_METHODS, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 
 
 def _job_json(run) -> dict:
@@ -70,7 +70,7 @@ def job_cancel_view(request, kind: str, pk: int):
 
 def _adaption_form(request, data=None, files=None):
     supernets = MetaTrainingRun.objects.visible_to(request.user).filter(
-        method=Method.HMETANAS, status=JobStatus.SUCCEEDED
+        method__in=ADAPTABLE_METHODS, status=JobStatus.SUCCEEDED
     )
     devices = Device.objects.visible_to(request.user).exclude(status="revoked")
     return AdaptionForm(data, files, supernets=supernets, devices=devices)
@@ -107,6 +107,8 @@ def _baseline_point(baseline: dict) -> dict:
     latency = baseline.get("latency_ms_lut")
     if latency is None:
         latency = baseline.get("measured_latency_ms")
+    if isinstance(latency, dict):  # a TimingStats dict (measured MAML/MAML++ baselines)
+        latency = latency.get("median_ms")
     return {
         "name": baseline.get("name"),
         "costs": {"params": baseline.get("params"), "macs": baseline.get("macs"), "latency_ms": latency},
@@ -119,6 +121,7 @@ def adaption_payload(run: AdaptionRun) -> dict:
     result = run.result or {}
     return {
         **_job_json(run),
+        "method": run.supernet.method,
         "device": run.device.name,
         "constraint": run.constraint,
         "budgets": run.budgets,
@@ -128,7 +131,15 @@ def adaption_payload(run: AdaptionRun) -> dict:
         "outcomes": [
             {
                 k: outcome.get(k)
-                for k in ("budget", "arch_code", "costs", "constraint_met", "test_accuracy", "random")
+                for k in (
+                    "budget",
+                    "arch_code",
+                    "costs",
+                    "constraint_met",
+                    "search_loss",
+                    "test_accuracy",
+                    "random",
+                )
             }
             for outcome in result.get("outcomes", [])
         ],
@@ -136,7 +147,7 @@ def adaption_payload(run: AdaptionRun) -> dict:
             {
                 "id": m.pk,
                 "budget": m.budget,
-                "card": {k: m.card.get(k) for k in ("params", "macs", "arch_code")},
+                "card": {k: m.card.get(k) for k in ("params", "macs", "arch_code", "measured_latency_ms")},
             }
             for m in run.models.all()
         ],
