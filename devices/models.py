@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import string
 
 from django.conf import settings
 from django.db import models
@@ -69,6 +70,14 @@ def hash_device_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_device_token() -> str:
+    """A URL-safe secret (> 256 bits) whose first character is a letter or digit.
+
+    A plain token_urlsafe() starts with "-" once in 64 tokens, and `nasweb_agent.py --token -x...`
+    then fails: argparse reads the token as an option."""
+    return secrets.choice(string.ascii_letters + string.digits) + secrets.token_urlsafe(32)
+
+
 class DeviceToken(models.Model):
     """The credential a board's agent uses; only its hash is stored, the token is shown once."""
 
@@ -87,7 +96,7 @@ class DeviceToken(models.Model):
 
     @classmethod
     def issue(cls, device: Device) -> tuple[DeviceToken, str]:
-        token = secrets.token_urlsafe(32)
+        token = new_device_token()
         row = cls.objects.create(device=device, token_hash=hash_device_token(token), prefix=token[:8])
         return row, token
 

@@ -18,6 +18,7 @@ from devices.models import (
     LatencyTableRecord,
     LayerTiming,
     hash_device_token,
+    new_device_token,
 )
 from nasweb.core.models import JobStatus
 from tests.conftest import tiny_space
@@ -64,6 +65,18 @@ def test_registration_stores_only_the_hash_of_the_token(board):
     assert row.token_hash == hash_device_token(registration.token)
     assert len(registration.token) >= 40
     assert "--token " + registration.token in registration.agent_command("http://srv:8000/")
+
+
+def test_tokens_never_read_as_an_option_on_the_agent_command_line():
+    from engine.agent import nasweb_agent
+
+    # What happened to one registration in 64: argparse takes a token starting with "-" for an option.
+    with pytest.raises(SystemExit) as refused:
+        nasweb_agent.main(["--server", "http://127.0.0.1:9", "--token", "-Zs8kQ0x", "--once"])
+    assert refused.value.code == 2
+    tokens = [new_device_token() for _ in range(2000)]  # a "-" first would be ~31 of them
+    assert not [token for token in tokens if token.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and min(map(len, tokens)) >= 44
 
 
 def test_the_agent_gets_its_job_and_the_job_starts(board):
