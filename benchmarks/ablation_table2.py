@@ -142,7 +142,9 @@ def main() -> None:
     )
     folder = Path(tempfile.mkdtemp(prefix="ablation_table2_"))
     scale = "SMOKE FIGURES (--quick: a few meta-iterations)" if quick else "short training, tiny nets"
-    print(f"Table 2 ablation, {scale}: Omniglot {base.ways}-way 1-shot (Mini-ImageNet is not on this machine)")
+    print(
+        f"Table 2 ablation, {scale}: Omniglot {base.ways}-way 1-shot (Mini-ImageNet is not on this machine)"
+    )
     print(
         f"preset {base.preset} ({base.preset_values.channels} base channels), {train_iterations} meta-iterations "
         f"per net, seed {base.seed}, folder {folder}"
@@ -173,11 +175,15 @@ def main() -> None:
     for label, algorithm in (("MAML", "maml"), ("MAML++", "mamlpp")):
         spec = base.with_(backbone="maml", algorithm=algorithm)
         trained[label] = train(spec, folder / label.replace("+", "p"), eval_tasks=0)
-        print(f"trained {label} 4-conv: {trained[label]['iterations']} its, {trained[label]['seconds']:.1f} s")
+        print(
+            f"trained {label} 4-conv: {trained[label]['iterations']} its, {trained[label]['seconds']:.1f} s"
+        )
     for name, pool_size, ge, anl in ROWS:
         spec = base.with_(pool_size=pool_size, global_expansion=ge, adaptive_layers=anl)
         trained[name] = train(spec, folder / f"pool{pool_size}_ge{int(ge)}_anl{int(anl)}", eval_tasks=0)
-        print(f"trained super-net {name}: {trained[name]['iterations']} its, {trained[name]['seconds']:.1f} s")
+        print(
+            f"trained super-net {name}: {trained[name]['iterations']} its, {trained[name]['seconds']:.1f} s"
+        )
 
     rows = []
     baselines: list[dict] = []
