@@ -124,10 +124,10 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     train_iterations = args.train_iterations or (8 if quick else 1500)
-    pool = args.pool or (8 if quick else 40)
-    ga_iterations = args.iterations or (3 if quick else 20)
+    pool = args.pool or (8 if quick else 20)
+    ga_iterations = args.iterations or (3 if quick else 10)
     slices = args.slices or (2 if quick else 4)
-    tasks_per_slice = args.tasks_per_slice or (4 if quick else 16)
+    tasks_per_slice = args.tasks_per_slice or (4 if quick else 8)
     test_tasks = args.test_tasks or (40 if quick else 600)
     torch.set_num_threads(args.threads)
     base = RunSpec(
