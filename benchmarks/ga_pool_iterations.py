@@ -99,7 +99,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="smoke figures in under a minute")
-    parser.add_argument("--iterations", type=int, default=None, help="GA iterations M (quick 3, else 10)")
+    parser.add_argument("--iterations", type=int, default=None, help="GA iterations M (quick 3, else 25)")
     parser.add_argument("--pools", type=int, nargs="+", default=list(POOL_SIZES), help="pool sizes P")
     parser.add_argument(
         "--train-iterations", type=int, default=None, help="meta-iterations (quick 8, else 1500)"
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     quick = args.quick
-    ga_iterations = args.iterations or (3 if quick else 10)
+    ga_iterations = args.iterations or (3 if quick else 25)
     train_iterations = args.train_iterations or (8 if quick else 1500)
     slices = args.slices or (2 if quick else 4)
     tasks_per_slice = args.tasks_per_slice or (1 if quick else 4)
