@@ -32,6 +32,8 @@ DATASETS = ("omniglot", "synthetic")
 IMAGE_SHAPES = {"omniglot": (1, 28), "synthetic": (1, 28)}
 MODEL_INIT_STREAM = 3
 EVAL_SEED_STREAM = 4
+#: (pool_size, global_expansion, adaptive_layers) of the full H-Meta-NAS search space.
+DEFAULT_SPACE_SWITCHES = (5, True, True)
 
 
 class RunSpecError(ValueError):
@@ -89,6 +91,13 @@ class RunSpec:
     strategy: str = "threads"
     p_end: float = 0.25
     algorithm: str = "mamlpp"
+    #: Search-space switches of the super-net (H-Meta-NAS Table 2's ablation, engine.space): the
+    #: head's average-pool size, Global Expansion (edge layers' widths searchable) and Adaptive
+    #: Number of Layers (depth searchable). Fixed 4-conv baselines (backbone "maml") have no search
+    #: space, so these must stay at the defaults there.
+    pool_size: int = 5
+    global_expansion: bool = True
+    adaptive_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -107,6 +116,17 @@ class RunSpec:
             raise RunSpecError(f"iterations must be >= 1, got {self.iterations}")
         if self.threads < 1:
             raise RunSpecError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 1:
+            raise RunSpecError(f"pool_size must be an int >= 1, got {self.pool_size!r}")
+        for name in ("global_expansion", "adaptive_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise RunSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        switches = (self.pool_size, self.global_expansion, self.adaptive_layers)
+        if self.backbone == "maml" and switches != DEFAULT_SPACE_SWITCHES:
+            raise RunSpecError(
+                "pool_size/global_expansion/adaptive_layers are super-net search-space switches; "
+                "the fixed 4-conv baseline (backbone 'maml') has no search space"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,7 +193,14 @@ def build_space(spec: RunSpec) -> Any:
 
     channels, size = IMAGE_SHAPES[spec.dataset]
     factory = SearchSpace.vgg9 if spec.backbone == "vgg9" else SearchSpace.resnet12
-    space = factory(in_channels=channels, image_size=size, num_classes=spec.ways)
+    space = factory(
+        in_channels=channels,
+        image_size=size,
+        num_classes=spec.ways,
+        pool_size=spec.pool_size,
+        global_expansion=spec.global_expansion,
+        adaptive_layers=spec.adaptive_layers,
+    )
     scale = spec.preset_values.channels / 64
     if scale != 1:
         space = replace(
