@@ -51,7 +51,7 @@ class DeviceListApi(APIView):
 
     @extend_schema(responses=DeviceOutput(many=True))
     def get(self, request):
-        devices = Device.objects.visible_to(request.user).prefetch_related("latency_tables")
+        devices = Device.objects.visible_to(request.user).with_table_summaries()
         return Response(DeviceOutput(devices, many=True).data)
 
     @extend_schema(

@@ -38,6 +38,12 @@ class DeviceQuerySet(models.QuerySet):
             return self
         return self.filter(Q(owner__isnull=True) | Q(owner=user))
 
+    def with_table_summaries(self):
+        """Prefetch each device's latency tables without their entries (thousands per table):
+        lists show only a table's size, date and accuracy."""
+        tables = LatencyTableRecord.objects.defer("table", "space")
+        return self.prefetch_related(models.Prefetch("latency_tables", queryset=tables))
+
 
 class Device(models.Model):
     name = models.CharField(max_length=120)
@@ -124,6 +130,7 @@ class ProfilingJob(Job):
     """Profiling of one device over one search space: every layer key measured once."""
 
     job_kind = "profiling"
+    listing_deferred_fields = ("space", "layers")
 
     device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="profiling_jobs")
     space = models.JSONField()

@@ -26,7 +26,7 @@ def _may_profile(user, device: Device) -> bool:
 
 @login_required
 def device_list(request):
-    devices = Device.objects.visible_to(request.user).prefetch_related("latency_tables")
+    devices = Device.objects.visible_to(request.user).with_table_summaries()
     return render(request, "devices/list.html", {"devices": devices})
 
 

@@ -316,7 +316,14 @@ NASWEB_TORCH_THREADS = env_int(
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [env_str("CHANNELS_REDIS_URL", REDIS_URL)], "capacity": 1000, "expiry": 60},
+        "CONFIG": {
+            # channels_redis receives with a 5 s blocking BZPOPMIN, and redis-py 8 reads with a 5 s
+            # socket timeout by default: an idle websocket's consumer then died every ~5 s of quiet
+            # (channels_redis#422). A longer read timeout still notices a Redis that stopped answering.
+            "hosts": [{"address": env_str("CHANNELS_REDIS_URL", REDIS_URL), "socket_timeout": 15}],
+            "capacity": 1000,
+            "expiry": 60,
+        },
     }
 }
 

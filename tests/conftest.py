@@ -86,7 +86,8 @@ def pytest_configure(config) -> None:
 
     settings.REDIS_URL = url
     settings.CELERY_BROKER_URL = url
-    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [url]
+    layer_config = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    layer_config["hosts"] = [{**layer_config["hosts"][0], "address": url}]
     from nasweb.celery import app
 
     app.conf.broker_url = url

@@ -36,11 +36,18 @@ class JobQuerySet(models.QuerySet):
     def active(self):
         return self.filter(status__in=[JobStatus.QUEUED, JobStatus.RUNNING])
 
+    def for_listing(self):
+        """Without the big JSON columns (histories, results) that lists and choices never show:
+        decoding them was most of a list page's time. A deferred field still loads on access."""
+        return self.defer(*self.model.listing_deferred_fields)
+
 
 class Job(models.Model):
     """Abstract base of every job model; ``job_kind`` names it in URLs and channel groups."""
 
     job_kind: str = ""
+    #: Large JSON fields that ``JobQuerySet.for_listing`` leaves out.
+    listing_deferred_fields: tuple[str, ...] = ()
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"

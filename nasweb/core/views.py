@@ -25,13 +25,13 @@ def home(request):
     active = []
     for model in job_models():
         if hasattr(model, "status_url"):
-            active.extend(model.objects.visible_to(request.user).active())
+            active.extend(model.objects.visible_to(request.user).active().for_listing())
     active.sort(key=lambda job: job.created_at, reverse=True)
     return render(
         request,
         "core/home.html",
         {
-            "devices": Device.objects.visible_to(request.user).prefetch_related("latency_tables"),
+            "devices": Device.objects.visible_to(request.user).with_table_summaries(),
             "active_jobs": active[:20],
         },
     )

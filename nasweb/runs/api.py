@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -60,7 +61,9 @@ class MetaTrainingListApi(APIView):
     @extend_schema(responses=MetaTrainingOutput(many=True))
     def get(self, request):
         return Response(
-            MetaTrainingOutput(MetaTrainingRun.objects.visible_to(request.user)[:200], many=True).data
+            MetaTrainingOutput(
+                MetaTrainingRun.objects.visible_to(request.user).for_listing()[:200], many=True
+            ).data
         )
 
     @extend_schema(
@@ -100,7 +103,7 @@ class AdaptionOutput(serializers.ModelSerializer):
         ]
 
     def get_models(self, run) -> list[int]:
-        return list(run.models.values_list("id", flat=True))
+        return [model.pk for model in run.models.all()]  # prefetched by the list view
 
 
 class AdaptionInput(serializers.Serializer):
@@ -118,7 +121,12 @@ class AdaptionListApi(APIView):
 
     @extend_schema(responses=AdaptionOutput(many=True))
     def get(self, request):
-        return Response(AdaptionOutput(AdaptionRun.objects.visible_to(request.user)[:200], many=True).data)
+        runs = (
+            AdaptionRun.objects.visible_to(request.user)
+            .for_listing()
+            .prefetch_related(Prefetch("models", queryset=AdaptedModel.objects.only("id", "run")))
+        )
+        return Response(AdaptionOutput(runs[:200], many=True).data)
 
     @extend_schema(request=AdaptionInput, responses={201: AdaptionOutput}, summary="Request an adapted model")
     def post(self, request):

@@ -22,6 +22,7 @@ ADAPTABLE_METHODS = (Method.HMETANAS, Method.METANAS)
 
 class MetaTrainingRun(Job):
     job_kind = "metatrain"
+    listing_deferred_fields = ("history", "spec", "space")
 
     name = models.CharField(max_length=120, blank=True)
     method = models.CharField(max_length=16, choices=Method.choices, default=Method.HMETANAS)
@@ -85,6 +86,7 @@ class SupportSet(models.Model):
 
 class AdaptionRun(Job):
     job_kind = "adaption"
+    listing_deferred_fields = ("history", "result", "request")
 
     name = models.CharField(max_length=120, blank=True)
     supernet = models.ForeignKey(MetaTrainingRun, on_delete=models.PROTECT, related_name="adaptions")

@@ -7,6 +7,9 @@ import zipfile
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from devices import services as device_services
@@ -200,3 +203,44 @@ def test_the_api_lists_only_own_runs_and_validates(users, runs):
     assert other.get(f"/api/runs/adapt/{adaption.pk}/").status_code == 404
     assert other.get(f"/api/models/{model.pk}/torchscript").status_code == 404
     assert other.post(f"/api/runs/adapt/{adaption.pk}/cancel/").status_code == 404
+
+
+def _more_adaptions(template: AdaptionRun, count: int) -> None:
+    for index in range(count):
+        run = AdaptionRun.objects.create(
+            owner=template.owner, supernet=template.supernet, device=template.device, constraint="params",
+            budgets=[3000.0 + index], status=JobStatus.SUCCEEDED,
+            result={"front": [{"arch_code": f"a{index}", "params": 2000 + index, "accuracy": 0.5}], "outcomes": []},
+            history=[{"generation": g, "population": [{"params": 1, "accuracy": 0.1}] * 20} for g in range(5)],
+        )  # fmt: skip
+        AdaptedModel.objects.create(
+            run=run, budget=3000 + index, arch={}, card={"params": 2000}, torchscript="x", card_path="y"
+        )
+
+
+def test_lists_cost_the_same_queries_for_3_or_30_runs(users, runs):
+    """No per-row queries (N+1) in the pages and API lists a dashboard polls; load benchmark: docs/BENCHMARKS.md."""
+    supernet, adaption, _ = runs
+    client = APIClient()
+    client.force_authenticate(users["owner"])
+    browser = Client()
+    browser.force_login(users["owner"])
+    counts = {}
+    for total in (3, 30):
+        _more_adaptions(adaption, total - AdaptionRun.objects.count())
+        for url, caller in [
+            ("/api/runs/adapt/", client),
+            ("/runs/adapt/", browser),
+            (f"/runs/compare/{supernet.pk}.json", browser),
+        ]:
+            with CaptureQueriesContext(connection) as queries:
+                assert caller.get(url).status_code == 200
+            counts.setdefault(url, []).append(len(queries))
+    assert all(small == large for small, large in counts.values()), counts
+    listing = client.get("/api/runs/adapt/").json()
+    assert len(listing) == 30 and all(len(row["models"]) == 1 for row in listing)
+    series = browser.get(f"/runs/compare/{supernet.pk}.json").json()["series"]
+    assert len(series) == 30
+    fronts = {row["run"]: row["front"] for row in series}
+    assert fronts[adaption.pk] == []
+    assert all(fronts[run.pk] == run.result["front"] for run in AdaptionRun.objects.exclude(pk=adaption.pk))

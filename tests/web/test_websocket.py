@@ -35,6 +35,23 @@ async def _connect(user, path: str) -> tuple[WebsocketCommunicator, bool, int | 
     return communicator, connected, code
 
 
+def _login_cookies(base: str, username: str) -> str:
+    """Log in through the live server's form; the Cookie header its websockets need."""
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(f"{base}/accounts/login/").read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode(
+        {"username": username, "password": f"pw-{username}-12345", "csrfmiddlewaretoken": token}
+    )
+    opener.open(
+        urllib.request.Request(f"{base}/accounts/login/", data=form.encode(), headers={"Referer": base + "/"})
+    )
+    cookies = "; ".join(f"{c.name}={c.value}" for c in jar)
+    assert "sessionid" in cookies
+    return cookies
+
+
 def test_owner_receives_progress_sent_through_the_redis_layer():
     owner = _user("owner")
     report = WorkerReport.objects.create(owner=owner)
@@ -85,20 +102,7 @@ def test_round_trip_through_daphne_on_a_live_port(tmp_path):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/accounts/login/", child=web)
-        jar = CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        page = opener.open(f"{base}/accounts/login/").read().decode()
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        form = urllib.parse.urlencode(
-            {"username": "liveowner", "password": "pw-liveowner-12345", "csrfmiddlewaretoken": token}
-        )
-        opener.open(
-            urllib.request.Request(
-                f"{base}/accounts/login/", data=form.encode(), headers={"Referer": base + "/"}
-            )
-        )
-        cookies = "; ".join(f"{c.name}={c.value}" for c in jar)
-        assert "sessionid" in cookies
+        cookies = _login_cookies(base, "liveowner")
 
         async def scenario():
             async with websockets.connect(
@@ -114,5 +118,37 @@ def test_round_trip_through_daphne_on_a_live_port(tmp_path):
                 assert message["type"] == "progress" and message["current"] == 1
 
         asyncio.run(scenario())
+    finally:
+        web.stop()
+
+
+def test_an_idle_socket_through_daphne_outlives_the_redis_read_timeout(tmp_path):
+    """A job can be quiet for a while (queued, a long step): its page's socket must stay open.
+
+    channels_redis blocks 5 s in BZPOPMIN per receive; redis-py 8 also defaults to a 5 s socket
+    read timeout, so without a longer one the lone consumer died after ~5 s of silence.
+    """
+    owner = _user("quietowner")
+    report = WorkerReport.objects.create(owner=owner)
+    port = free_port()
+    web = start_daphne(port, tmp_path / "daphne.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/accounts/login/", child=web)
+        cookie = _login_cookies(base, "quietowner")
+
+        async def scenario():
+            async with websockets.connect(
+                f"ws://127.0.0.1:{port}/ws/jobs/workerreport/{report.pk}/",
+                additional_headers={"Cookie": cookie, "Origin": base},
+                open_timeout=10,
+            ) as socket:
+                await asyncio.sleep(12)  # two BZPOPMIN periods with nothing to receive
+                await sync_to_async(JobProgress(report, db_interval_s=0))({"kind": "test", "current": 1})
+                message = json.loads(await asyncio.wait_for(socket.recv(), timeout=10))
+                assert message["type"] == "progress" and message["current"] == 1
+
+        asyncio.run(scenario())
+        assert "Timeout reading from" not in web.log()
     finally:
         web.stop()
