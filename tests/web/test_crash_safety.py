@@ -208,8 +208,12 @@ def test_metatraining_resumes_after_kill_9_to_the_uninterrupted_result(
         except (OSError, ValueError):
             return 0
 
-    wait_until(lambda: trained() >= 40, timeout=180, interval=0.05, message="a few checkpoints written")
-    _kill_minus_9(first)
+    wait_until(
+        lambda: trained() >= 40 and (_kill_minus_9(first) or True),  # killed in the poll that sees it
+        timeout=180,
+        interval=0.05,
+        message="a few checkpoints written",
+    )
     run.refresh_from_db()
     assert run.status == JobStatus.RUNNING and run.attempts == 1
     killed_at = load_checkpoint(Path(run.out_dir) / CHECKPOINT_NAME)["iteration"]
@@ -281,8 +285,12 @@ def test_adaption_resumes_at_its_last_generation_after_kill_9(
             return len(state["completed"]) * 6
         return state["ga_index"] * 6 + state["ga_state"]["generation"]
 
-    wait_until(lambda: generations_saved() >= 2, timeout=180, interval=0.02, message="two GA generations")
-    _kill_minus_9(first)
+    wait_until(
+        lambda: generations_saved() >= 2 and (_kill_minus_9(first) or True),  # killed in the same poll
+        timeout=180,
+        interval=0.02,
+        message="two GA generations",
+    )
     saved = generations_saved()
     assert 2 <= saved < 6 * len(budgets), "killed after the GA: nothing left to resume at generation level"
     run.refresh_from_db()
@@ -310,12 +318,18 @@ def test_profiling_keeps_its_timings_when_killed_and_completes_the_table(broker,
     cpu = Device.objects.get(builtin_key="local-cpu")
     first = _worker(tmp_path, "first", own_redis)
     job = device_services.profiling_start(
-        device=cpu, space=tiny_space(), repeats=60, warmup=2, threads=1, overhead_subnets=0
+        device=cpu, space=tiny_space(), repeats=1000, warmup=2, threads=1, overhead_subnets=0
     )
-    wait_until(
-        lambda: LayerTiming.objects.filter(job=job).count() >= 8, timeout=180, message="some layers timed"
-    )
-    _kill_minus_9(first)
+
+    # Killed in the same poll that sees 8 timings: on a quiet machine the 36 tiny layers take
+    # about a second, so a separate wait-then-kill could land after the last one.
+    def killed_after_some_layers() -> bool:
+        if LayerTiming.objects.filter(job=job).count() >= 8:
+            _kill_minus_9(first)
+            return True
+        return False
+
+    wait_until(killed_after_some_layers, timeout=180, interval=0.01, message="some layers timed")
     kept = {row.key: (row.pk, row.ms) for row in LayerTiming.objects.filter(job=job)}
     assert 8 <= len(kept) < job.total_layers
 

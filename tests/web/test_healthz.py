@@ -12,8 +12,15 @@ from tests.conftest import child_env, free_port, start_daphne, start_worker, wai
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# A broker database no other test's worker listens on, so "worker stopped" really means no worker.
-ISOLATED_REDIS_DB = 10
+
+def _isolated_redis_url(session_url: str) -> str:
+    """A broker database next to the session's, which no other test's worker listens on, so
+    "worker stopped" really means no worker."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(session_url)
+    session_db = int(parsed.path.strip("/") or 0)
+    return parsed._replace(path=f"/{(session_db + 1) % 16}").geturl()
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -26,9 +33,8 @@ def _get(url: str) -> tuple[int, dict]:
 
 def test_green_with_everything_up_and_503_without_a_worker(tmp_path):
     import os
-    from urllib.parse import urlparse
 
-    redis_url = urlparse(os.environ["REDIS_URL"])._replace(path=f"/{ISOLATED_REDIS_DB}").geturl()
+    redis_url = _isolated_redis_url(os.environ["REDIS_URL"])
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
