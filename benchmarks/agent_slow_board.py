@@ -152,13 +152,12 @@ def choose_throttler(requested: str) -> str:
 
 def start_redis(url: str, children: Children, folder: Path) -> str:
     """``url`` when a Redis answers there, else an embedded redis-server on a free port."""
-    from nasweb.launcher import embedded_redis_binary, free_port, redis_answers
+    from nasweb.launcher import free_port, redis_answers, throwaway_redis_command
 
     if redis_answers(url):
         return url
     port = free_port()
-    command = [embedded_redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-               "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
+    command = throwaway_redis_command(port, folder)
     children.start("redis", command, log_path=folder / "redis.log", env=dict(os.environ))
     embedded = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20

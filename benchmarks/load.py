@@ -50,7 +50,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from nasweb.launcher import embedded_redis_binary, free_port, redis_answers  # noqa: E402
+from nasweb.launcher import free_port, redis_answers, throwaway_redis_command  # noqa: E402
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -134,17 +134,7 @@ def choose_redis(url: str, stack: Stack) -> str:
     log(f"no Redis at {url}; starting an embedded redis-server on 127.0.0.1:{port}")
     stack.start(
         "redis",
-        [
-            embedded_redis_binary(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        throwaway_redis_command(port),
     )
     embedded = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20

@@ -76,6 +76,13 @@ def embedded_redis_binary() -> str:
     return found
 
 
+def throwaway_redis_command(port: int, folder: str | os.PathLike | None = None) -> list[str]:
+    """redis-server on loopback with no persistence: for tests and benchmarks that need their own."""
+    command = [embedded_redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+               "--appendonly", "no"]  # fmt: skip
+    return command + (["--dir", str(folder)] if folder is not None else [])
+
+
 def start_embedded_redis(port: int) -> subprocess.Popen:
     redis_dir = VAR_DIR / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def _redis_url_with_db(url: str, db: int) -> str:
 def _start_test_redis() -> str:
     """REDIS_URL (test db) when it answers, else an embedded redis-server for this session."""
     global _embedded_redis
-    from nasweb.launcher import embedded_redis_binary, redis_answers
+    from nasweb.launcher import redis_answers, throwaway_redis_command
 
     configured = os.environ.get("NASWEB_TEST_REDIS_URL") or _redis_url_with_db(
         os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), TEST_REDIS_DB
@@ -53,17 +53,7 @@ def _start_test_redis() -> str:
         return configured
     port = free_port()
     _embedded_redis = subprocess.Popen(
-        [
-            embedded_redis_binary(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        throwaway_redis_command(port),
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )

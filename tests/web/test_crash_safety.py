@@ -55,14 +55,13 @@ class OwnRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        from nasweb.launcher import embedded_redis_binary, redis_answers
+        from nasweb.launcher import redis_answers, throwaway_redis_command
 
         self.process = subprocess.Popen(
-            [embedded_redis_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            throwaway_redis_command(self.port, self.workdir),
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         wait_until(lambda: redis_answers(self.url), timeout=20, message="own redis-server answers")
 
     def stop(self) -> None:
