@@ -22,7 +22,7 @@ Celery worker and daphne - then measures:
     lag = receive time - ``sent_at`` that the worker stamps on each progress event
     (same machine, same clock).
 
-Run: ``python benchmarks/load.py [--quick]`` (quick: about 2 minutes, full: about 15 on two
+Run: ``python benchmarks/load.py [--quick]`` (quick: about a minute, full: about 15 on two
 cores). The last stdout line is JSON.
 """
 
@@ -581,11 +581,11 @@ def endpoint_profile(base: str, groups: dict[str, list], repeats: int) -> dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="10 adaptions, 10 clients for 10 s (a few minutes)"
+        "--quick", action="store_true", help="2 adaptions, 10 clients, 3 s windows (about a minute)"
     )
-    parser.add_argument("--adaptions", type=int, default=None, help="requests queued at once (100; quick 10)")
+    parser.add_argument("--adaptions", type=int, default=None, help="requests queued at once (100; quick 2)")
     parser.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (50; quick 10)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of HTTP load (30; quick 10)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of HTTP load (30; quick 3)")
     parser.add_argument(
         "--think-ms", type=int, default=1000, help="mean pause of a client between requests (0: back-to-back)"
     )
@@ -597,9 +597,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the jobs of a phase")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, database)")
     args = parser.parse_args()
-    adaptions = args.adaptions or (10 if args.quick else 100)
+    adaptions = args.adaptions or (2 if args.quick else 100)
     clients = args.clients or (10 if args.quick else 50)
-    duration = args.duration or (10.0 if args.quick else 30.0)
+    duration = args.duration or (3.0 if args.quick else 30.0)
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks/load.py needs wrk, the HTTP load tool: apt-get install wrk")
 
