@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from engine.atomic import atomic_write
 from engine.data.errors import ChecksumMismatchError, DatasetError
 from engine.progress import ProgressCallback, null_progress
 
@@ -54,56 +54,41 @@ def download_file(
     if scheme not in ("http", "https"):
         raise DatasetError(f"refusing to download {url!r}: only http and https URLs are allowed")
     target = Path(destination)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - scheme checked above
-            except OSError as error:
-                raise DatasetError(f"could not download {url}: {error}") from error
-            with response:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                done = 0
+
+    def fetch(handle) -> None:
+        """Stream into the temp file; a checksum mismatch raises before it replaces anything."""
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - scheme checked above
+        except OSError as error:
+            raise DatasetError(f"could not download {url}: {error}") from error
+        with response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            progress(
+                {"kind": "dataset", "stage": "download", "file": target.name, "current": 0, "total": total}
+            )
+            while block := response.read(chunk_size):
+                handle.write(block)
+                digest.update(block)
+                done += len(block)
                 progress(
                     {
                         "kind": "dataset",
                         "stage": "download",
                         "file": target.name,
-                        "current": 0,
+                        "current": done,
                         "total": total,
                     }
                 )
-                while block := response.read(chunk_size):
-                    handle.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    progress(
-                        {
-                            "kind": "dataset",
-                            "stage": "download",
-                            "file": target.name,
-                            "current": done,
-                            "total": total,
-                        }
-                    )
-            handle.flush()
-            os.fsync(handle.fileno())
         actual = digest.hexdigest()
         if actual != md5.lower():
             raise ChecksumMismatchError(
                 f"{url}: downloaded file has MD5 {actual}, expected {md5.lower()}; it was discarded"
             )
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+
+    return atomic_write(target, fetch)
 
 
 def download_omniglot(
