@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,6 @@ def _metatrain_point(event) -> dict | None:
 
 
 def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
-    from engine.progress import JobCancelled
-
     run = MetaTrainingRun.objects.get(pk=run_id)
     lease = job_claim(run)
     if lease is None:
@@ -178,7 +177,8 @@ def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
         resumed = checkpoint_path(run).exists()
         broadcast_status(run)
         progress = HistoryProgress(run, keep=_metatrain_point, lease=lease)
-        try:
+
+        def train() -> None:
             if run.is_metanas:
                 from engine.metanas.service import MetaNasRunSpec, execute_metanas_training
 
@@ -199,16 +199,8 @@ def metatrain_execute(*, run_id: int) -> MetaTrainingRun:
                 summary={**summary, "resumed": resumed},
                 space=space.to_dict() if space is not None else None,
             )
-        except LeaseLost:
-            return run
-        except JobCancelled:
-            progress.flush()
-            return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
-        except Exception as exc:
-            progress.flush()
-            _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            raise
-        return _finish(run, lease, JobStatus.SUCCEEDED)
+
+        return _run_to_the_end(run, lease, progress, train)
 
 
 def _finish(run, lease, status: JobStatus, error: str = ""):
@@ -217,6 +209,28 @@ def _finish(run, lease, status: JobStatus, error: str = ""):
         broadcast_status(run)
     run.refresh_from_db()
     return run
+
+
+def _run_to_the_end(run, lease, progress, work: Callable[[], None], *, input_errors: bool = False):
+    """Call ``work`` under the lease and record how the run ended. A lost lease writes nothing (the
+    successor owns the run); with ``input_errors`` a ValueError is bad input discovered late and
+    fails the run with its own message, any other error fails it and goes on to Celery."""
+    from engine.progress import JobCancelled
+
+    try:
+        work()
+    except LeaseLost:
+        return run
+    except JobCancelled:
+        progress.flush()
+        return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
+    except Exception as exc:
+        progress.flush()
+        if input_errors and isinstance(exc, ValueError):
+            return _finish(run, lease, JobStatus.FAILED, str(exc))
+        _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        raise
+    return _finish(run, lease, JobStatus.SUCCEEDED)
 
 
 def checkpoint_path(run: MetaTrainingRun) -> Path:
@@ -438,7 +452,6 @@ def _adapt_point(event) -> dict | None:
 
 def adaption_execute(*, run_id: int) -> AdaptionRun:
     from engine.adaption import AdaptionRequest, run_adaption
-    from engine.progress import JobCancelled
 
     run = AdaptionRun.objects.select_related("supernet", "device", "support_set").get(pk=run_id)
     lease = job_claim(run)
@@ -451,7 +464,8 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
         out = Path(run.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         progress = HistoryProgress(run, keep=_adapt_point, lease=lease)
-        try:
+
+        def search() -> None:
             lut_path = _ensure_table(run, progress)
             request = AdaptionRequest(
                 supernet=str(checkpoint_path(run.supernet)),
@@ -472,19 +486,9 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
             progress.flush()
             lease.check()
             _store_adaption_result(run, result, extra_baselines=_metanas_references(run))
-        except LeaseLost:
-            return run
-        except JobCancelled:
-            progress.flush()
-            return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
-        except ValueError as exc:  # bad input discovered late (budget infeasible, LUT mismatch, ...)
-            progress.flush()
-            return _finish(run, lease, JobStatus.FAILED, str(exc))
-        except Exception as exc:
-            progress.flush()
-            _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            raise
-        return _finish(run, lease, JobStatus.SUCCEEDED)
+
+        # ValueError: bad input discovered late (budget infeasible, LUT mismatch, ...)
+        return _run_to_the_end(run, lease, progress, search, input_errors=True)
 
 
 def _metanas_references(run: AdaptionRun) -> list[dict[str, Any]]:
@@ -562,14 +566,14 @@ def _metanas_adaption_execute(run: AdaptionRun, lease) -> AdaptionRun:
     """A MetaNAS adaption: adapt weights and architecture to the task, prune, export, measure end to end.
     Runs under the caller's lease on the job."""
     from engine.metanas.service import EVAL_TASKS, MetaNasAdaptionRequest, adapt_metanas
-    from engine.progress import JobCancelled
 
     broadcast_status(run)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = HistoryProgress(run, keep=_metanas_adapt_point, lease=lease)
     measure_device, measure_note = _metanas_measurement(run.device)
-    try:
+
+    def adapt() -> None:
         request = MetaNasAdaptionRequest(
             run_dir=run.supernet.out_dir,
             constraint=run.constraint,
@@ -585,19 +589,9 @@ def _metanas_adaption_execute(run: AdaptionRun, lease) -> AdaptionRun:
         progress.flush()
         lease.check()
         _store_metanas_result(run, result)
-    except LeaseLost:
-        return run
-    except JobCancelled:
-        progress.flush()
-        return _finish(run, lease, JobStatus.CANCELLED, "cancelled by the user")
-    except ValueError as exc:  # MetaNasRunError: a support set that does not fit, a damaged run folder
-        progress.flush()
-        return _finish(run, lease, JobStatus.FAILED, str(exc))
-    except Exception as exc:
-        progress.flush()
-        _finish(run, lease, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
-        raise
-    return _finish(run, lease, JobStatus.SUCCEEDED)
+
+    # ValueError (MetaNasRunError): a support set that does not fit, a damaged run folder
+    return _run_to_the_end(run, lease, progress, adapt, input_errors=True)
 
 
 def _store_metanas_result(run: AdaptionRun, result: dict[str, Any]) -> None:
