@@ -44,4 +44,4 @@ worker: install
 	$(PY) -m celery -A nasweb worker -Q $${NASWEB_WORKER_QUEUES:-default,train,profile,adapt} -c $${NASWEB_WORKER_CONCURRENCY:-1} --loglevel INFO
 
 web: install
-	$(PY) -m daphne -b $${NASWEB_HOST:-127.0.0.1} -p $(PORT) nasweb.asgi:application
+	$(PY) -m nasweb.serve --host $${NASWEB_HOST:-127.0.0.1} --port $(PORT)

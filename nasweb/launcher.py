@@ -1,4 +1,6 @@
-"""`make run`: migrate, bootstrap, make sure Redis answers, then run a Celery worker and daphne.
+"""`make run`: migrate, bootstrap, make sure Redis answers, then run a Celery worker and the web server.
+
+The web server is ``python -m nasweb.serve``: one daphne process per core on the same port.
 
 Runs in the foreground and prints the URL once /healthz is green. Ctrl-C (SIGINT)
 or SIGTERM stops every process this launcher started - and nothing else: each
@@ -227,19 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             ],
             env,
         )  # fmt: skip
+        # daphne processes (one per core unless NASWEB_WEB_PROCESSES says otherwise) on one port.
         stack.start(
-            "web",
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                args.host,
-                "-p",
-                str(args.port),
-                "nasweb.asgi:application",
-            ],
-            env,
+            "web", [sys.executable, "-m", "nasweb.serve", "--host", args.host, "--port", str(args.port)], env
         )
         base_url = f"http://{args.host}:{args.port}"
         report = wait_for_health(f"{base_url}/healthz", stack, args.health_timeout)

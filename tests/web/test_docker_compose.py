@@ -46,13 +46,13 @@ def test_its_commands_are_the_makefile_targets_that_make_run_uses():
     targets = _make_targets()
     assert services["web"]["command"] == ["make", "bootstrap", "web"]
     assert services["worker"]["command"] == ["make", "worker"]
-    assert "daphne" in targets["web"] and "nasweb.asgi:application" in targets["web"]
+    assert "-m nasweb.serve" in targets["web"]
     assert "celery -A nasweb worker" in targets["worker"]
     assert "manage.py migrate" in targets["bootstrap"] and "manage.py bootstrap" in targets["bootstrap"]
     # make run's launcher starts the same two programs with the same arguments.
     launcher = (REPO_ROOT / "nasweb" / "launcher.py").read_text()
     assert '"celery", "-A", "nasweb", "worker"' in launcher
-    assert '"daphne"' in launcher and '"nasweb.asgi:application"' in launcher
+    assert '"-m", "nasweb.serve"' in launcher
 
 
 def _compose_command() -> list[str] | None:
