@@ -90,6 +90,8 @@ class RunSpec:
     threads: int = 2
     strategy: str = "threads"
     p_end: float = 0.25
+    #: Decay speed alpha of progressive shrinking (H-Meta-NAS eq. 4; the paper picks 5 in Table 9).
+    shrink_alpha: float = 5.0
     algorithm: str = "mamlpp"
     #: Search-space switches of the super-net (H-Meta-NAS Table 2's ablation, engine.space): the
     #: head's average-pool size, Global Expansion (edge layers' widths searchable) and Adaptive
@@ -116,6 +118,13 @@ class RunSpec:
             raise RunSpecError(f"iterations must be >= 1, got {self.iterations}")
         if self.threads < 1:
             raise RunSpecError(f"threads must be >= 1, got {self.threads}")
+        if (
+            isinstance(self.shrink_alpha, bool)
+            or not isinstance(self.shrink_alpha, int | float)
+            or not math.isfinite(self.shrink_alpha)
+            or self.shrink_alpha <= 0
+        ):
+            raise RunSpecError(f"shrink_alpha must be a finite number > 0, got {self.shrink_alpha!r}")
         if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 1:
             raise RunSpecError(f"pool_size must be an int >= 1, got {self.pool_size!r}")
         for name in ("global_expansion", "adaptive_layers"):
@@ -181,7 +190,7 @@ def train_config(spec: RunSpec) -> MetaTrainConfig:
         checkpoint_every=min(preset.checkpoint_every, epochs * per_epoch),
         seed=spec.seed,
         torch_threads=spec.threads,
-        shrink=ShrinkConfig(p_end=spec.p_end),
+        shrink=ShrinkConfig(p_end=spec.p_end, alpha=float(spec.shrink_alpha)),
     )
 
 

@@ -101,3 +101,18 @@ def test_ablated_space_survives_the_checkpoint_into_a_params_constrained_adaptio
     assert arch["depth"] == 4  # no ANL: the depth is not searched
     assert arch["layers"][0]["width"] == 1.0 and arch["layers"][3]["width"] == 1.0  # no GE
     assert 0.0 <= outcome.test_accuracy["mean"] <= 1.0
+
+
+def test_the_shrinking_decay_alpha_reaches_the_training_config():
+    """Table 9's knob: RunSpec.shrink_alpha sets eq. 4's alpha; specs stored before it existed load as 5."""
+    from engine.meta.runs import RunSpec, RunSpecError, train_config
+
+    spec = RunSpec(dataset="synthetic", preset="tiny", shrink_alpha=0.5)
+    assert train_config(spec).shrink.alpha == 0.5
+    stored = {
+        k: v for k, v in RunSpec(dataset="synthetic", preset="tiny").to_dict().items() if k != "shrink_alpha"
+    }
+    assert RunSpec.from_dict(stored) == RunSpec(dataset="synthetic", preset="tiny")
+    for bad in (0, -1.0, float("nan"), True, "5"):
+        with pytest.raises(RunSpecError, match="shrink_alpha"):
+            RunSpec(shrink_alpha=bad)
