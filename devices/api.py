@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from devices import services
 from devices.auth import DeviceTokenAuthentication, IsDeviceAgent
 from devices.models import Device, DeviceKind, ProfilingJob
+from nasweb.core.pagination import LIST_PARAMETERS, paginated_response
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "engine" / "agent" / "nasweb_agent.py"
 
@@ -49,10 +50,12 @@ class DeviceListApi(APIView):
         name = serializers.CharField(max_length=120)
         description = serializers.CharField(max_length=2000, required=False, allow_blank=True, default="")
 
-    @extend_schema(responses=DeviceOutput(many=True))
+    @extend_schema(responses=DeviceOutput(many=True), parameters=LIST_PARAMETERS)
     def get(self, request):
-        devices = Device.objects.visible_to(request.user).with_table_summaries()
-        return Response(DeviceOutput(devices, many=True).data)
+        devices = (
+            Device.objects.visible_to(request.user).with_table_summaries().order_by("kind", "name", "pk")
+        )
+        return paginated_response(request, devices, DeviceOutput)
 
     @extend_schema(
         request=RegisterInput,

@@ -217,7 +217,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "nasweb.core.pagination.HeaderLimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
@@ -312,6 +312,15 @@ NASWEB_LOST_MESSAGE_GRACE_S = env_int("NASWEB_LOST_MESSAGE_GRACE_S", 60, minimum
 NASWEB_TORCH_THREADS = env_int(
     "NASWEB_TORCH_THREADS", max(1, (os.cpu_count() or 1) // NASWEB_WORKER_CONCURRENCY)
 )
+
+# Per-process memory cache (finished runs' Pareto fronts for the Compare page): no shared state is
+# kept here, so nothing needs a cache server; large enough for a few thousand runs' fronts.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "OPTIONS": {"MAX_ENTRIES": 5000},
+    }
+}
 
 CHANNEL_LAYERS = {
     "default": {

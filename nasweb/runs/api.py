@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import Prefetch
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -11,7 +12,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from devices.models import Device
+from nasweb.core.fragments import cached_json
 from nasweb.core.models import JobStatus
+from nasweb.core.pagination import LIST_PARAMETERS, HeaderLimitOffsetPagination, paginated_response
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
 from nasweb.runs.forms import CONSTRAINTS, PRESETS
@@ -58,13 +61,10 @@ def _run_input_error(exc: services.RunInputError) -> Response:
 
 
 class MetaTrainingListApi(APIView):
-    @extend_schema(responses=MetaTrainingOutput(many=True))
+    @extend_schema(responses=MetaTrainingOutput(many=True), parameters=LIST_PARAMETERS)
     def get(self, request):
-        return Response(
-            MetaTrainingOutput(
-                MetaTrainingRun.objects.visible_to(request.user).for_listing()[:200], many=True
-            ).data
-        )
+        runs = MetaTrainingRun.objects.visible_to(request.user).for_listing().order_by("-created_at", "-pk")
+        return paginated_response(request, runs, MetaTrainingOutput)
 
     @extend_schema(
         request=MetaTrainingInput, responses={201: MetaTrainingOutput}, summary="Start meta-training"
@@ -119,14 +119,15 @@ class AdaptionInput(serializers.Serializer):
 class AdaptionListApi(APIView):
     parser_classes = [JSONParser, MultiPartParser, FormParser]
 
-    @extend_schema(responses=AdaptionOutput(many=True))
+    @extend_schema(responses=AdaptionOutput(many=True), parameters=LIST_PARAMETERS)
     def get(self, request):
         runs = (
             AdaptionRun.objects.visible_to(request.user)
             .for_listing()
             .prefetch_related(Prefetch("models", queryset=AdaptedModel.objects.only("id", "run")))
+            .order_by("-created_at", "-pk")
         )
-        return Response(AdaptionOutput(runs[:200], many=True).data)
+        return paginated_response(request, runs, AdaptionOutput)
 
     @extend_schema(request=AdaptionInput, responses={201: AdaptionOutput}, summary="Request an adapted model")
     def post(self, request):
@@ -177,9 +178,21 @@ def _models(request):
 
 
 class ModelListApi(APIView):
-    @extend_schema(responses=ModelOutput(many=True))
+    @extend_schema(responses=ModelOutput(many=True), parameters=LIST_PARAMETERS)
     def get(self, request):
-        return Response(ModelOutput(_models(request)[:200], many=True).data)
+        # Newest runs first (the model's own ordering is oldest first, for the run pages).
+        models = _models(request).order_by("-run_id", "budget", "pk").only("pk", "created_at")
+        paginator = HeaderLimitOffsetPagination()
+        page = paginator.paginate_queryset(models, request, view=self)
+
+        def load(pks):
+            return ((m.pk, ModelOutput(m).data) for m in AdaptedModel.objects.filter(pk__in=pks))
+
+        # An adapted model never changes once written: its JSON (mostly the model card) is
+        # encoded once per process (nasweb.core.fragments), the list is assembled around it.
+        texts = cached_json("model", [(m.pk, m.created_at) for m in page], load)
+        body = "[" + ",".join(texts[m.pk] for m in page) + "]"
+        return HttpResponse(body, content_type="application/json", headers=paginator.headers())
 
 
 class ModelDetailApi(APIView):

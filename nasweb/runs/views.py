@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.db.models import F
-from django.http import FileResponse, Http404, JsonResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from devices.models import Device
+from nasweb.core.fragments import cached_json
 from nasweb.core.models import JobStatus
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
 from nasweb.runs.forms import AdaptionForm, MetaTrainingForm
 from nasweb.runs.models import ADAPTABLE_METHODS, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+
+#: Rows per page of the run lists (the newest first).
+RUNS_PER_PAGE = 50
 
 
 def _job_json(run) -> dict:
@@ -39,10 +45,17 @@ def metatrain_list(request):
             form.add_error(None, str(exc))
         else:
             return redirect(run)
-    runs = MetaTrainingRun.objects.visible_to(request.user).for_listing()[:50]
+    page = _list_page(request, MetaTrainingRun.objects.visible_to(request.user).for_listing())
     # A refused submission re-renders the form with its errors, as a 400 so scripts see the refusal.
     status = 400 if request.method == "POST" else 200
-    return render(request, "runs/metatrain_list.html", {"form": form, "runs": runs}, status=status)
+    return render(
+        request, "runs/metatrain_list.html", {"form": form, "runs": page, "page": page}, status=status
+    )
+
+
+def _list_page(request, runs):
+    """One page of runs, newest first; ``?page=`` out of range or not a number gives the nearest page."""
+    return Paginator(runs.order_by("-created_at", "-pk"), RUNS_PER_PAGE).get_page(request.GET.get("page"))
 
 
 @login_required
@@ -92,11 +105,14 @@ def adaption_list(request):
             form.add_error(None, str(exc))
         else:
             return redirect(run)
-    runs = (
-        AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet").for_listing()[:50]
+    page = _list_page(
+        request,
+        AdaptionRun.objects.visible_to(request.user).select_related("device").for_listing(),
     )
     status = 400 if request.method == "POST" else 200  # a refused submission, shown with its errors
-    return render(request, "runs/adaption_list.html", {"form": form, "runs": runs}, status=status)
+    return render(
+        request, "runs/adaption_list.html", {"form": form, "runs": page, "page": page}, status=status
+    )
 
 
 @login_required
@@ -180,23 +196,33 @@ def compare(request):
     return render(request, "runs/compare.html", {"supernets": supernets, "chosen": chosen})
 
 
+def _front_fragments(runs) -> dict[int, str]:
+    """The JSON text of each finished run's Pareto front (a finished run's front never changes)."""
+
+    def load(pks):
+        rows = AdaptionRun.objects.filter(pk__in=pks).values("pk", front=F("result__front"))
+        return ((row["pk"], row["front"] or []) for row in rows)
+
+    return cached_json("front", runs, load)
+
+
 @login_required
 def compare_json(request, pk: int):
     supernet = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
-    runs = AdaptionRun.objects.visible_to(request.user).filter(supernet=supernet, status=JobStatus.SUCCEEDED)
-    # Only the front of each result, extracted by the database: decoding whole results
-    # (outcomes, model cards, baselines) was most of this view's time.
-    rows = runs.values("pk", "constraint", "device__name", front=F("result__front"))
-    series = [
-        {
-            "run": row["pk"],
-            "device": row["device__name"],
-            "constraint": row["constraint"],
-            "front": row["front"] or [],
-        }
-        for row in rows
-    ]
-    return JsonResponse({"supernet": str(supernet), "series": series})
+    runs = list(
+        AdaptionRun.objects.visible_to(request.user)
+        .filter(supernet=supernet, status=JobStatus.SUCCEEDED)
+        .values_list("pk", "finished_at", "constraint", "device__name")
+    )
+    fronts = _front_fragments([(run_pk, finished_at) for run_pk, finished_at, _, _ in runs])
+    # Assembled as text around the cached fragments: re-encoding them would cost what caching saved.
+    series = ",".join(
+        f'{{"run": {run_pk}, "device": {json.dumps(device)}, "constraint": {json.dumps(constraint)}, '
+        f'"front": {fronts[run_pk]}}}'
+        for run_pk, _, constraint, device in runs
+    )
+    body = f'{{"supernet": {json.dumps(str(supernet))}, "series": [{series}]}}'
+    return HttpResponse(body, content_type="application/json")
 
 
 MODEL_FILES = {"torchscript": ("torchscript", "application/octet-stream", "model.pt"),

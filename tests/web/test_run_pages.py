@@ -244,3 +244,75 @@ def test_lists_cost_the_same_queries_for_3_or_30_runs(users, runs):
     fronts = {row["run"]: row["front"] for row in series}
     assert fronts[adaption.pk] == []
     assert all(fronts[run.pk] == run.result["front"] for run in AdaptionRun.objects.exclude(pk=adaption.pk))
+
+
+def test_lists_are_paginated_without_cutting_anything_off(users, runs):
+    """API lists keep a JSON-list body and say where the rest is (Link, X-Total-Count); pages get a pager."""
+    supernet, adaption, _ = runs
+    _more_adaptions(adaption, 119)  # 120 runs, 120 models
+    client = APIClient()
+    client.force_authenticate(users["owner"])
+
+    seen, url, pages = [], "/api/runs/adapt/", 0
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200 and isinstance(response.json(), list)
+        assert response["X-Total-Count"] == "120"
+        seen += [row["id"] for row in response.json()]
+        links = response.headers.get("Link", "")
+        url = links.split(">")[0].lstrip("<") if 'rel="next"' in links.split(",")[0] else None
+        pages += 1
+    assert pages == 3  # 50 + 50 + 20
+    assert seen == list(AdaptionRun.objects.order_by("-created_at", "-pk").values_list("pk", flat=True))
+
+    first = client.get("/api/models/?limit=7").json()
+    assert len(first) == 7 and first[0]["run"] == max(AdaptionRun.objects.values_list("pk", flat=True))
+    for row in first[:2]:  # the list's cached JSON of a model is its detail answer
+        assert row == client.get(f"/api/models/{row['id']}/").json()
+    assert client.get("/api/models/?limit=7").json() == first  # served from the cache: the same
+    assert len(client.get("/api/models/?limit=100000").json()) == 120  # capped at 500, not refused
+    last = client.get("/api/models/?limit=50&offset=100")
+    assert len(last.json()) == 20 and 'rel="prev"' in last["Link"] and 'rel="next"' not in last["Link"]
+    assert client.get("/api/runs/train/")["X-Total-Count"] == "1"
+    other = APIClient()
+    other.force_authenticate(users["other"])
+    assert other.get("/api/models/")["X-Total-Count"] == "0"
+
+    browser = Client()
+    browser.force_login(users["owner"])
+    page = browser.get("/runs/adapt/").content.decode()
+    assert "page 1 of 3 (120 runs)" in page and 'href="?page=2"' in page
+    page3 = browser.get("/runs/adapt/?page=3").content.decode()
+    assert page3.count('<tr><td><a href="/runs/adapt/') == 20
+    assert browser.get("/runs/adapt/?page=999").status_code == 200  # out of range: the last page
+    assert browser.get("/runs/adapt/?page=abc").status_code == 200  # not a number: the first page
+
+
+def test_compare_json_serves_cached_fronts_and_sees_new_runs(users, runs):
+    """A finished run's front is encoded once per process; names and new runs are always fresh."""
+    from django.core.cache import cache
+
+    supernet, adaption, _ = runs
+    cache.clear()
+    _more_adaptions(adaption, 3)
+    browser = Client()
+    browser.force_login(users["owner"])
+    url = f"/runs/compare/{supernet.pk}.json"
+    with CaptureQueriesContext(connection) as cold:
+        first = browser.get(url)
+    with CaptureQueriesContext(connection) as warm:
+        second = browser.get(url)
+    assert first.status_code == second.status_code == 200 and first["Content-Type"] == "application/json"
+    assert first.json() == second.json()
+    assert len(warm) == len(cold) - 1  # the fronts came from the cache, not the database
+    series = {row["run"]: row for row in first.json()["series"]}
+    assert len(series) == 4 and series[adaption.pk]["front"] == []
+    newest = max(series)
+    assert series[newest]["front"] == AdaptionRun.objects.get(pk=newest).result["front"]
+    assert series[newest]["device"] == adaption.device.name and series[newest]["constraint"] == "params"
+
+    adaption.device.name = "renamed board"
+    adaption.device.save(update_fields=["name"])
+    _more_adaptions(adaption, 1)
+    third = browser.get(url).json()
+    assert len(third["series"]) == 5 and {row["device"] for row in third["series"]} == {"renamed board"}
