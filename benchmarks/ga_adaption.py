@@ -24,6 +24,9 @@ pipeline, not as a replication.
 ``--synthetic`` keeps the earlier SYNTHETIC mode (clearly labelled in its output): GA vs random on
 an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200.
 
+Then the issue's own request is timed: P=100, M=200 (quick: 2), 16-task slices, one budget, with
+one search process and with ``--search-workers`` processes (the ratio is a figure).
+
 ``--quick`` finishes in under a minute on 2 shared CPU cores.
 """
 
@@ -293,6 +296,50 @@ def time_levers(run, spec: RunSpec, archs: list, search_queries: int) -> list[di
     return rows
 
 
+def time_paper_ga(
+    checkpoint: str, lut_path: Path, budget: float, folder: Path, iterations: int, workers: int, seed: int
+) -> list[dict]:
+    """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
+    latency budget, 1 search process (the baseline) and then ``workers`` processes, same request."""
+    rows = []
+    for search_workers in sorted({1, workers}):
+        request = AdaptionRequest(
+            supernet=checkpoint,
+            constraint="latency_ms",
+            budgets=(budget,),
+            lut=str(lut_path),
+            preset="tiny",
+            pool_size=100,
+            iterations=iterations,
+            tasks_per_slice=16,
+            seed=seed,
+            search_queries=1,
+            test_tasks=0,
+            random_baseline=False,
+            weights="meta",
+            export_onnx=False,
+            threads=1,
+            search_workers=search_workers,
+        )
+        result = run_adaption(request, out_dir=folder / f"paper_ga_{search_workers}")
+        rows.append(
+            {
+                "search_workers": search_workers,
+                "search_s": round(result.search_s, 2),
+                "evaluations": result.evaluations,
+                "cache_hits": result.cache_hits,
+                "ms_per_evaluation": round(result.ms_per_evaluation, 1),
+                "arch": result.outcomes[0].arch_code,
+            }
+        )
+        print(
+            f"P=100 M={iterations} 16 tasks, {search_workers} search process(es): {result.search_s:.1f} s, "
+            f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
+            f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code}"
+        )
+    return rows
+
+
 def real_main(args: argparse.Namespace) -> None:
     quick = args.quick
     threads = args.threads
@@ -411,6 +458,16 @@ def real_main(args: argparse.Namespace) -> None:
             f"({r['random_arch']}, {r['random_latency_ms']:.4g} ms) | GA {r['evaluations']} evals, "
             f"{r['cache_hits']} hits, {r['adapt_s']:.1f} s; random {r['random_evaluations']} evals"
         )
+    paper_iterations = args.paper_iterations or (2 if quick else 200)
+    paper_rows = time_paper_ga(
+        str(trained.checkpoint),
+        lut_path,
+        budgets[1],
+        folder,
+        paper_iterations,
+        args.search_workers,
+        args.seed,
+    )
     print(
         f"adaption request total {total_s:.1f} s (GA sweep {result.search_s:.1f} s, random {result.random_s:.1f} s, "
         f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
@@ -437,6 +494,9 @@ def real_main(args: argparse.Namespace) -> None:
         "train_iterations": trained.iterations,
         "lut_s": round(lut_s, 2),
         "levers": levers,
+        "paper_ga": paper_rows,
+        "paper_ga_s": paper_rows[-1]["search_s"],
+        "paper_ga_speedup_vs_1_process": round(paper_rows[0]["search_s"] / paper_rows[-1]["search_s"], 2),
         "config": {
             "ways": spec.ways,
             "pool": pool,
@@ -478,6 +538,12 @@ def main() -> None:
     )
     real.add_argument("--search-queries", type=int, default=1, help="query images per class while searching")
     real.add_argument("--threads", type=int, default=2)
+    real.add_argument(
+        "--search-workers", type=int, default=2, help="processes of the timed P=100 adaption (vs 1 process)"
+    )
+    real.add_argument(
+        "--paper-iterations", type=int, default=None, help="M of the timed P=100 adaption (200; quick 2)"
+    )
     synthetic = parser.add_argument_group("synthetic mode")
     synthetic.add_argument("--seeds", type=int, default=None, help="seeds per budget (default 3; quick 2)")
     synthetic.add_argument("--timing-archs", type=int, default=None)

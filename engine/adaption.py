@@ -86,6 +86,7 @@ from engine.search.package import (
     strict_json,
     write_package,
 )
+from engine.search.parallel import ProcessFitness
 from engine.search.pareto import pareto_front
 from engine.search.random_search import random_search
 from engine.seeding import derive_seed, make_rngs
@@ -214,6 +215,8 @@ class AdaptionRequest:
     export_onnx: bool = True
     measure_latency: bool = False
     threads: int = 1
+    #: Processes scoring GA candidates in parallel (one torch thread each); None: ``threads``.
+    search_workers: int | None = None
 
     def __post_init__(self) -> None:
         _check_path("supernet", self.supernet, optional=False)
@@ -246,6 +249,7 @@ class AdaptionRequest:
         _check_int("final_candidates", self.final_candidates, 0)
         _check_int("seed", self.seed, 0, optional=False)
         _check_int("threads", self.threads, 1, optional=False)
+        _check_int("search_workers", self.search_workers, 1)
         if self.test_tasks is not None:
             _check_int("test_tasks", self.test_tasks, 0)
             if self.test_tasks == 1:
@@ -447,20 +451,44 @@ class AdaptionResult:
 # --------------------------------------------------------------------------- preparation
 @dataclass
 class _TimedFitness:
-    """The GA's fitness with a stopwatch (ms per evaluation is a reported figure)."""
+    """The GA's fitness with a stopwatch (ms per evaluation is a reported figure).
+
+    Evaluations run in ``workers`` processes (:class:`engine.search.parallel.ProcessFitness`,
+    one torch thread each, so the losses do not depend on ``workers``); ``seconds`` is wall
+    time, so ms per evaluation is the effective cost with all workers busy.
+    """
 
     scorer: SuperNetScorer
     slices: list[list[Any]]
+    workers: int = 1
     seconds: float = 0.0
     calls: int = 0
+    parallel: ProcessFitness = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.parallel = ProcessFitness(self._loss, self.workers)
+
+    def _loss(self, arch: Any, slice_id: int) -> float:
+        return self.scorer.score(arch, self.slices[slice_id]).loss
 
     def __call__(self, arch: Any, slice_id: int) -> float:
         started = time.perf_counter()
         try:
-            return self.scorer.score(arch, self.slices[slice_id]).loss
+            return self.parallel(arch, slice_id)
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += 1
+
+    def many(self, pairs: Sequence[tuple[Any, int]]) -> list[float]:
+        started = time.perf_counter()
+        try:
+            return self.parallel.many(pairs)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls += len(pairs)
+
+    def close(self) -> None:
+        self.parallel.close()
 
 
 @dataclass
@@ -640,7 +668,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
         constraints=constraints,
         config=config,
         validation_tasks=tasks,
-        fitness=_TimedFitness(scorer, slices),
+        fitness=_TimedFitness(scorer, slices, workers=request.search_workers or request.threads),
         scorer=scorer,
         support=support,
         preprocessing=preprocessing,
@@ -1180,9 +1208,12 @@ def run_adaption(
         context = _prepare(request)
         state = _StateFile(Path(state_path) if state_path is not None else None, request)
         search_started = time.perf_counter()
-        ga_results, cache = _sweep(context, state, progress)
-        random_started = time.perf_counter()
-        randoms = _random_baselines(context, ga_results, state, progress)
+        try:
+            ga_results, cache = _sweep(context, state, progress)
+            random_started = time.perf_counter()
+            randoms = _random_baselines(context, ga_results, state, progress)
+        finally:
+            context.fitness.close()  # the search's worker processes end with it
         search_s, random_s = random_started - search_started, time.perf_counter() - random_started
         archs = [r.best_arch for r in ga_results] + [r.best_arch for r in randoms if r is not None]
         accuracies = _test_accuracies(context, archs, state, progress)

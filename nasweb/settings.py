@@ -312,6 +312,9 @@ NASWEB_LOST_MESSAGE_GRACE_S = env_int("NASWEB_LOST_MESSAGE_GRACE_S", 60, minimum
 NASWEB_TORCH_THREADS = env_int(
     "NASWEB_TORCH_THREADS", max(1, (os.cpu_count() or 1) // NASWEB_WORKER_CONCURRENCY)
 )
+# Processes that score GA candidates of one adaption in parallel (one torch thread each): the
+# same share of the cores as the torch threads, unless set.
+NASWEB_SEARCH_WORKERS = env_int("NASWEB_SEARCH_WORKERS", NASWEB_TORCH_THREADS, minimum=1)
 
 # Per-process memory cache (finished runs' Pareto fronts for the Compare page): no shared state is
 # kept here, so nothing needs a cache server; large enough for a few thousand runs' fronts.

@@ -223,7 +223,10 @@ def wait_for_http(url: str, timeout: float = 60, *, child: ChildProcess | None =
 def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[ChildProcess]:
     """One real worker for the session, consuming every queue, on the test DB and Redis."""
     with django_db_blocker.unblock():
-        worker = start_worker(tmp_path_factory.mktemp("worker") / "worker.log")
+        # Two GA search processes, as on a 2-core server: the live adaptions go through them.
+        worker = start_worker(
+            tmp_path_factory.mktemp("worker") / "worker.log", env=child_env(NASWEB_SEARCH_WORKERS="2")
+        )
     try:
         wait_for_worker(timeout=90)
     except TimeoutError:

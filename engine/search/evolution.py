@@ -170,6 +170,10 @@ class FitnessCache:
         self.evaluations += 1
         return loss, False
 
+    def contains(self, key: Any, slice_id: int) -> bool:
+        """Whether canonical ``key`` already has a loss on ``slice_id`` (no lookup is counted)."""
+        return slice_id in self._losses.get(key, {})
+
     def losses(self, arch: Any) -> dict[int, float]:
         return dict(self._losses.get(arch.canonical(), {}))
 
@@ -209,6 +213,29 @@ class FitnessCache:
         self.evaluations = int(data["evaluations"])
         self.hits = int(data["hits"])
         self.non_finite = int(data.get("non_finite", 0))
+
+
+def prefetched(cache: FitnessCache, fitness_fn: FitnessFn, pairs: Sequence[tuple[Any, int]]) -> FitnessFn:
+    """``fitness_fn`` with the uncached ``(canonical arch, slice)`` pairs of ``pairs`` scored up front.
+
+    When ``fitness_fn`` has ``many(pairs) -> losses`` (:class:`engine.search.parallel.ProcessFitness`)
+    the pairs a generation is about to look up are scored together, in parallel; the returned
+    function hands those losses out as the cache asks for them, so the cache, the counters and
+    the order of everything else are exactly those of one-by-one scoring.
+    """
+    many = getattr(fitness_fn, "many", None)
+    if many is None:
+        return fitness_fn
+    pending = list(dict.fromkeys(pair for pair in pairs if not cache.contains(*pair)))
+    if len(pending) < 2:
+        return fitness_fn
+    ready = dict(zip(pending, many(pending), strict=True))
+
+    def fitness(key: Any, slice_id: int) -> float:
+        loss = ready.pop((key, slice_id), None)
+        return fitness_fn(key, slice_id) if loss is None else loss
+
+    return fitness
 
 
 def _json_loss(loss: float) -> float | None:
@@ -607,8 +634,9 @@ def _final_choice(
         if len(candidates) == config.final_candidates:
             break
     best, best_loss = None, math.inf
+    scorer = prefetched(cache, fitness_fn, [(key, s) for key in candidates for s in range(config.num_slices)])
     for arch in candidates.values():
-        losses = [run.score(cache, arch, s, fitness_fn) for s in range(config.num_slices)]
+        losses = [run.score(cache, arch, s, scorer) for s in range(config.num_slices)]
         mean = float(sum(losses) / len(losses))
         if best is None or mean < best_loss:
             best, best_loss = arch, mean
@@ -682,7 +710,8 @@ def run_ga(
     extra = dict(event_extra or {})
     for generation in range(start, config.iterations):
         slice_id = int(rng.integers(config.num_slices))
-        losses = [run.score(cache, arch, slice_id, fitness_fn) for arch in population]
+        scorer = prefetched(cache, fitness_fn, [(arch.canonical(), slice_id) for arch in population])
+        losses = [run.score(cache, arch, slice_id, scorer) for arch in population]
         order = sorted(range(len(population)), key=lambda i: (losses[i], i))
         ranked = [population[i] for i in order]
         last_losses = [losses[i] for i in order]

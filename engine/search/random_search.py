@@ -28,6 +28,7 @@ from engine.search.evolution import (
     SearchLog,
     SearchResult,
     check_reachable,
+    prefetched,
 )
 from engine.seeding import make_rngs
 
@@ -69,21 +70,28 @@ def random_search(
     reserve = candidates_wanted * (num_slices - 1)
     screening_budget = max(candidates_wanted, evaluations - reserve)
     slice_id = int(rng.integers(num_slices))
-    scored: list[tuple[float, int, Any]] = []
+    # Draw the distinct feasible samples first (sampling never depends on a loss), then score
+    # them together: in parallel when fitness_fn can (engine.search.parallel).
+    chosen: list[Any] = []
+    seen: set[Any] = set()
     stopped_early = False
-    while run.evaluations < screening_budget:
+    while len(chosen) < screening_budget:
         arch = None
         for _ in range(max_tries_per_sample):
             sample = space.sample(rng)
             key = sample.canonical()
-            if key not in run.index and cost_model.feasible(sample, constraints):
+            if key not in seen and cost_model.feasible(sample, constraints):
                 arch = key
                 break
         if arch is None:
             stopped_early = True
             break
-        loss = run.score(cache, arch, slice_id, fitness_fn)
-        scored.append((loss, len(scored), arch))
+        seen.add(arch)
+        chosen.append(arch)
+    scorer = prefetched(cache, fitness_fn, [(arch, slice_id) for arch in chosen])
+    scored: list[tuple[float, int, Any]] = [
+        (run.score(cache, arch, slice_id, scorer), index, arch) for index, arch in enumerate(chosen)
+    ]
     if not scored:
         raise InfeasibleBudgetError(
             f"random search found no feasible architecture in {max_tries_per_sample} samples for "
@@ -95,10 +103,16 @@ def random_search(
     if final_candidates > 0:
         # Never spend more than ``evaluations`` in total: a short budget scores fewer candidates.
         best, best_loss = None, math.inf
+        # Each candidate costs num_slices - 1 new evaluations; the first is always scored.
+        spent, finalists = run.evaluations, []
         for _, _, arch in scored[:candidates_wanted]:
-            if run.evaluations + (num_slices - 1) > evaluations and best is not None:
+            if finalists and spent + (num_slices - 1) > evaluations:
                 break
-            losses = [run.score(cache, arch, s, fitness_fn) for s in range(num_slices)]
+            finalists.append(arch)
+            spent += num_slices - 1
+        scorer = prefetched(cache, fitness_fn, [(arch, s) for arch in finalists for s in range(num_slices)])
+        for arch in finalists:
+            losses = [run.score(cache, arch, s, scorer) for s in range(num_slices)]
             mean = float(sum(losses) / len(losses))
             if best is None or mean < best_loss:
                 best, best_loss = arch, mean

@@ -478,6 +478,7 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
                 measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
                 baseline_checkpoints=_baseline_checkpoints(run),
                 threads=settings.NASWEB_TORCH_THREADS,
+                search_workers=settings.NASWEB_SEARCH_WORKERS,
             )
             AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
             result = run_adaption(

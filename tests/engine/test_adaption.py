@@ -181,6 +181,7 @@ def test_request_round_trips_through_json(world):
         ({"weights": "finetuned", "support": None}, "fine-tune"),
         ({"unit": "parsec"}, "unknown unit"),
         ({"seed": -1}, "seed"),
+        ({"search_workers": 0}, "search_workers"),
     ],
 )
 def test_bad_request_fields_are_named(world, changes, message):
@@ -352,6 +353,20 @@ def test_resume_after_cancellation_equals_the_uninterrupted_run(world, adapted):
     assert comparable(final) == comparable(uninterrupted)
     with pytest.raises(AdaptionStateError, match="different adaption request"):
         run_adaption(request_for(world, seed=5), out_dir=root / "other", state_path=state)
+
+
+def test_search_in_worker_processes_gives_the_same_result(world, adapted):
+    """GA and random search scored by 2 forked processes choose exactly what 1 process chooses."""
+    request, single, _, _ = adapted
+    assert (request.search_workers or request.threads) == 1
+    parallel = run_adaption(
+        request_for(world, measure_latency=True, search_workers=2), out_dir=world["root"] / "parallel"
+    )
+    assert comparable(parallel) == comparable(single)
+    assert parallel.evaluations == single.evaluations > 0
+    import multiprocessing
+
+    assert not multiprocessing.active_children()  # the workers ended with the search
 
 
 # --------------------------------------------------------------------------- bad input

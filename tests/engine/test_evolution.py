@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -466,3 +468,133 @@ def test_fitness_cache_state_round_trip(space):
     assert restored.evaluations == 5 and restored.hits == 5
     for arch in archs:
         assert restored.losses(arch) == cache.losses(arch)
+
+
+class PidRecordingFitness(SyntheticFitness):
+    """SyntheticFitness that notes which process computed each loss (one line per call in a file)."""
+
+    def __init__(self, space: SearchSpace, log: Path) -> None:
+        super().__init__(space)
+        self.log = log
+
+    def __call__(self, arch: Arch, slice_id: int) -> float:
+        with self.log.open("a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return super().__call__(arch, slice_id)
+
+
+def test_scoring_in_worker_processes_changes_nothing_but_where_it_runs(space, tmp_path):
+    """ProcessFitness.many scores a generation's new candidates in forked workers; GA and random
+    search pick, count and cache exactly what one-by-one scoring does."""
+    from engine.search.parallel import ProcessFitness
+
+    limit = float(np.median([arch_params(space, space.sample(np.random.default_rng(s))) for s in range(40)]))
+    costs = CostModel(costs_fn_for(space))
+    constraint = [Constraint("params", limit)]
+    config = small_config(pool_size=20, iterations=8, seed=3)
+
+    def search(fitness):
+        ga = run_ga(space, fitness, costs, constraint, config)
+        rs = random_search(
+            space, fitness, costs, constraint, evaluations=ga.evaluations,
+            num_slices=config.num_slices, final_candidates=config.final_candidates, seed=3,
+        )  # fmt: skip
+        return ga.to_dict() | {"elapsed_s": None}, rs.to_dict() | {"elapsed_s": None}
+
+    plain = search(SyntheticFitness(space))
+    log = tmp_path / "pids"
+    with ProcessFitness(PidRecordingFitness(space, log), workers=2) as parallel:
+        assert search(parallel) == plain
+    pids = [int(line) for line in log.read_text().split()]
+    assert len(set(pids) - {os.getpid()}) == 2  # both workers scored candidates
+    assert pids.count(os.getpid()) < len(pids) / 4  # only stragglers (single new candidates) ran here
+    with pytest.raises(ValueError, match="workers"):
+        ProcessFitness(SyntheticFitness(space), workers=0)
+
+
+def _score_in_a_prefork_child(_: int) -> list[float]:
+    from engine.search.parallel import ProcessFitness
+
+    space = small_space()
+    archs = [(space.sample(np.random.default_rng(seed)), 0) for seed in range(6)]
+    with ProcessFitness(SyntheticFitness(space), workers=2) as parallel:
+        return parallel.many(archs)
+
+
+def test_workers_do_not_run_the_parents_after_fork_hooks(space):
+    """multiprocessing children run register_after_fork hooks; kombu's closes the inherited Redis
+    connection and waited forever in CI. ProcessFitness workers run nothing of the parent's."""
+    import multiprocessing.util
+    import time
+
+    from engine.search.parallel import ProcessFitness
+
+    class Connection:  # stands in for kombu's connection pool
+        pass
+
+    holder = Connection()
+    multiprocessing.util.register_after_fork(holder, lambda _: time.sleep(3600))
+    pairs = [(space.sample(np.random.default_rng(seed)), 1) for seed in range(6)]
+    fitness = SyntheticFitness(space)
+    with ProcessFitness(fitness, workers=2) as parallel:
+        assert parallel.many(pairs) == [fitness(arch, s) for arch, s in pairs]
+
+
+def test_a_failing_evaluation_is_reported_not_hung(space):
+    from engine.search.parallel import ProcessFitness, WorkerError
+
+    def broken(arch, slice_id):
+        raise ValueError("no such layer")
+
+    with ProcessFitness(broken, workers=2) as parallel, pytest.raises(WorkerError, match="no such layer"):
+        parallel.many([(space.sample(np.random.default_rng(seed)), 0) for seed in range(4)])
+
+
+def test_worker_processes_start_inside_a_celery_prefork_child():
+    """Celery runs tasks in daemonic billiard processes, which multiprocessing refuses children."""
+    import billiard
+
+    space = small_space()
+    expected = [SyntheticFitness(space)(space.sample(np.random.default_rng(seed)), 0) for seed in range(6)]
+    with billiard.Pool(1) as pool:
+        assert pool.map(_score_in_a_prefork_child, [0]) == [expected]
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of the process that started the workers leaves no worker behind (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    import psutil
+
+    script = textwrap.dedent(
+        """
+        import sys, time
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from tests.engine.test_evolution import SyntheticFitness, small_space
+        from engine.search.parallel import ProcessFitness
+        space = small_space()
+        parallel = ProcessFitness(SyntheticFitness(space), workers=2)
+        parallel.many([(space.sample(np.random.default_rng(s)), 0) for s in range(4)])
+        print("ready", flush=True)
+        time.sleep(600)
+        """
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, root], stdout=subprocess.PIPE, text=True, cwd=root
+    )
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = psutil.Process(parent.pid).children()
+        assert len(workers) == 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        if parent.poll() is None:
+            parent.kill()

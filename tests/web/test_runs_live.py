@@ -85,6 +85,7 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
     listen = _listen(adaption.group_name)
     adaption = _wait(adaption, celery_worker_process, timeout=400)
     assert adaption.status == JobStatus.SUCCEEDED, adaption.error
+    assert adaption.request["search_workers"] == 2  # GA candidates scored in 2 forked processes
     generations = [
         m["payload"]
         for m in listen(timeout=0.5)
