@@ -51,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from nasweb.launcher import free_port, redis_answers, throwaway_redis_command  # noqa: E402
+from nasweb.serve import default_processes  # noqa: E402
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -74,6 +75,10 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
         "p99": at(0.99),
         "max": round(ordered[-1], 1),
     }
+
+
+def ratio(baseline: float | None, candidate: float | None) -> float | None:
+    return round(baseline / candidate, 2) if baseline and candidate else None
 
 
 # --------------------------------------------------------------------------- the stack
@@ -307,7 +312,7 @@ def wait_for_jobs(http: Http, path: str, ids: set[int], stack: Stack, timeout: f
     last_report = 0.0
     while time.monotonic() < deadline:
         stack.check_alive()
-        status, listing = http.request(path)
+        status, listing = http.request(f"{path}?limit=500")  # every job of this run, not one page
         if status == 200:
             rows = {row["id"]: row for row in listing if row["id"] in ids}
             finished = sum(1 for row in rows.values() if row["status"] in FINISHED)
@@ -590,6 +595,13 @@ def main() -> None:
         "--think-ms", type=int, default=1000, help="mean pause of a client between requests (0: back-to-back)"
     )
     parser.add_argument("--worker-concurrency", type=int, default=2, help="Celery worker processes")
+    parser.add_argument(
+        "--web-processes",
+        type=int,
+        default=None,
+        help="daphne processes behind the port (python -m nasweb.serve; default one per core); "
+        "one single-process daphne is measured beside it as the baseline",
+    )
     parser.add_argument("--budget", type=float, default=8000, help="parameter budget of each adaption")
     parser.add_argument(
         "--redis-url", default="redis://127.0.0.1:6379/14", help="flushed first: use a spare DB"
@@ -609,8 +621,9 @@ def main() -> None:
         redis_url = choose_redis(args.redis_url, stack)
         stack.env = configure_environment(folder, redis_url, args.worker_concurrency)
         accounts = setup_django_and_accounts()
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
+        port, single_port = free_port(), free_port()
+        base, single_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{single_port}"
+        web_processes = args.web_processes or default_processes()
         stack.start("worker", [
             sys.executable, "-m", "celery", "-A", "nasweb", "worker", "-Q", "default,train,profile,adapt",
             "-c", str(args.worker_concurrency), "-n", f"load-{os.getpid()}@%h", "--loglevel", "INFO",
@@ -618,12 +631,31 @@ def main() -> None:
         ])  # fmt: skip
         stack.start(
             "web",
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "nasweb.asgi:application"],
+            [sys.executable, "-m", "nasweb.serve", "--host", "127.0.0.1", "--port", str(port),
+             "--processes", str(web_processes)],
+        )  # fmt: skip
+        # The baseline in the same run: one daphne process, as `make run` served before nasweb.serve.
+        stack.start(
+            "web-single",
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(single_port),
+                "nasweb.asgi:application",
+            ],
         )
         http = Http(base, accounts["token"], accounts["cookie"])
         http.wait_until_up(stack)
+        Http(single_base, accounts["token"], accounts["cookie"]).wait_until_up(stack)
         wait_for_worker(stack)
-        log(f"stack up at {base} (worker concurrency {args.worker_concurrency}); files in {folder}")
+        log(
+            f"stack up at {base} ({web_processes} web processes; single-process baseline at {single_base}; "
+            f"worker concurrency {args.worker_concurrency}); files in {folder}"
+        )
         lag = LagRecorder(f"ws://127.0.0.1:{port}", accounts["cookie"], base)
 
         window = time.time()
@@ -649,8 +681,13 @@ def main() -> None:
         think = args.think_ms
         floor = run_wrk(base, static, clients, duration, think, folder)["static"]
         log(f"floor (static file, {clients} clients, think {think} ms): {json.dumps(floor)}")
+        single_load = run_wrk(single_base, groups, clients, duration, think, folder)
+        log(f"baseline, one daphne process: pages + JSON, {clients} clients: {json.dumps(single_load)}")
         idle_load = run_wrk(base, groups, clients, duration, think, folder)
-        log(f"pages + JSON, {clients} clients, think {think} ms, worker idle: {json.dumps(idle_load)}")
+        log(
+            f"pages + JSON, {clients} clients, think {think} ms, {web_processes} web processes, "
+            f"worker idle: {json.dumps(idle_load)}"
+        )
         saturated = run_wrk(base, groups, clients, duration, 0, folder)
         log(f"pages + JSON, {clients} clients back-to-back (capacity): {json.dumps(saturated)}")
         saturated_floor = run_wrk(base, static, clients, duration, 0, folder)["static"]
@@ -692,6 +729,14 @@ def main() -> None:
         "json_p99_ms": idle_load["json"]["p99_ms"],
         "http_errors": idle_load["pages"]["errors"] + idle_load["json"]["errors"],
         "http_rps": round(idle_load["pages"]["rps"] + idle_load["json"]["rps"], 1),
+        "web_processes": web_processes,
+        "single_process_pages_p95_ms": single_load["pages"]["p95_ms"],
+        "single_process_json_p95_ms": single_load["json"]["p95_ms"],
+        "single_process_http_errors": single_load["pages"]["errors"] + single_load["json"]["errors"],
+        "pages_p95_ratio_single_over_multi": ratio(
+            single_load["pages"]["p95_ms"], idle_load["pages"]["p95_ms"]
+        ),
+        "json_p95_ratio_single_over_multi": ratio(single_load["json"]["p95_ms"], idle_load["json"]["p95_ms"]),
         "think_ms": args.think_ms,
         "floor_static_p95_ms": floor["p95_ms"],
         "saturated_rps": round(saturated["pages"]["rps"] + saturated["json"]["rps"], 1),
