@@ -108,6 +108,8 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
+#: Request fields that say how to run the search here, not what it computes (see AdaptionRequest.identity).
+EXECUTION_FIELDS = ("threads", "search_workers")
 RESULT_NAME = "adaption.json"
 TASK_SOURCES = ("validation", "support")
 WEIGHTS = ("meta", "finetuned")
@@ -317,6 +319,16 @@ class AdaptionRequest:
         data = asdict(self)
         data["budgets"] = list(self.budgets)
         data["baseline_checkpoints"] = list(self.baseline_checkpoints)
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """What the search's outcome depends on: the request without how this machine runs it.
+
+        A run resumed by another worker (other cores, other ``NASWEB_SEARCH_WORKERS``) is still
+        the same request; everything else must match the saved state."""
+        data = self.to_dict()
+        for name in EXECUTION_FIELDS:
+            data.pop(name, None)
         return data
 
     @classmethod
@@ -730,7 +742,11 @@ class _StateFile:
                 raise AdaptionStateError(f"{path}: not a readable adaption state ({error})") from None
             if not isinstance(stored, dict) or stored.get("version") != STATE_VERSION:
                 raise AdaptionStateError(f"{path}: not an adaption state of version {STATE_VERSION}")
-            if stored.get("request") != request.to_dict():
+            saved_request = stored.get("request")
+            if (
+                not isinstance(saved_request, dict)
+                or {k: v for k, v in saved_request.items() if k not in EXECUTION_FIELDS} != request.identity()
+            ):
                 raise AdaptionStateError(f"{path}: the saved state belongs to a different adaption request")
             self.data = stored
             self.resumed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -451,7 +452,7 @@ def _adapt_point(event) -> dict | None:
 
 
 def adaption_execute(*, run_id: int) -> AdaptionRun:
-    from engine.adaption import AdaptionRequest, run_adaption
+    from engine.adaption import run_adaption
 
     run = AdaptionRun.objects.select_related("supernet", "device", "support_set").get(pk=run_id)
     lease = job_claim(run)
@@ -466,30 +467,46 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
         progress = HistoryProgress(run, keep=_adapt_point, lease=lease)
 
         def search() -> None:
-            lut_path = _ensure_table(run, progress)
-            request = AdaptionRequest(
-                supernet=str(checkpoint_path(run.supernet)),
-                constraint=run.constraint,
-                budgets=tuple(run.budgets),
-                lut=str(lut_path) if lut_path else None,
-                preset=run.preset,
-                task_source="support" if run.support_set else "validation",
-                support=run.support_set.path if run.support_set else None,
-                measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
-                baseline_checkpoints=_baseline_checkpoints(run),
-                threads=settings.NASWEB_TORCH_THREADS,
-                search_workers=settings.NASWEB_SEARCH_WORKERS,
-            )
+            state_path = out / "state.json"
+            request = _adaption_request(run, state_path, progress)
             AdaptionRun.objects.filter(pk=run.pk).update(request=request.to_dict())
-            result = run_adaption(
-                request, out_dir=out / "result", progress=progress, state_path=out / "state.json"
-            )
+            result = run_adaption(request, out_dir=out / "result", progress=progress, state_path=state_path)
             progress.flush()
             lease.check()
             _store_adaption_result(run, result, extra_baselines=_metanas_references(run))
 
         # ValueError: bad input discovered late (budget infeasible, LUT mismatch, ...)
         return _run_to_the_end(run, lease, progress, search, input_errors=True)
+
+
+def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgress):
+    """The engine request of this attempt: a new one, or on resume the one the saved state is of.
+
+    Resuming keeps the request fixed on the first attempt (its LUT file, its baseline checkpoints):
+    rebuilding it could differ - a baseline run finished meanwhile, the device was re-profiled - and
+    the saved state would rightly refuse it. Only how to run it comes from this worker."""
+    from engine.adaption import AdaptionRequest
+
+    if run.request and state_path.exists():
+        return replace(
+            AdaptionRequest.from_dict(run.request),
+            threads=settings.NASWEB_TORCH_THREADS,
+            search_workers=settings.NASWEB_SEARCH_WORKERS,
+        )
+    lut_path = _ensure_table(run, progress)
+    return AdaptionRequest(
+        supernet=str(checkpoint_path(run.supernet)),
+        constraint=run.constraint,
+        budgets=tuple(run.budgets),
+        lut=str(lut_path) if lut_path else None,
+        preset=run.preset,
+        task_source="support" if run.support_set else "validation",
+        support=run.support_set.path if run.support_set else None,
+        measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
+        baseline_checkpoints=_baseline_checkpoints(run),
+        threads=settings.NASWEB_TORCH_THREADS,
+        search_workers=settings.NASWEB_SEARCH_WORKERS,
+    )
 
 
 def _metanas_references(run: AdaptionRun) -> list[dict[str, Any]]:

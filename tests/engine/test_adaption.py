@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -344,8 +345,10 @@ def test_resume_after_cancellation_equals_the_uninterrupted_run(world, adapted):
         run_adaption(request, out_dir=out, progress=in_second_budget, state_path=state)
     assert state.exists() and not out.exists()  # nothing but the state is written before the end
     while_evaluating = CancelAt("adapt_stage", 3)  # 2 random searches done, first test evaluation done
+    # Resumed by a worker that runs the search in 2 processes: how it runs is not what it computes.
+    on_another_worker = replace(request, search_workers=2)
     with pytest.raises(JobCancelled):
-        run_adaption(request, out_dir=out, progress=while_evaluating, state_path=state)
+        run_adaption(on_another_worker, out_dir=out, progress=while_evaluating, state_path=state)
     resumed_generations = while_evaluating.events.of_kind("adapt")
     assert resumed_generations[0]["current"] == 10  # continued after the last finished generation
     final = run_adaption(request, out_dir=out, progress=ListProgress(), state_path=state)

@@ -1,0 +1,74 @@
+"""A resumed adaption runs the request its saved state is of, not one rebuilt from today's database.
+
+Seen in CI: a MAML++ baseline of the same task finished between the first attempt (killed) and the
+second; the rebuilt request listed its checkpoint, the saved state refused it as "a different
+adaption request" and the run failed instead of resuming.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+
+from devices import services as device_services
+from devices.models import Device
+from engine.adaption import AdaptionRequest
+from engine.meta.train import CHECKPOINT_NAME
+from nasweb.core.models import JobStatus
+from nasweb.runs import services
+from nasweb.runs.models import AdaptionRun, MetaTrainingRun, Method
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def adaption(tmp_path):
+    owner = get_user_model().objects.create_user("resumer", password="pw-resumer-123")
+    device_services.seed_builtin_devices()
+    supernet = MetaTrainingRun.objects.create(
+        owner=owner, method=Method.HMETANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED,
+        space={"num_classes": 5, "in_channels": 1, "image_size": 28}, out_dir=str(tmp_path / "supernet"),
+    )  # fmt: skip
+    run = AdaptionRun.objects.create(
+        owner=owner, supernet=supernet, device=Device.objects.get(builtin_key="eyeriss"),
+        constraint="params", budgets=[3000.0, 5000.0], status=JobStatus.RUNNING, out_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    return run
+
+
+def _finished_baseline(run: AdaptionRun, folder) -> str:
+    """A MAML++ baseline of the run's task, visible to its owner, with its checkpoint on disk."""
+    MetaTrainingRun.objects.create(
+        owner=run.owner, method=Method.MAMLPP, ways=run.supernet.ways, preset="tiny", spec={},
+        status=JobStatus.SUCCEEDED, out_dir=str(folder),
+    )  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_NAME).write_bytes(b"checkpoint")
+    return str(folder / CHECKPOINT_NAME)
+
+
+def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
+    checkpoint = _finished_baseline(adaption, tmp_path / "baseline")
+    request = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    assert request.baseline_checkpoints == (checkpoint,)  # the measured reference point is included
+    assert request.budgets == (3000.0, 5000.0) and request.lut is None
+
+
+def test_a_resumed_attempt_keeps_the_saved_request_and_takes_only_how_to_run_it(adaption, tmp_path):
+    first = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    stored = {**first.to_dict(), "threads": 7, "search_workers": 5}  # another worker's machine
+    AdaptionRun.objects.filter(pk=adaption.pk).update(request=stored)
+    adaption.refresh_from_db()
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    _finished_baseline(adaption, tmp_path / "baseline")  # finished while the first worker was dead
+
+    resumed = services._adaption_request(adaption, state, progress=None)
+    assert resumed.identity() == AdaptionRequest.from_dict(stored).identity()
+    assert resumed.baseline_checkpoints == ()  # not the baseline that appeared in between
+    assert (resumed.threads, resumed.search_workers) == (
+        settings.NASWEB_TORCH_THREADS,
+        settings.NASWEB_SEARCH_WORKERS,
+    )
