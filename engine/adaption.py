@@ -326,10 +326,7 @@ class AdaptionRequest:
 
         A run resumed by another worker (other cores, other ``NASWEB_SEARCH_WORKERS``) is still
         the same request; everything else must match the saved state."""
-        data = self.to_dict()
-        for name in EXECUTION_FIELDS:
-            data.pop(name, None)
-        return data
+        return request_identity(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdaptionRequest:
@@ -458,6 +455,11 @@ class AdaptionResult:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise AdaptionStateError(f"{path}: not a readable adaption result ({error!r})") from None
+
+
+def request_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A request's JSON without :data:`EXECUTION_FIELDS` (see :meth:`AdaptionRequest.identity`)."""
+    return {name: value for name, value in data.items() if name not in EXECUTION_FIELDS}
 
 
 # --------------------------------------------------------------------------- preparation
@@ -743,10 +745,7 @@ class _StateFile:
             if not isinstance(stored, dict) or stored.get("version") != STATE_VERSION:
                 raise AdaptionStateError(f"{path}: not an adaption state of version {STATE_VERSION}")
             saved_request = stored.get("request")
-            if (
-                not isinstance(saved_request, dict)
-                or {k: v for k, v in saved_request.items() if k not in EXECUTION_FIELDS} != request.identity()
-            ):
+            if not isinstance(saved_request, dict) or request_identity(saved_request) != request.identity():
                 raise AdaptionStateError(f"{path}: the saved state belongs to a different adaption request")
             self.data = stored
             self.resumed = True
