@@ -185,10 +185,8 @@ class ProcessFitness:
                     try:
                         status, payload = _read_message(worker.results_fd)
                     except EOFError:
-                        self.close()
                         raise WorkerError(f"fitness worker {worker.pid} died") from None
                     if status != "ok":
-                        self.close()
                         raise WorkerError(f"fitness worker {worker.pid} failed: {payload}")
                     results[start : start + count] = payload
                     self._send(worker, pending, busy, selector)
