@@ -257,3 +257,22 @@ def test_cuda_subnet_equals_supernet():
             sub = extract_subnet(net, arch, step=1)
             with torch.no_grad():
                 torch.testing.assert_close(sub(x), net(x, arch, step=1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [28, 27, 14])
+def test_strided_1x1_elastic_conv_equals_the_strided_convolution(size):
+    """The 1x1 stride-2 path (pixels kept, then a 1x1 conv; oneDNN's strided 1x1 weight gradient
+    corrupted the heap on torch 2.13) gives the strided convolution's output and weight gradient."""
+    torch.manual_seed(0)
+    conv = ElasticConv2d(3, 8, 5)
+    x = torch.randn(4, 2, size, size)
+    out = conv(x, 6, 1, 2)
+    (grad_weight,) = torch.autograd.grad(out.square().sum(), [conv.weight])
+    weight = conv.weight.detach()[:6, :2, 2:3, 2:3].clone().requires_grad_(True)
+    with torch.backends.mkldnn.flags(enabled=False):  # the reference must not take the faulty path
+        expected = F.conv2d(x, weight, None, 2, 0)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), [weight])
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_weight[:6, :2, 2:3, 2:3], expected_grad)
+    assert grad_weight[6:].abs().sum() == 0 and grad_weight[:, :, :2].abs().sum() == 0
