@@ -6,8 +6,10 @@ then reports test accuracy ± 95 % CI over ``--eval-tasks`` test tasks (MAML++ c
 split, 600 tasks by default) for the baseline, the super-net's largest sub-net and a small
 sub-net, with parameters and MACs of each.
 
-The number of meta-iterations is set from a short timing of this machine so the cosine
-schedule and progressive shrinking span the whole budget (a run is cut if it overshoots).
+The number of meta-iterations is set from a short timing of this machine (each kind of step:
+first/second order, largest/sampled sub-net, averaged over the run's schedule;
+``benchmarks/_budget.py``) so the cosine schedule and progressive shrinking span the whole budget
+(a run is cut at 1.25x its share if it overshoots).
 
     python benchmarks/omniglot_accuracy.py --budget-minutes 60 [--preset cpu] [--threads 2]
     python benchmarks/omniglot_accuracy.py --quick          # tiny networks, ~1 minute
@@ -29,14 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._budget import meta_train_within  # noqa: E402
 from engine.cost import arch_macs, arch_params, count_macs, count_params  # noqa: E402
 from engine.meta.evaluate import evaluate  # noqa: E402
-from engine.meta.runs import EVAL_SEED_STREAM, RunSpec, build_run, task_source  # noqa: E402
-from engine.meta.train import meta_train  # noqa: E402
-from engine.progress import JobCancelled  # noqa: E402
+from engine.meta.runs import EVAL_SEED_STREAM, RunSpec, task_source  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 from engine.space import Arch, LayerChoice  # noqa: E402
 
@@ -53,54 +53,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def seconds_per_iteration(spec: RunSpec) -> float:
-    """Time two meta-iterations of a throwaway copy of the run (second order, the slower phase)."""
-    run = build_run(spec)
-    source, _ = task_source(spec, "train")
-    rng = np.random.default_rng(0)
-    kwargs = {"arch": run.space.largest()} if run.space is not None else {}
-    late_epoch = run.config.epochs  # second order, final-step loss
-    run.learner.meta_step(source(rng, run.config.meta_batch), epoch=late_epoch, forward_kwargs=kwargs)
-    start = time.perf_counter()
-    for _ in range(2):
-        run.learner.meta_step(source(rng, run.config.meta_batch), epoch=late_epoch, forward_kwargs=kwargs)
-    return (time.perf_counter() - start) / 2
-
-
 def train_and_evaluate(spec: RunSpec, budget_s: float, eval_tasks: int, out: Path) -> dict[str, Any]:
-    per_iteration = seconds_per_iteration(spec)
-    iterations = max(4, int(budget_s / per_iteration))
-    spec = spec.with_(iterations=iterations)
-    run = build_run(spec)
-    source, _ = task_source(spec, "train")
-    _, test_batches = task_source(spec, "test")
-    deadline = time.perf_counter() + 1.25 * budget_s
-
-    def stop_at_deadline(event: dict[str, Any]) -> None:
-        if time.perf_counter() > deadline:
-            raise JobCancelled()
-
     started = time.perf_counter()
-    completed = True
-    try:
-        result = meta_train(
-            run.learner, source, run.config, out_dir=out, space=run.space, progress=stop_at_deadline
-        )
-        done = result.iterations
-    except JobCancelled:
-        completed = False
-        done = json.loads((out / "metrics.json").read_text())["iteration"]
+    trained = meta_train_within(spec, budget_s, out)
+    spec, run, report = trained.spec, trained.run, trained.report
+    _, test_batches = task_source(spec, "test")
     train_s = time.perf_counter() - started
     seed = derive_seed(spec.seed, EVAL_SEED_STREAM)
-    report: dict[str, Any] = {
-        "backbone": spec.backbone,
-        "ways": spec.ways,
-        "iterations_planned": run.config.total_iterations,
-        "iterations_done": done,
-        "completed": completed,
-        "train_minutes": round(train_s / 60, 2),
-        "s_per_iteration_estimate": round(per_iteration, 3),
-    }
     channels, size = 1, 28
     if run.space is None:
         result_eval = evaluate(run.learner, test_batches(eval_tasks, 8, seed))
