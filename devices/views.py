@@ -106,6 +106,7 @@ def device_table_json(request, pk: int):
         {
             "device": device.name,
             "overhead_ms": table.table.get("overhead_ms", 0.0),
+            "per_layer_ms": table.table.get("per_layer_ms", 0.0),
             "metadata": table.table.get("metadata", {}),
             "layers": by_op,
             "accuracy": {k: v for k, v in (table.accuracy or {}).items() if k != "samples"},

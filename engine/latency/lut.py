@@ -3,7 +3,7 @@
 A table maps every distinct layer a search space can produce (``LayerSpec.key``) to its measured
 latency on one device. A sub-network's latency is predicted as
 
-    predict(arch) = overhead_ms + sum(entries[spec.key] for spec in space.layer_specs(arch))
+    predict(arch) = overhead_ms + sum(entries[spec.key] + per_layer_ms for spec in space.layer_specs(arch))
 
 so a search never runs a candidate on the device. The table is built once per device (resumable:
 only missing keys are measured), stored as JSON with the metadata needed to judge it later
@@ -70,10 +70,15 @@ class LatencyTable:
     overhead_ms: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] | None = None
+    #: Correction added to every layer of a network (see ``fit_overhead``); usually <= 0 because
+    #: each entry, timed alone, carries one call's cost that a whole network pays only once.
+    per_layer_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.overhead_ms):
             raise LatencyTableError(f"overhead_ms must be finite, got {self.overhead_ms!r}")
+        if not math.isfinite(self.per_layer_ms):
+            raise LatencyTableError(f"per_layer_ms must be finite, got {self.per_layer_ms!r}")
         for key, ms in self.entries.items():
             if not valid_ms(ms):
                 raise LatencyTableError(f"entry {key!r} must be a finite positive ms, got {ms!r}")
@@ -109,13 +114,13 @@ class LatencyTable:
         for spec in specs:
             key = spec.key
             try:
-                total += self.entries[key]
+                total += self.entries[key] + self.per_layer_ms
             except KeyError:
                 raise MissingLatencyEntry(key, self.device) from None
         return total
 
     def predict(self, space: SearchSpace | None, arch: Arch) -> float:
-        """Predicted latency (ms) of ``arch``: overhead + sum of its layers' entries.
+        """Predicted latency (ms) of ``arch``: overhead + sum of its layers' (entry + per-layer term).
 
         ``space`` may be ``None`` to use the search space recorded in the table's metadata.
         """
@@ -127,6 +132,7 @@ class LatencyTable:
             "format": FORMAT_VERSION,
             "device": self.device,
             "overhead_ms": self.overhead_ms,
+            "per_layer_ms": self.per_layer_ms,
             "metadata": self.metadata,
             "accuracy": self.accuracy,
             "entries": dict(sorted(self.entries.items())),
@@ -141,6 +147,7 @@ class LatencyTable:
                 device=str(data["device"]),
                 entries={str(k): v for k, v in data["entries"].items()},
                 overhead_ms=float(data.get("overhead_ms", 0.0)),
+                per_layer_ms=float(data.get("per_layer_ms", 0.0)),
                 metadata=dict(data.get("metadata") or {}),
                 accuracy=data.get("accuracy"),
             )
@@ -226,23 +233,51 @@ def fit_overhead(
     table: LatencyTable,
     measured: Sequence[tuple[Arch, float]],
 ) -> float:
-    """Set ``table.overhead_ms`` to the median of (measured end-to-end - sum of layer entries).
+    """Fit the per-network ``overhead_ms`` and ``per_layer_ms`` terms to end-to-end timings.
 
-    The per-network term absorbs what per-layer timing cannot see (the one call into the
-    network, pooling/flatten glue, cache effects between layers). The median keeps one noisy
-    end-to-end timing from skewing it. Returns the new overhead.
+    Each residual r = measured - sum(entries) of a network with L layers is modelled as
+    ``overhead + L * per_layer``. The overhead absorbs what per-layer timing cannot see (the one
+    call into the network, pooling/flatten glue); the per-layer term mostly removes the call cost
+    that every entry, timed on its own, carries once per layer (so it is usually negative). A
+    single constant fitted on deep networks came out negative and predicted small networks
+    below zero. The fit is robust like a median: Theil-Sen (median of pairwise slopes over
+    networks of different depth, then the median intercept). When all networks have the same
+    depth, only the constant is fitted. Physical bounds are kept: the overhead is never negative
+    (a negative residual is put on the layers instead) and no layer's corrected entry drops
+    below a tenth of its measured value, so every prediction stays positive. Returns the overhead.
     """
     if not measured:
         raise LatencyTableError("fit_overhead needs at least one (arch, measured ms) pair")
-    residuals = []
+    residuals: list[float] = []
+    depths: list[int] = []
     for arch, ms in measured:
         if not valid_ms(ms):
             raise LatencyTableError(f"measured latency must be a finite positive ms, got {ms!r}")
-        layers = sum(table.entries[spec.key] for spec in space.layer_specs(arch))
-        residuals.append(ms - layers)
-    table.overhead_ms = float(statistics.median(residuals))
-    table.metadata["overhead_fit"] = {"networks": len(residuals), "residuals_ms": residuals}
-    return table.overhead_ms
+        entries = [table.entries[spec.key] for spec in space.layer_specs(arch)]
+        residuals.append(ms - sum(entries))
+        depths.append(len(entries))
+    slopes = [
+        (residuals[j] - residuals[i]) / (depths[j] - depths[i])
+        for i in range(len(residuals))
+        for j in range(i + 1, len(residuals))
+        if depths[i] != depths[j]
+    ]
+    per_layer = float(statistics.median(slopes)) if slopes else 0.0
+    overhead = float(statistics.median(r - per_layer * d for r, d in zip(residuals, depths, strict=True)))
+    if overhead < 0:
+        overhead = 0.0
+        per_layer = float(statistics.median(r / d for r, d in zip(residuals, depths, strict=True)))
+    per_layer = max(per_layer, -0.9 * min(table.entries.values()))
+    table.overhead_ms = overhead
+    table.per_layer_ms = per_layer
+    table.metadata["overhead_fit"] = {
+        "networks": len(residuals),
+        "residuals_ms": residuals,
+        "layers": depths,
+        "overhead_ms": overhead,
+        "per_layer_ms": per_layer,
+    }
+    return overhead
 
 
 def error_metrics(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:

@@ -143,18 +143,66 @@ def test_build_rejects_invalid_measurements(bad):
         build_lut(small_space(), lambda spec: bad)
 
 
-def test_fit_overhead_is_median_residual():
+def _archs_with_depth(space, count, seed=0):
+    """Random archs of ``space`` grouped by how many LayerSpecs (layers + head) they have."""
+    rngs = make_rngs(seed)
+    by_depth: dict[int, list[Arch]] = {}
+    while sum(len(v) for v in by_depth.values()) < count * 4:
+        arch = space.sample(rngs.numpy)
+        by_depth.setdefault(len(space.layer_specs(arch)), []).append(arch)
+    return by_depth
+
+
+def test_fit_overhead_is_median_residual_when_all_networks_have_one_depth():
     space = small_space()
     table = build_lut(space, CountingMeasure())
-    rngs = make_rngs(0)
-    archs = [space.sample(rngs.numpy) for _ in range(5)]
+    depth, archs = max(_archs_with_depth(space, 5).items(), key=lambda item: len(item[1]))
+    archs = archs[:5]
+    assert len(archs) == 5
     sums = [table.predict(space, arch) for arch in archs]
     residuals = [0.1, 0.2, 0.3, 0.4, 5.0]
     overhead = fit_overhead(
         space, table, [(a, s + r) for a, s, r in zip(archs, sums, residuals, strict=True)]
     )
     assert overhead == pytest.approx(0.3)
+    assert table.per_layer_ms == 0.0
     assert table.predict(space, archs[0]) == pytest.approx(sums[0] + 0.3)
+
+
+def test_fit_overhead_recovers_a_per_network_and_a_per_layer_term_despite_an_outlier():
+    space = small_space()
+    table = build_lut(space, CountingMeasure())
+    by_depth = _archs_with_depth(space, 6)
+    assert len(by_depth) >= 3, by_depth.keys()
+    archs = [arch for group in by_depth.values() for arch in group[:3]]
+    sums = [table.predict(space, arch) for arch in archs]
+    measured = [s + 0.05 - 0.0005 * len(space.layer_specs(a)) for a, s in zip(archs, sums, strict=True)]
+    measured[0] += 10.0  # one timing disturbed by another process
+    fit_overhead(space, table, list(zip(archs, measured, strict=True)))
+    assert table.overhead_ms == pytest.approx(0.05)
+    assert table.per_layer_ms == pytest.approx(-0.0005)
+    for arch, ms in zip(archs[1:], measured[1:], strict=True):
+        assert table.predict(space, arch) == pytest.approx(ms)
+    restored = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert restored.per_layer_ms == table.per_layer_ms
+    assert restored.predict(space, archs[1]) == pytest.approx(table.predict(space, archs[1]))
+
+
+def test_fit_overhead_never_predicts_a_network_at_or_below_zero():
+    # CI: entries timed alone each carry a call cost; fitted on deep networks as one constant, the
+    # overhead came out negative and a depth-1 network was predicted at -0.036 ms.
+    space = small_space()
+    table = build_lut(space, CountingMeasure())
+    by_depth = _archs_with_depth(space, 6)
+    deepest = max(by_depth)
+    archs = by_depth[deepest][:5]
+    measured = [0.2 * table.predict(space, arch) for arch in archs]  # far below the layer sum
+    overhead = fit_overhead(space, table, list(zip(archs, measured, strict=True)))
+    assert overhead == 0.0
+    assert table.per_layer_ms < 0
+    rngs = make_rngs(3)
+    for _ in range(200):
+        assert table.predict(space, space.sample(rngs.numpy)) > 0
 
 
 def test_error_metrics():
