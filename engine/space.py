@@ -362,6 +362,17 @@ class SearchSpace:
             raise ValueError("base_channels and strides need one entry per layer")
         if len(self.base_channels) % LAYERS_PER_DEPTH[self.backbone]:
             raise ValueError(f"{self.backbone} needs a multiple of {LAYERS_PER_DEPTH[self.backbone]} layers")
+        empty = [
+            (index, width)
+            for index, base in enumerate(self.base_channels)
+            for width in self.allowed_widths(index)
+            if round(base * width) < 1
+        ]
+        if empty:
+            index, width = empty[0]
+            raise ValueError(
+                f"width {width} of layer {index} ({self.base_channels[index]} base channels) leaves no channel"
+            )
         sizes = [self.image_size]
         for stride in self.strides:
             sizes.append(conv_out_size(sizes[-1], 1, stride))  # odd kernels: size independent of k

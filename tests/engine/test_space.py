@@ -308,3 +308,11 @@ def test_size_is_the_product_formula():
         per_layer = [space.options_per_layer(i) for i in range(space.n_layers)]
         assert space.size() == math.prod(per_layer) * len(space.depths)
         assert space.distinct_size() <= space.size()
+
+
+def test_a_width_that_leaves_no_channel_is_refused():
+    with pytest.raises(ValueError, match="leaves no channel"):
+        SearchSpace(
+            backbone="vgg9", in_channels=1, image_size=12, num_classes=3, pool_size=1,
+            kernels=(3,), widths=(0.125, 0.25), activations=("relu",), base_channels=(4,) * 4, strides=(2,) * 4,
+        )  # fmt: skip
