@@ -112,7 +112,9 @@ class ElasticConv2d(nn.Module):
 
     def sub_weight(self, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
         """View of the shared weight used by a (in_channels, out_channels, kernel) sub-layer."""
-        start = (self.max_kernel - kernel) // 2
+        # The stored tensor's own size, not max_kernel: a caller may substitute a weight that is
+        # already cropped to the sub-net (SuperNet.sliced_parameters), and the crop must then be a no-op.
+        start = (self.weight.shape[-1] - kernel) // 2
         return self.weight[:out_channels, :in_channels, start : start + kernel, start : start + kernel]
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int, stride: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ Parameter names (stable, used e.g. for per-layer learning rates):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +125,41 @@ class SuperNet(nn.Module):
         if len(self._plans) > _PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         return plan
+
+    def sliced_parameters(
+        self, arch: Arch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The parameters sub-net ``arch`` uses, each cut to exactly the part it reads.
+
+        Passed to ``functional_call(self, ...)`` in place of the full tensors, they give the same
+        logits (every elastic op's slice of an already-cut tensor is the whole tensor) and their
+        gradients are the used part of the full gradients. An inner loop on them does the same
+        arithmetic as on the full tensors without allocating, and updating, the unused parts.
+        ``params`` defaults to this module's own; the BN rows of every inner step are kept.
+        """
+        params = dict(self.named_parameters()) if params is None else params
+        sliced: dict[str, torch.Tensor] = {}
+
+        def conv_bn(prefix: str, in_channels: int, out_channels: int, kernel: int) -> None:
+            weight = params[f"{prefix}.conv.weight"]
+            start = (weight.shape[-1] - kernel) // 2
+            sliced[f"{prefix}.conv.weight"] = weight[
+                :out_channels, :in_channels, start : start + kernel, start : start + kernel
+            ]
+            for name in ("weight", "bias"):
+                sliced[f"{prefix}.bn.{name}"] = params[f"{prefix}.bn.{name}"][:, :out_channels]
+
+        channels = self.space.in_channels
+        for block in self.plan(arch):
+            block_in = channels
+            for conv in block.convs:
+                conv_bn(f"layers.{conv.layer}", channels, conv.out_channels, conv.kernel)
+                channels = conv.out_channels
+            if block.shortcut >= 0:
+                conv_bn(f"shortcuts.{block.shortcut}", block_in, channels, 1)
+        sliced["head.weight"] = params["head.weight"][:, :channels]
+        sliced["head.bias"] = params["head.bias"]
+        return sliced
 
     def forward(self, x: torch.Tensor, arch: Arch, step: int = 0, track_stats: bool = True) -> torch.Tensor:
         """Logits of sub-net ``arch`` using BN step ``step`` (``track_stats=False``: no running-stat update)."""

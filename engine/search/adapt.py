@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from engine.cost import arch_macs, arch_params
 from engine.progress import ProgressCallback, null_progress
@@ -38,6 +38,13 @@ from engine.search.evolution import FitnessFn, GAConfig, SearchResult, run_ga
 
 Params = dict[str, torch.Tensor]
 ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
+#: ``loss_fn(params, x, y, step)``: one task's cross-entropy with BN step ``step``.
+BatchedLossFn = Callable[[Params, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+#: Largest activation (images x channels x pixels of the network input) that one vmapped chunk of
+#: tasks may reach. It bounds memory at ~32 MB per saved tensor; small sub-nets on Omniglot score a
+#: whole 16-task slice in one chunk, the widest paper-size ones a few tasks at a time.
+MAX_BATCHED_ELEMENTS = 1 << 23
 
 
 class AdaptionInputError(ValueError):
@@ -103,11 +110,42 @@ class LslrInnerLoop:
                 leaves = {name: fast[name].detach().requires_grad_(True) for name in names}
                 loss = F.cross_entropy(forward({**fast, **leaves}, support_x, step), support_y)
                 grads = torch.autograd.grad(loss, [leaves[name] for name in names], allow_unused=True)
-            for name, grad in zip(names, grads, strict=True):
+            for name, gradient in zip(names, grads, strict=True):
                 leaf = leaves[name].detach()
                 # Layers the sub-net does not use get no gradient: nothing to adapt there.
-                fast[name] = leaf if grad is None else leaf - self.rate(name, step) * grad
+                fast[name] = leaf if gradient is None else leaf - self.rate(name, step) * gradient
         return fast
+
+    def adapt_batched(
+        self, loss_fn: BatchedLossFn, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> tuple[Params, Params]:
+        """The same rule on a stack of tasks at once (``support_x``: ``[tasks, n, ...]``).
+
+        ``loss_fn(params, x, y, step)`` is one task's support loss; ``torch.func.vmap`` runs it,
+        and its gradient, over the task dimension. Every task starts from the same ``params``
+        (not batched at step 0). Returns ``(fixed, fast)``: the parameters that do not adapt, and
+        the adapted ones with a leading task dimension. Only names present in ``params`` adapt (a
+        sliced sub-net holds just the tensors it uses; the others would get no gradient anyway).
+        """
+        wanted = params if self.adapted_names is None else self.adapted_names
+        names = [name for name in wanted if name in params]
+        fixed = {name: tensor.detach() for name, tensor in params.items() if name not in names}
+        fast = {name: params[name].detach() for name in names}
+        batched = False
+        for step in range(self.steps):
+
+            def support_loss(
+                adapted: Params, x: torch.Tensor, y: torch.Tensor, step: int = step
+            ) -> torch.Tensor:
+                return loss_fn({**fixed, **adapted}, x, y, step)
+
+            with torch.enable_grad():
+                grads = vmap(grad(support_loss), in_dims=(0 if batched else None, 0, 0))(
+                    fast, support_x, support_y
+                )
+            fast = {name: fast[name] - self.rate(name, step) * grads[name] for name in names}
+            batched = True
+        return fixed, fast
 
 
 def inner_loop_from_learner(learner: Any, steps: int | None = None) -> LslrInnerLoop:
@@ -226,22 +264,101 @@ class SuperNetScorer:
         return forward
 
     def score(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
+        """Query loss and accuracy of ``arch`` after the inner loop on each task's support set.
+
+        Tasks of one shape are scored together (:meth:`score_batched`), in chunks; otherwise, or
+        when the inner loop has no batched form, one by one (:meth:`score_each`). Both do the
+        same arithmetic (tests compare them); the batched one sends every operation through
+        PyTorch once per chunk instead of once per task, and adapts only the sliced sub-net.
+        """
+        tasks = slice_tasks(tasks)
+        if not tasks:
+            raise AdaptionInputError("no tasks to score the architecture on")
+        tensors = [tuple(task_tensors(task)) for task in tasks]
+        uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
+        if not (
+            uniform
+            and hasattr(self.inner_loop, "adapt_batched")
+            and hasattr(self.supernet, "sliced_parameters")
+        ):
+            return self.score_each(arch, tasks)
+        losses, accuracies = [], []
+        per_chunk = self.tasks_per_chunk(arch, tensors[0][0])
+        for start in range(0, len(tensors), per_chunk):
+            chunk_losses, chunk_accuracies = self.score_batched(arch, tensors[start : start + per_chunk])
+            losses.extend(chunk_losses)
+            accuracies.extend(chunk_accuracies)
+        return ArchScore(
+            loss=sum(losses) / len(losses),
+            accuracy=sum(accuracies) / len(accuracies),
+            task_accuracies=tuple(accuracies),
+        )
+
+    def tasks_per_chunk(self, arch: Any, support_x: torch.Tensor) -> int:
+        space = self.supernet.space
+        widest = max(space.channels(arch, index) for index in range(arch.n_used_layers))
+        per_task = support_x.shape[0] * widest * support_x.shape[-1] * support_x.shape[-2]
+        return max(1, MAX_BATCHED_ELEMENTS // max(1, per_task))
+
+    def _check_labels(self, support_y: torch.Tensor) -> None:
+        num_classes = getattr(getattr(self.supernet, "space", None), "num_classes", None)
+        if num_classes is not None and int(support_y.max()) >= num_classes:
+            raise AdaptionInputError(
+                f"task labels go up to {int(support_y.max())} but the super-net is {num_classes}-way"
+            )
+
+    def score_batched(
+        self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
+    ) -> tuple[list[float], list[float]]:
+        """Per-task query losses and accuracies of ``arch`` on same-shape tasks, all at once."""
+        supernet, bn_steps = self.supernet, self.bn_steps
+        device = supernet.head.weight.device
+        support_x, support_y, query_x, query_y = (
+            torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
+        )
+        self._check_labels(support_y)
+        params = {name: tensor.detach() for name, tensor in supernet.sliced_parameters(arch).items()}
+        buffers = {name: b.detach() for name, b in supernet.named_buffers()}
+
+        def logits_of(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+            # Steps beyond the super-net's per-step BN rows reuse its last row (MAML++ convention).
+            return functional_call(
+                supernet,
+                (params, buffers),
+                (x,),
+                {"arch": arch, "step": min(step, bn_steps - 1), "track_stats": False},
+            )
+
+        def task_loss(params: Params, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+            return F.cross_entropy(logits_of(params, x, step), y)
+
+        with batch_statistics(supernet):
+            fixed, fast = self.inner_loop.adapt_batched(task_loss, params, support_x, support_y)
+            with torch.no_grad():
+
+                def query_logits(adapted: Params, x: torch.Tensor) -> torch.Tensor:
+                    return logits_of({**fixed, **adapted}, x, self.query_step)
+
+                logits = vmap(query_logits)(fast, query_x)
+        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
+        losses = losses.view(query_y.shape).mean(dim=1)
+        accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
+        return [float(v) for v in losses], [float(v) for v in accuracies]
+
+    def score_each(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
+        """The reference: one task at a time, the inner loop on the full super-net tensors."""
         tasks = slice_tasks(tasks)
         if not tasks:
             raise AdaptionInputError("no tasks to score the architecture on")
         params = {name: p.detach() for name, p in self.supernet.named_parameters()}
         buffers = {name: b.detach() for name, b in self.supernet.named_buffers()}
         forward = self._forward(arch, buffers)
-        num_classes = getattr(getattr(self.supernet, "space", None), "num_classes", None)
         device = next(iter(params.values())).device
         losses, accuracies = [], []
         with batch_statistics(self.supernet):
             for task in tasks:
                 support_x, support_y, query_x, query_y = (t.to(device) for t in task_tensors(task))
-                if num_classes is not None and int(support_y.max()) >= num_classes:
-                    raise AdaptionInputError(
-                        f"task labels go up to {int(support_y.max())} but the super-net is {num_classes}-way"
-                    )
+                self._check_labels(support_y)
                 fast = self.inner_loop(forward, params, support_x, support_y)
                 with torch.no_grad():
                     logits = forward(fast, query_x, self.query_step)

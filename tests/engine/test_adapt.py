@@ -177,3 +177,51 @@ def test_learner_inner_loop_matches_the_maml_learner_evaluation(setup):
     assert fitness(arch, 0) == pytest.approx(score.loss)
     with pytest.raises(AdaptionInputError, match="rates for 3"):
         inner_loop_from_learner(learner, steps=4)
+
+
+@pytest.mark.parametrize("backbone", ["vgg9", "resnet12"])
+@pytest.mark.parametrize("max_elements", [None, 1])
+def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_elements, monkeypatch):
+    """The production path (sliced sub-net, tasks vmapped, in chunks) against the reference loop."""
+    import engine.search.adapt as adapt
+
+    if max_elements is not None:  # one task per chunk
+        monkeypatch.setattr(adapt, "MAX_BATCHED_ELEMENTS", max_elements)
+    torch.manual_seed(4)
+    space = tiny_space()
+    if backbone == "resnet12":  # two residual blocks of three convs
+        space = SearchSpace(
+            **{
+                **space.to_dict(),
+                "backbone": backbone,
+                "base_channels": (8,) * 3 + (16,) * 3,
+                "strides": (2, 1, 1) * 2,
+            }
+        )
+    net = SuperNet(space, bn_steps=2)
+    generator = torch.Generator().manual_seed(2)
+    tasks = [make_task(generator) for _ in range(5)]
+    rates = {
+        name: torch.tensor([0.3, 0.1, 0.2]) * (1 + i % 2)
+        for i, (name, _) in enumerate(net.named_parameters())
+    }
+    inner = LslrInnerLoop(
+        steps=3,
+        learning_rates=rates,
+        adapted_names=[name for name, _ in net.named_parameters() if ".bn." not in name][:-1],
+    )
+    scorer = SuperNetScorer(net, inner)
+    rng = np.random.default_rng(7)
+    for arch in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(6)]:
+        batched, each = scorer.score(arch, tasks), scorer.score_each(arch, tasks)
+        assert batched.loss == pytest.approx(each.loss, rel=1e-5, abs=1e-6), arch
+        assert batched.task_accuracies == each.task_accuracies, arch
+
+
+def test_tasks_of_different_shapes_are_scored_one_by_one(setup):
+    space, net, tasks = setup
+    generator = torch.Generator().manual_seed(9)
+    mixed = tasks[:2] + [make_task(generator, shots=1, queries=2)]
+    scorer = SuperNetScorer(net, LslrInnerLoop(steps=2, default_lr=0.2))
+    arch = space.sample(np.random.default_rng(2))
+    assert scorer.score(arch, mixed) == scorer.score_each(arch, mixed)

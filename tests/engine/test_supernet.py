@@ -276,3 +276,39 @@ def test_strided_1x1_elastic_conv_equals_the_strided_convolution(size):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad_weight[:6, :2, 2:3, 2:3], expected_grad)
     assert grad_weight[6:].abs().sum() == 0 and grad_weight[:, :, :2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backbone", ["vgg9", "resnet12"])
+def test_sliced_parameters_give_the_same_logits_and_the_used_part_of_the_gradients(backbone):
+    torch.manual_seed(0)
+    layers = {"vgg9": ((8,) * 4, (2,) * 4), "resnet12": ((4,) * 3 + (8,) * 3, (2, 1, 1) * 2)}[backbone]
+    space = SearchSpace(
+        backbone=backbone, in_channels=1, image_size=12, num_classes=3, pool_size=2,
+        kernels=(1, 3, 5), widths=(0.25, 0.5, 1.0), activations=("relu", "elu"),
+        base_channels=layers[0], strides=layers[1],
+    )  # fmt: skip
+    net = SuperNet(space, bn_steps=2).train()
+    x = torch.randn(4, 1, 12, 12)
+    rngs = make_rngs(1)
+    for arch in [space.largest(), space.smallest()] + [space.sample(rngs.numpy) for _ in range(5)]:
+        sliced = {
+            name: t.detach().clone().requires_grad_(True) for name, t in net.sliced_parameters(arch).items()
+        }
+        kwargs = {"arch": arch, "step": 1, "track_stats": False}
+        full_logits = net(x, **kwargs)
+        sliced_logits = functional_call(net, sliced, (x,), kwargs)
+        torch.testing.assert_close(sliced_logits, full_logits)
+        net.zero_grad()
+        full_logits.sum().backward()
+        sliced_logits.sum().backward()
+        full = dict(net.named_parameters())
+        for name, tensor in sliced.items():
+            full_grad = full[name].grad
+            assert full_grad is not None, name
+            # The sliced tensor's gradient sits in the same corner/centre of the full one.
+            cut = net.sliced_parameters(arch, {n: p.grad for n, p in net.named_parameters()})[name]
+            torch.testing.assert_close(tensor.grad, cut)
+            # Nothing outside the slice is used: the full gradient has no other non-zero entries.
+            assert float(full_grad.abs().sum()) == pytest.approx(
+                float(cut.abs().sum()), rel=1e-5, abs=1e-7
+            ), name
