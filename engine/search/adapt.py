@@ -46,6 +46,10 @@ BatchedLossFn = Callable[[Params, torch.Tensor, torch.Tensor, int], torch.Tensor
 #: whole 16-task slice in one chunk, the widest paper-size ones a few tasks at a time.
 MAX_BATCHED_ELEMENTS = 1 << 23
 
+#: Score a slice's same-shape tasks together (the production path). ``False`` scores them one at a
+#: time on the full super-net tensors, the reference that benchmarks/ga_adaption.py times against.
+BATCHED_SCORING = True
+
 
 class AdaptionInputError(ValueError):
     """Tasks, slices or a latency table that do not fit the super-net or the search space."""
@@ -277,7 +281,8 @@ class SuperNetScorer:
         tensors = [tuple(task_tensors(task)) for task in tasks]
         uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
         if not (
-            uniform
+            BATCHED_SCORING
+            and uniform
             and hasattr(self.inner_loop, "adapt_batched")
             and hasattr(self.supernet, "sliced_parameters")
         ):
