@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.latency.lut import accuracy_report, build_lut, error_metrics, fit_overhead  # noqa: E402
+from engine.latency.lut import LatencyTable, accuracy_report, build_lut, error_metrics, fit_overhead  # noqa: E402
 from engine.latency.measure import ArchTimer, LayerTimer  # noqa: E402
 from engine.latency.predictor import train_predictor  # noqa: E402
 from engine.seeding import seed_everything  # noqa: E402
@@ -106,6 +106,19 @@ def main() -> None:
         f"noise floor (same sub-nets timed again): within ±10 % {100 * noise['within_10pct']:.1f} %, "
         f"MAPE {noise['mape']:.2f} %, MSE {noise['mse']:.3g} ms²"
     )
+    # Baseline calibration in the same run: one constant (the median residual of the same fit
+    # networks) instead of fit_overhead's per-network + per-layer terms, same table and sub-nets.
+    constant = LatencyTable.from_dict({**table.to_dict(), "per_layer_ms": 0.0})
+    residuals = table.metadata["overhead_fit"]["residuals_ms"]
+    constant.overhead_ms = statistics.median(residuals)
+    constant_metrics = error_metrics(
+        [constant.predict(space, Arch.from_dict(s["arch"])) for s in report["samples"]], measured
+    )
+    print(
+        f"fit: overhead {table.overhead_ms * 1e3:.2f} us + {table.per_layer_ms * 1e3:.2f} us per layer; "
+        f"a single constant ({constant.overhead_ms * 1e3:.2f} us) instead: within ±10 % "
+        f"{100 * constant_metrics['within_10pct']:.1f} %, MAPE {constant_metrics['mape']:.2f} %"
+    )
 
     # 3. OFA-style predictor: collect measured sub-nets, train, test on the same sub-nets.
     started = time.perf_counter()
@@ -135,6 +148,7 @@ def main() -> None:
         "lut_layers_s": round(layers_s, 3),
         "lut_entries": len(table),
         "overhead_ms": table.overhead_ms,
+        "per_layer_ms": table.per_layer_ms,
         "within_10pct": report["within_10pct"],
         "mape": report["mape"],
         "mse": lut_mse,
@@ -147,6 +161,8 @@ def main() -> None:
         "median_subnet_ms": statistics.median(measured),
         "noise_within_10pct": noise["within_10pct"],
         "noise_mape": noise["mape"],
+        "constant_fit_within_10pct": constant_metrics["within_10pct"],
+        "constant_fit_mape": constant_metrics["mape"],
         "threads": args.threads,
         "layer_repeats": layer_repeats,
         "net_repeats": net_repeats,
