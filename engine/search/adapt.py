@@ -316,23 +316,14 @@ class SuperNetScorer:
         self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
     ) -> tuple[list[float], list[float]]:
         """Per-task query losses and accuracies of ``arch`` on same-shape tasks, all at once."""
-        supernet, bn_steps = self.supernet, self.bn_steps
+        supernet = self.supernet
         device = supernet.head.weight.device
         support_x, support_y, query_x, query_y = (
             torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
         )
         self._check_labels(support_y)
         params = {name: tensor.detach() for name, tensor in supernet.sliced_parameters(arch).items()}
-        buffers = {name: b.detach() for name, b in supernet.named_buffers()}
-
-        def logits_of(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
-            # Steps beyond the super-net's per-step BN rows reuse its last row (MAML++ convention).
-            return functional_call(
-                supernet,
-                (params, buffers),
-                (x,),
-                {"arch": arch, "step": min(step, bn_steps - 1), "track_stats": False},
-            )
+        logits_of = self._forward(arch, {name: b.detach() for name, b in supernet.named_buffers()})
 
         def task_loss(params: Params, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
             return F.cross_entropy(logits_of(params, x, step), y)
