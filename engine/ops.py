@@ -95,6 +95,16 @@ class FixedAvgPool2d(nn.Module):
         return f"in_size={self.in_size}, out_size={self.out_size}"
 
 
+def crop_conv_weight(weight: torch.Tensor, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
+    """The leading ``out x in`` channels and the centred ``kernel x kernel`` part of a conv weight.
+
+    Centred on the tensor's own size, not a module's max kernel: a weight already cropped to a
+    sub-net (``SuperNet.sliced_parameters``) crops to itself, a no-op.
+    """
+    start = (weight.shape[-1] - kernel) // 2
+    return weight[:out_channels, :in_channels, start : start + kernel, start : start + kernel]
+
+
 class ElasticConv2d(nn.Module):
     """A conv whose weight is stored at the largest size; calls use a centred sub-kernel
     and the leading input/output channels (weight sharing across every sub-net)."""
@@ -112,10 +122,7 @@ class ElasticConv2d(nn.Module):
 
     def sub_weight(self, in_channels: int, out_channels: int, kernel: int) -> torch.Tensor:
         """View of the shared weight used by a (in_channels, out_channels, kernel) sub-layer."""
-        # The stored tensor's own size, not max_kernel: a caller may substitute a weight that is
-        # already cropped to the sub-net (SuperNet.sliced_parameters), and the crop must then be a no-op.
-        start = (self.weight.shape[-1] - kernel) // 2
-        return self.weight[:out_channels, :in_channels, start : start + kernel, start : start + kernel]
+        return crop_conv_weight(self.weight, in_channels, out_channels, kernel)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int, stride: int) -> torch.Tensor:
         weight = self.sub_weight(x.shape[-3], out_channels, kernel)

@@ -30,6 +30,7 @@ from engine.ops import (
     ElasticConv2d,
     ElasticLinear,
     FixedAvgPool2d,
+    crop_conv_weight,
     make_activation,
 )
 from engine.space import Arch, LayerSpec, SearchSpace
@@ -142,10 +143,7 @@ class SuperNet(nn.Module):
 
         def conv_bn(prefix: str, in_channels: int, out_channels: int, kernel: int) -> None:
             weight = params[f"{prefix}.conv.weight"]
-            start = (weight.shape[-1] - kernel) // 2
-            sliced[f"{prefix}.conv.weight"] = weight[
-                :out_channels, :in_channels, start : start + kernel, start : start + kernel
-            ]
+            sliced[f"{prefix}.conv.weight"] = crop_conv_weight(weight, in_channels, out_channels, kernel)
             for name in ("weight", "bias"):
                 sliced[f"{prefix}.bn.{name}"] = params[f"{prefix}.bn.{name}"][:, :out_channels]
 
