@@ -232,6 +232,15 @@ class ArchScore:
     accuracy: float
     task_accuracies: tuple[float, ...]
 
+    @classmethod
+    def of(cls, losses: Sequence[float], accuracies: Sequence[float]) -> ArchScore:
+        """Means over tasks of per-task query losses and accuracies."""
+        return cls(
+            loss=sum(losses) / len(losses),
+            accuracy=sum(accuracies) / len(accuracies),
+            task_accuracies=tuple(accuracies),
+        )
+
     @property
     def accuracy_ci95(self) -> float:
         """Half-width of the normal 95 % confidence interval of the mean task accuracy."""
@@ -293,11 +302,7 @@ class SuperNetScorer:
             chunk_losses, chunk_accuracies = self.score_batched(arch, tensors[start : start + per_chunk])
             losses.extend(chunk_losses)
             accuracies.extend(chunk_accuracies)
-        return ArchScore(
-            loss=sum(losses) / len(losses),
-            accuracy=sum(accuracies) / len(accuracies),
-            task_accuracies=tuple(accuracies),
-        )
+        return ArchScore.of(losses, accuracies)
 
     def tasks_per_chunk(self, arch: Any, support_x: torch.Tensor) -> int:
         space = self.supernet.space
@@ -360,11 +365,7 @@ class SuperNetScorer:
                     logits = forward(fast, query_x, self.query_step)
                     losses.append(float(F.cross_entropy(logits, query_y)))
                     accuracies.append(float((logits.argmax(dim=1) == query_y).float().mean()))
-        return ArchScore(
-            loss=sum(losses) / len(losses),
-            accuracy=sum(accuracies) / len(accuracies),
-            task_accuracies=tuple(accuracies),
-        )
+        return ArchScore.of(losses, accuracies)
 
 
 def supernet_fitness(
