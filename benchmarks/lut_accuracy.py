@@ -108,9 +108,10 @@ def main() -> None:
     )
     # Baseline calibration in the same run: one constant (the median residual of the same fit
     # networks) instead of fit_overhead's per-network + per-layer terms, same table and sub-nets.
-    constant = LatencyTable.from_dict({**table.to_dict(), "per_layer_ms": 0.0})
     residuals = table.metadata["overhead_fit"]["residuals_ms"]
-    constant.overhead_ms = statistics.median(residuals)
+    constant = LatencyTable.from_dict(
+        {**table.to_dict(), "overhead_ms": statistics.median(residuals), "per_layer_ms": 0.0}
+    )
     constant_metrics = error_metrics(
         [constant.predict(space, Arch.from_dict(s["arch"])) for s in report["samples"]], measured
     )
