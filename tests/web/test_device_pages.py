@@ -30,7 +30,11 @@ def board(users):
     from engine.latency.lut import LatencyTable
 
     table = LatencyTable(
-        device="jetson", entries=entries, overhead_ms=0.02, metadata={"search_space": job.space}
+        device="jetson",
+        entries=entries,
+        overhead_ms=0.02,
+        per_layer_ms=-0.003,
+        metadata={"search_space": job.space},
     )
     table.accuracy = {
         "n": 1,
@@ -78,6 +82,9 @@ def test_the_table_json_has_the_breakdown_and_the_scatter(client, board, users):
     assert sum(len(rows) for rows in data["layers"].values()) == 36
     assert data["samples"] == [{"predicted_ms": 1.0, "measured_ms": 1.01}]
     assert data["accuracy"]["within_10pct"] == 1.0
+    assert (data["overhead_ms"], data["per_layer_ms"]) == (0.02, -0.003)
+    page = client.get(f"/devices/{device.pk}/").content.decode()
+    assert "overhead 0.0200 ms + -0.0030 ms per layer" in page
 
 
 def test_registering_a_board_shows_the_token_once_and_starts_profiling(client, users):
