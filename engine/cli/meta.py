@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.meta.maml import STRATEGIES
 from engine.meta.runs import BACKBONES, DATASETS, PRESETS, RunSpec
 from engine.meta.service import evaluate_run, execute_meta_training, load_run
 from engine.progress import ProgressEvent
@@ -59,7 +60,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU cores to use (never more than you have)")
-    parser.add_argument("--strategy", choices=("threads", "loop"), default="threads")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="threads")
     parser.add_argument(
         "--p-end", type=float, default=0.25, help="final probability of training the largest sub-net"
     )

@@ -9,13 +9,18 @@ Two ways to compute the same meta-gradient:
 
 * ``strategy="loop"`` -- the reference: tasks one after another, the sum of their query losses,
   one ``backward()`` (how the MAML++ reference code works);
-* ``strategy="threads"`` -- the production path on CPUs: tasks are independent until their
-  gradients are summed, so ``workers`` threads each adapt a share of the tasks (one intra-op
-  thread each, so the core count is respected) and take their own task's meta-gradient with
-  ``torch.autograd.grad``; the per-task gradients are then summed in task order. The math is the
-  same as the loop (tests check the gradients agree, second order included). On a small CPU this
-  beats intra-op parallelism because every op of a few-shot task is tiny (a 20-image batch of
-  28x28 images) and splits badly across cores, while whole tasks split perfectly.
+* ``strategy="threads"`` -- tasks are independent until their gradients are summed, so
+  ``workers`` threads each adapt a share of the tasks (one intra-op thread each, so the core
+  count is respected) and take their own task's meta-gradient with ``torch.autograd.grad``; the
+  per-task gradients are then summed in task order. The math is the same as the loop (tests
+  check the gradients agree, second order included). On a small CPU whole tasks split better
+  than each tiny op does (a 20-image batch of 28x28 images splits badly across cores).
+* ``strategy="processes"`` -- the production path on CPUs: the same per-task work and the same
+  task-order sum as ``threads``, but in ``workers`` forked processes (:mod:`engine.forked`),
+  which receive the meta-parameters and their tasks each meta-batch and send back the per-task
+  gradients. Threads lose about a quarter of the second core to the GIL and allocator between
+  them; processes do not (docs/META_TRAINING.md). Call :meth:`MamlLearner.close_workers` (or
+  let :func:`engine.meta.train.meta_train` do it) when done.
 
 Measured and rejected on the 2-core CPU (see docs/META_TRAINING.md): ``torch.func.vmap`` over
 tasks and a hand-written grouped convolution (groups = tasks, [N, T*C, H, W] layout) -- the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -38,10 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from engine.forked import ForkedWorker, close_workers, start_workers
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
 
-STRATEGIES = ("loop", "threads")
+STRATEGIES = ("loop", "threads", "processes")
 
 
 class MamlConfigError(ValueError):
@@ -165,6 +172,21 @@ def _intra_op_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+class _ProcessWorkers(list):
+    """A learner's forked workers. Never copied or pickled with the learner: a copy that ended
+    them when garbage-collected would end the original's workers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner_pid = os.getpid()
+
+    def __deepcopy__(self, memo: dict) -> _ProcessWorkers:
+        return _ProcessWorkers()
+
+    def __reduce__(self) -> tuple:
+        return (_ProcessWorkers, ())
+
+
 class MamlLearner(nn.Module):
     """A model plus the MAML++ meta-parameters that belong to the learning rule (LSLR).
 
@@ -197,6 +219,8 @@ class MamlLearner(nn.Module):
         # tensors, so two threads must never run through the same module object. Kept out of
         # the module tree (not in state_dict, not in parameters()).
         object.__setattr__(self, "_replicas", [])
+        # Forked workers of the ``processes`` strategy (started on first use).
+        object.__setattr__(self, "_workers", _ProcessWorkers())
 
     # ----------------------------------------------------------------- helpers
     def inner_lr(self, name: str) -> torch.Tensor:
@@ -315,8 +339,10 @@ class MamlLearner(nn.Module):
         second_order = self.second_order_at(epoch)
         if strategy == "loop":
             outcomes = self._meta_step_loop(batch, weights, second_order, kwargs)
-        else:
+        elif strategy == "threads":
             outcomes = self._meta_step_threads(batch, weights, second_order, kwargs)
+        else:
+            outcomes = self._meta_step_processes(batch, weights, second_order, kwargs)
         self._merge_buffers(outcomes)
         losses = tuple(float(outcome.loss) for outcome in outcomes)  # type: ignore[arg-type]
         accuracies = tuple(outcome.accuracy for outcome in outcomes)
@@ -376,16 +402,98 @@ class MamlLearner(nn.Module):
                 outcomes[index] = _TaskOutcome(outcome.loss.detach(), outcome.accuracy, outcome.buffers)  # type: ignore[union-attr]
 
         self._run_workers(work, workers)
-        # Sum in task order so the result is deterministic whatever the threads' timing.
+        self._accumulate(meta_params, grads)  # type: ignore[arg-type]
+        return outcomes  # type: ignore[return-value]
+
+    @staticmethod
+    def _accumulate(meta_params: list[nn.Parameter], grads: list[tuple[torch.Tensor | None, ...]]) -> None:
+        """Add the per-task gradients to ``.grad``, summed in task order (deterministic whatever
+        order the threads or processes finished in)."""
         for position, param in enumerate(meta_params):
             total: torch.Tensor | None = None
-            for index in range(tasks):
-                grad = grads[index][position]  # type: ignore[index]
+            for task_grads in grads:
+                grad = task_grads[position]
                 if grad is not None:
                     total = grad if total is None else total + grad
             if total is not None:
                 param.grad = total if param.grad is None else param.grad + total
+
+    def _meta_step_processes(
+        self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
+    ) -> list[_TaskOutcome]:
+        meta_params = [param for param in self.parameters() if param.requires_grad]
+        tasks = batch.num_tasks
+        workers = self._start_workers()[: min(self.config.workers, tasks)]
+        # The current meta-parameters and running statistics travel with every request: the
+        # workers' copies were forked once and the optimizer has moved on since.
+        state = {name: tensor.detach() for name, tensor in self.state_dict().items()}
+        for offset, worker in enumerate(workers):
+            indices = list(range(offset, tasks, len(workers)))
+            worker.send(
+                {
+                    "state": state,
+                    "training": self.model.training,
+                    "tasks": [(index, _task_tensors(batch, index)) for index in indices],
+                    "num_tasks": tasks,
+                    "weights": weights,
+                    "second_order": second_order,
+                    "forward_kwargs": kwargs,
+                }
+            )
+        grads: list[tuple[torch.Tensor | None, ...] | None] = [None] * tasks
+        outcomes: list[_TaskOutcome | None] = [None] * tasks
+        try:
+            for worker in workers:
+                for index, task_grads, loss, accuracy, buffers in worker.receive("meta-batch worker"):
+                    grads[index] = task_grads
+                    outcomes[index] = _TaskOutcome(torch.tensor(loss), accuracy, buffers)
+        except BaseException:
+            self.close_workers()  # a half-answered pool cannot be reused
+            raise
+        self._accumulate(meta_params, grads)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
+
+    def _start_workers(self) -> list[ForkedWorker]:
+        workers: list[ForkedWorker] = self._workers  # type: ignore[assignment]
+        if not workers:
+            workers.extend(start_workers(self._serve_tasks, self.config.workers))
+        return workers
+
+    def _serve_tasks(self, request: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """In a worker process: adapt to each task sent and return its meta-gradient."""
+        self.load_state_dict(request["state"])
+        self.model.train(request["training"])
+        meta_params = [param for param in self.parameters() if param.requires_grad]
+        params = dict(self.model.named_parameters())
+        replies = []
+        for index, task in request["tasks"]:
+            for param in meta_params:
+                param.grad = None
+            outcome = self._adapt_task(
+                self.model,
+                params,
+                task,
+                weights=request["weights"],
+                create_graph=request["second_order"],
+                forward_kwargs=request["forward_kwargs"],
+            )
+            task_grads = torch.autograd.grad(
+                outcome.loss / request["num_tasks"],
+                meta_params,
+                allow_unused=True,  # type: ignore[operator]
+            )
+            replies.append((index, task_grads, float(outcome.loss), outcome.accuracy, outcome.buffers))  # type: ignore[arg-type]
+        return replies
+
+    def close_workers(self) -> None:
+        """End the ``processes`` strategy's worker processes (they restart on the next meta-step)."""
+        workers = getattr(self, "_workers", None)
+        if workers and workers.owner_pid == os.getpid():  # never from a forked copy
+            close_workers(workers)
+            workers.clear()
+
+    def __del__(self) -> None:
+        self.close_workers()
 
     # -------------------------------------------------------------- evaluation
     def evaluate_batch(
@@ -405,7 +513,8 @@ class MamlLearner(nn.Module):
             raise MamlConfigError(f"evaluation steps {steps} exceed the learned inner learning rates")
         kwargs = dict(forward_kwargs or {})
         tasks = batch.num_tasks
-        workers = min(self.config.workers, tasks) if self.config.strategy == "threads" else 1
+        # Evaluation has no meta-gradient to return, so threads serve both parallel strategies.
+        workers = min(self.config.workers, tasks) if self.config.strategy != "loop" else 1
         accuracies: list[float] = [0.0] * tasks
 
         def work(worker: int) -> None:

@@ -217,58 +217,61 @@ def meta_train(
     learner.train()
     began = clock()
     iteration = start
-    while iteration < end:
-        epoch = iteration // config.iterations_per_epoch
-        forward_kwargs: dict[str, Any] = {}
-        p_largest = 1.0
-        is_largest = True
-        if space is not None:
-            p_largest = config.shrink.probability(epoch, config.epochs)
-            draw = arch_rng.random()  # always drawn, so the stream does not depend on p
-            is_largest = bool(draw < p_largest)
-            forward_kwargs["arch"] = largest if is_largest else space.sample(arch_rng)
-        batch = tasks(task_rng, config.meta_batch)
-        optimizer.zero_grad(set_to_none=True)
-        step = learner.meta_step(batch, epoch=epoch, forward_kwargs=forward_kwargs)
-        optimizer.step()
-        scheduler.step()
-        iteration += 1
-        record = {
-            "iteration": iteration,
-            "epoch": epoch,
-            "loss": round(step.loss, 6),
-            "accuracy": round(step.accuracy, 6),
-            "second_order": step.second_order,
-            "p_largest": round(p_largest, 6),
-            "largest": is_largest,
-            "meta_lr": optimizer.param_groups[0]["lr"],
-        }
-        if space is not None and not is_largest:
-            record["arch"] = forward_kwargs["arch"].to_dict()
-        history.append(record)
-        if iteration % config.checkpoint_every == 0 or iteration == end:
-            checkpoint(iteration)
-        elapsed = clock() - began
-        rate = (iteration - start) / elapsed if elapsed > 0 else 0.0
-        event = {
-            "kind": "meta_train",
-            "current": iteration,
-            "total": total,
-            "epoch": epoch,
-            "loss": step.loss,
-            "accuracy": step.accuracy,
-            "second_order": step.second_order,
-            "p_largest": p_largest,
-            "largest": is_largest,
-            "it_per_s": rate,
-            "eta_s": (total - iteration) / rate if rate > 0 else None,
-        }
-        try:
-            progress(event)
-        except JobCancelled:
-            if iteration % config.checkpoint_every != 0 and iteration != end:
+    try:
+        while iteration < end:
+            epoch = iteration // config.iterations_per_epoch
+            forward_kwargs: dict[str, Any] = {}
+            p_largest = 1.0
+            is_largest = True
+            if space is not None:
+                p_largest = config.shrink.probability(epoch, config.epochs)
+                draw = arch_rng.random()  # always drawn, so the stream does not depend on p
+                is_largest = bool(draw < p_largest)
+                forward_kwargs["arch"] = largest if is_largest else space.sample(arch_rng)
+            batch = tasks(task_rng, config.meta_batch)
+            optimizer.zero_grad(set_to_none=True)
+            step = learner.meta_step(batch, epoch=epoch, forward_kwargs=forward_kwargs)
+            optimizer.step()
+            scheduler.step()
+            iteration += 1
+            record = {
+                "iteration": iteration,
+                "epoch": epoch,
+                "loss": round(step.loss, 6),
+                "accuracy": round(step.accuracy, 6),
+                "second_order": step.second_order,
+                "p_largest": round(p_largest, 6),
+                "largest": is_largest,
+                "meta_lr": optimizer.param_groups[0]["lr"],
+            }
+            if space is not None and not is_largest:
+                record["arch"] = forward_kwargs["arch"].to_dict()
+            history.append(record)
+            if iteration % config.checkpoint_every == 0 or iteration == end:
                 checkpoint(iteration)
-            raise
+            elapsed = clock() - began
+            rate = (iteration - start) / elapsed if elapsed > 0 else 0.0
+            event = {
+                "kind": "meta_train",
+                "current": iteration,
+                "total": total,
+                "epoch": epoch,
+                "loss": step.loss,
+                "accuracy": step.accuracy,
+                "second_order": step.second_order,
+                "p_largest": p_largest,
+                "largest": is_largest,
+                "it_per_s": rate,
+                "eta_s": (total - iteration) / rate if rate > 0 else None,
+            }
+            try:
+                progress(event)
+            except JobCancelled:
+                if iteration % config.checkpoint_every != 0 and iteration != end:
+                    checkpoint(iteration)
+                raise
+    finally:
+        learner.close_workers()  # the processes strategy's workers end with the run
     if start == end:
         checkpoint(end)  # nothing to do (already complete): still leave files consistent
     return MetaTrainResult(

@@ -42,14 +42,18 @@ def meta_grads(
 CONFIG = MamlConfig(inner_steps=3, inner_lr=0.2, multi_step_epochs=4, workers=2)
 
 
+@pytest.mark.parametrize("strategy", ["threads", "processes"])
 @pytest.mark.parametrize("epoch", [0, 2, 10])
-def test_threaded_meta_gradients_equal_the_per_task_loop_reference(epoch: int) -> None:
+def test_parallel_meta_gradients_equal_the_per_task_loop_reference(epoch: int, strategy: str) -> None:
     batch = make_batch(tasks=5)
     reference = make_learner(CONFIG)
     threaded = make_learner(CONFIG)
     threaded.load_state_dict(reference.state_dict())
     expected = meta_grads(reference, batch, "loop", epoch)
-    actual = meta_grads(threaded, batch, "threads", epoch)
+    try:
+        actual = meta_grads(threaded, batch, strategy, epoch)
+    finally:
+        threaded.close_workers()
     assert expected.keys() == actual.keys()
     assert any(name.startswith("inner_lrs") for name in expected)
     for name in expected:
@@ -59,6 +63,47 @@ def test_threaded_meta_gradients_equal_the_per_task_loop_reference(epoch: int) -
         reference.model.named_buffers(), threaded.model.named_buffers(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_processes_follow_the_meta_parameters_and_end_with_close() -> None:
+    """The workers were forked once; each meta-batch must use the learner's *current* weights,
+    give exactly the threads strategy's gradients (same per-task work, same task-order sum) and
+    leave no process behind."""
+    psutil = pytest.importorskip("psutil")
+    before = {child.pid for child in psutil.Process().children()}
+    batch = make_batch(tasks=3)
+    threads, processes = make_learner(CONFIG), make_learner(CONFIG.with_(strategy="processes"))
+    processes.load_state_dict(threads.state_dict())
+    try:
+        for step in range(3):
+            expected = meta_grads(threads, batch, "threads", epoch=step)
+            actual = meta_grads(processes, batch, "processes", epoch=step)
+            assert expected.keys() == actual.keys()
+            for name in expected:
+                assert torch.equal(actual[name], expected[name]), name
+            for learner in (threads, processes):
+                with torch.no_grad():
+                    for param in learner.parameters():
+                        if param.grad is not None:
+                            param -= 0.5 * param.grad
+            for a, b in zip(threads.model.buffers(), processes.model.buffers(), strict=True):
+                assert torch.equal(a, b)
+        assert len({child.pid for child in psutil.Process().children()} - before) == 2
+    finally:
+        processes.close_workers()
+    assert {child.pid for child in psutil.Process().children()} - before == set()
+
+
+def test_a_failing_worker_process_raises_its_error_and_is_replaced() -> None:
+    learner = make_learner(CONFIG.with_(strategy="processes"))
+    bad = make_batch(tasks=2)
+    bad = TaskBatch(bad.support_x, bad.support_y + WAYS, bad.query_x, bad.query_y)  # labels out of range
+    try:
+        with pytest.raises(RuntimeError, match="meta-batch worker .* failed: .*"):
+            meta_grads(learner, bad, "processes")
+        assert meta_grads(learner, make_batch(tasks=2), "processes")  # fresh workers
+    finally:
+        learner.close_workers()
 
 
 def test_second_order_gradients_differ_from_first_order() -> None:

@@ -103,6 +103,21 @@ def test_resume_in_process_equals_uninterrupted_run(tmp_path: Path) -> None:
         _train(TINY.with_(seed=1), tmp_path / "split", resume=True)
 
 
+def test_processes_strategy_trains_the_super_net_exactly_like_threads(tmp_path: Path) -> None:
+    """Super-net meta-training (sampled sub-nets travel to the workers with each meta-batch)
+    with forked workers ends bit-identical to the threads strategy, and no worker outlives it."""
+    psutil = pytest.importorskip("psutil")
+    before = {child.pid for child in psutil.Process().children()}
+    threads, _ = _train(TINY, tmp_path / "threads")
+    processes, result = _train(TINY.with_(strategy="processes"), tmp_path / "processes")
+    assert result.iterations == 16 and any(not r["largest"] for r in result.history)
+    for (name, a), (_, b) in zip(
+        threads.learner.state_dict().items(), processes.learner.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert {child.pid for child in psutil.Process().children()} - before == set()
+
+
 def test_cancel_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     def cancel_at_5(event):
         if event["current"] == 5:
