@@ -1,4 +1,4 @@
-"""MAML++ meta-iteration speed: our threaded path against the per-task-loop reference.
+"""MAML++ meta-iteration speed: our parallel paths against the per-task-loop reference.
 
 Same network, configuration, data and machine in one process; the two implementations are
 timed in alternation (so background load hits both alike) and the medians are compared. The
@@ -9,6 +9,10 @@ Configurations (MAML++ reference settings, second order, multi-step loss on, 5 i
 - Omniglot 20-way 1-shot, 1 query per class, 28x28x1, 64 filters, meta-batch 8;
 - Mini-ImageNet-shaped 5-way 1-shot, 15 queries per class, 84x84x3, 48 filters, meta-batch 2;
 images are synthetic (speed does not depend on pixel values).
+
+Ours, two ways: the ``threads`` strategy (tasks in worker threads) and the ``processes`` strategy
+(tasks in forked worker processes, the production default). ``speedup_*`` is the production
+path's; ``speedup_threads_*`` the threads strategy's.
 
     python benchmarks/maml_speed.py [--quick] [--threads 2] [--rounds 5]
 
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.baselines import MamlConvNet  # noqa: E402
 from engine.meta.maml import MamlConfig, MamlLearner  # noqa: E402
+from engine.meta.runs import RunSpec  # noqa: E402
 from engine.meta.synthetic import SyntheticTasks  # noqa: E402
 
 
@@ -51,6 +56,10 @@ SETTINGS = (
     Setting("omniglot", ways=20, queries=1, channels=1, size=28, filters=64, meta_batch=8),
     Setting("miniimagenet", ways=5, queries=15, channels=3, size=84, filters=48, meta_batch=2),
 )
+
+
+#: The strategy meta-training runs with by default (engine.meta.runs.RunSpec.strategy).
+PRODUCTION = RunSpec.__dataclass_fields__["strategy"].default
 
 
 def build(setting: Setting, threads: int, strategy: str, channels_last: bool) -> MamlLearner:
@@ -97,39 +106,51 @@ def measure(setting: Setting, threads: int, rounds: int, channels_last: bool) ->
     )
     batch = source(np.random.default_rng(0), setting.meta_batch)
     reference = build(setting, threads, "loop", False)
-    ours = build(setting, threads, "threads", channels_last)
-    ours.load_state_dict(reference.state_dict())
+    ours = {
+        strategy: build(setting, threads, strategy, channels_last) for strategy in ("threads", "processes")
+    }
+    for learner in ours.values():
+        learner.load_state_dict(reference.state_dict())
     # The reference as the MAML++ code runs it (all cores intra-op) and with one intra-op
     # thread (sometimes faster for such small ops): we compare against the faster of the two.
     variants = {
         "reference": (reference, threads),
         "reference_1thread": (reference, 1),
-        "ours": (ours, threads),
+        **{strategy: (learner, threads) for strategy, learner in ours.items()},
     }
-    one_iteration(reference, batch, threads)  # warm-up, and gradients to compare
-    one_iteration(ours, batch, threads)
-    difference = relative_gradient_difference(reference, ours)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, (learner, intra_op) in variants.items():
-            times[name].append(one_iteration(learner, batch, intra_op))
+    try:
+        one_iteration(reference, batch, threads)  # warm-up, and gradients to compare
+        difference = {}
+        for strategy, learner in ours.items():
+            one_iteration(learner, batch, threads)
+            difference[strategy] = relative_gradient_difference(reference, learner)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (learner, intra_op) in variants.items():
+                times[name].append(one_iteration(learner, batch, intra_op))
+    finally:
+        ours["processes"].close_workers()
     torch.set_num_threads(threads)
     median = {name: statistics.median(values) for name, values in times.items()}
     best_reference = min(median["reference"], median["reference_1thread"])
-    speedup = best_reference / median["ours"]
+    speedup = {strategy: best_reference / median[strategy] for strategy in ours}
     print(
         f"{setting.name:13s} {setting.ways}-way 1-shot {setting.size}x{setting.size}x{setting.channels}, "
         f"meta-batch {setting.meta_batch}: reference {median['reference']:.3f} s/it ({threads} threads), "
-        f"{median['reference_1thread']:.3f} s/it (1 thread); ours {median['ours']:.3f} s/it; "
-        f"speed-up vs the faster reference {speedup:.2f}x; relative gradient difference {difference:.1e}"
+        f"{median['reference_1thread']:.3f} s/it (1 thread); threads strategy {median['threads']:.3f} s/it "
+        f"({speedup['threads']:.2f}x); processes strategy {median['processes']:.3f} s/it "
+        f"({speedup['processes']:.2f}x vs the faster reference); relative gradient difference "
+        f"{difference['threads']:.1e} / {difference['processes']:.1e}"
     )
     print("  all timings (s):", {name: [round(t, 3) for t in values] for name, values in times.items()})
     return {
         "reference_s": median["reference"],
         "reference_1thread_s": median["reference_1thread"],
-        "ours_s": median["ours"],
-        "speedup": speedup,
-        "grad_rel_diff": difference,
+        "ours_s": median[PRODUCTION],
+        "threads_s": median["threads"],
+        "speedup": speedup[PRODUCTION],
+        "speedup_threads": speedup["threads"],
+        "grad_rel_diff": max(difference.values()),
     }
 
 
@@ -159,6 +180,9 @@ def main() -> None:
             {
                 "speedup_omniglot": round(results["omniglot"]["speedup"], 3),
                 "speedup_miniimagenet": round(results["miniimagenet"]["speedup"], 3),
+                "speedup_threads_omniglot": round(results["omniglot"]["speedup_threads"], 3),
+                "speedup_threads_miniimagenet": round(results["miniimagenet"]["speedup_threads"], 3),
+                "production_strategy": PRODUCTION,
                 "it_per_s_omniglot": round(1 / results["omniglot"]["ours_s"], 4),
                 "s_per_it_reference_omniglot": round(results["omniglot"]["reference_s"], 4),
                 "s_per_it_reference_1thread_omniglot": round(results["omniglot"]["reference_1thread_s"], 4),

@@ -60,7 +60,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU cores to use (never more than you have)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="threads")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=RunSpec.__dataclass_fields__["strategy"].default,
+        help="how a meta-batch's tasks share the cores (default: forked processes)",
+    )
     parser.add_argument(
         "--p-end", type=float, default=0.25, help="final probability of training the largest sub-net"
     )

@@ -421,8 +421,10 @@ class MamlLearner(nn.Module):
     def _meta_step_processes(
         self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
     ) -> list[_TaskOutcome]:
-        meta_params = [param for param in self.parameters() if param.requires_grad]
         tasks = batch.num_tasks
+        if min(self.config.workers, tasks) == 1:  # nothing to share: no process to feed
+            return self._meta_step_threads(batch, weights, second_order, kwargs)
+        meta_params = [param for param in self.parameters() if param.requires_grad]
         workers = self._start_workers()[: min(self.config.workers, tasks)]
         # The current meta-parameters and running statistics travel with every request: the
         # workers' copies were forked once and the optimizer has moved on since.
@@ -482,7 +484,9 @@ class MamlLearner(nn.Module):
                 meta_params,
                 allow_unused=True,  # type: ignore[operator]
             )
-            replies.append((index, task_grads, float(outcome.loss), outcome.accuracy, outcome.buffers))  # type: ignore[arg-type]
+            replies.append(
+                (index, task_grads, float(outcome.loss.detach()), outcome.accuracy, outcome.buffers)
+            )  # type: ignore[arg-type]
         return replies
 
     def close_workers(self) -> None:

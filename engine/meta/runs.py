@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.meta.maml import MamlConfig, MamlLearner
+from engine.meta.maml import STRATEGIES, MamlConfig, MamlLearner
 from engine.meta.synthetic import SyntheticTasks
 from engine.meta.tasks import TaskSource
 from engine.meta.train import MetaTrainConfig
@@ -88,7 +88,9 @@ class RunSpec:
     iterations: int | None = None
     seed: int = 0
     threads: int = 2
-    strategy: str = "threads"
+    #: How a meta-batch's tasks share the cores (engine.meta.maml): forked worker processes by
+    #: default, which measured fastest on 2-core CPUs (docs/META_TRAINING.md).
+    strategy: str = "processes"
     p_end: float = 0.25
     #: Decay speed alpha of progressive shrinking (H-Meta-NAS eq. 4; the paper picks 5 in Table 9).
     shrink_alpha: float = 5.0
@@ -118,6 +120,8 @@ class RunSpec:
             raise RunSpecError(f"iterations must be >= 1, got {self.iterations}")
         if self.threads < 1:
             raise RunSpecError(f"threads must be >= 1, got {self.threads}")
+        if self.strategy not in STRATEGIES:
+            raise RunSpecError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if (
             isinstance(self.shrink_alpha, bool)
             or not isinstance(self.shrink_alpha, int | float)

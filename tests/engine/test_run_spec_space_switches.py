@@ -116,3 +116,12 @@ def test_the_shrinking_decay_alpha_reaches_the_training_config():
     for bad in (0, -1.0, float("nan"), True, "5"):
         with pytest.raises(RunSpecError, match="shrink_alpha"):
             RunSpec(shrink_alpha=bad)
+
+
+def test_runs_use_forked_worker_processes_by_default_and_refuse_unknown_strategies():
+    from engine.meta.runs import RunSpec, RunSpecError, train_config
+
+    assert train_config(RunSpec(dataset="synthetic", preset="tiny")).maml.strategy == "processes"
+    assert train_config(RunSpec(dataset="synthetic", preset="tiny", strategy="loop")).maml.strategy == "loop"
+    with pytest.raises(RunSpecError, match="strategy"):
+        RunSpec(strategy="gpu")
