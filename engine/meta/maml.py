@@ -18,8 +18,8 @@ Two ways to compute the same meta-gradient:
 * ``strategy="processes"`` -- the production path on CPUs: the same per-task work and the same
   task-order sum as ``threads``, but in ``workers`` forked processes (:mod:`engine.forked`),
   which receive the meta-parameters and their tasks each meta-batch and send back the per-task
-  gradients. Threads lose about a quarter of the second core to the GIL and allocator between
-  them; processes do not (docs/META_TRAINING.md). Call :meth:`MamlLearner.close_workers` (or
+  gradients. Measured on 2-core CPUs, two worker threads did the work of about 1.5 cores and
+  two processes of about 1.9 (docs/META_TRAINING.md). Call :meth:`MamlLearner.close_workers` (or
   let :func:`engine.meta.train.meta_train` do it) when done.
 
 Measured and rejected on the 2-core CPU (see docs/META_TRAINING.md): ``torch.func.vmap`` over
@@ -469,8 +469,6 @@ class MamlLearner(nn.Module):
         params = dict(self.model.named_parameters())
         replies = []
         for index, task in request["tasks"]:
-            for param in meta_params:
-                param.grad = None
             outcome = self._adapt_task(
                 self.model,
                 params,
@@ -479,14 +477,9 @@ class MamlLearner(nn.Module):
                 create_graph=request["second_order"],
                 forward_kwargs=request["forward_kwargs"],
             )
-            task_grads = torch.autograd.grad(
-                outcome.loss / request["num_tasks"],
-                meta_params,
-                allow_unused=True,  # type: ignore[operator]
-            )
-            replies.append(
-                (index, task_grads, float(outcome.loss.detach()), outcome.accuracy, outcome.buffers)
-            )  # type: ignore[arg-type]
+            loss: torch.Tensor = outcome.loss  # type: ignore[assignment]
+            task_grads = torch.autograd.grad(loss / request["num_tasks"], meta_params, allow_unused=True)
+            replies.append((index, task_grads, float(loss.detach()), outcome.accuracy, outcome.buffers))
         return replies
 
     def close_workers(self) -> None:
