@@ -21,6 +21,12 @@ The accuracies are those of a super-net meta-trained for seconds: far below the 
 random differences at this scale are within the confidence intervals - read them as a working
 pipeline, not as a replication.
 
+``--supernet CKPT`` skips step 1 and adapts a super-net meta-trained elsewhere, for the quality
+comparison, which needs one trained for longer than seconds, e.g. (about 30 minutes on 2 cores)::
+
+    python -m engine meta-train --dataset omniglot --ways 20 --shots 1 --backbone vgg9 --preset cpu --out RUN
+    python benchmarks/ga_adaption.py --supernet RUN/checkpoint.pt --pool 100 --iterations 30 --paper-iterations 0
+
 ``--synthetic`` keeps the earlier SYNTHETIC mode (clearly labelled in its output): GA vs random on
 an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200.
 
