@@ -6,7 +6,8 @@ Default mode - REAL end to end, through the dashboard's entry point ``engine.ada
    with progressive shrinking; seconds),
 2. measure a latency lookup table of this CPU for its search space (engine.latency LayerTimer,
    few repeats: a quick table, not a careful one),
-3. three latency budgets (10/30/60 % quantiles of random sub-nets' predicted latency),
+3. three latency budgets (by default the 10/30/60 % quantiles of random sub-nets' predicted latency;
+   ``--budget-quantiles``),
 4. one adaption request with the three budgets: GA with the real fitness (mean query loss after
    the MAML++ inner loop from the inherited weights, on 16-task validation slices), random
    search with the GA's number of evaluations, and the test accuracy (mean ± 95 % CI over
@@ -457,8 +458,10 @@ def real_main(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     sample = [run.space.sample(rng) for _ in range(2000)]
     latencies = np.array([lut.predict(run.space, arch) for arch in sample])
-    budgets = tuple(float(f"{np.quantile(latencies, q):.4g}") for q in (0.1, 0.3, 0.6))
-    print(f"latency budgets (10/30/60 % quantiles of random sub-nets): {budgets} ms")
+    quantiles = args.budget_quantiles
+    budgets = tuple(float(f"{np.quantile(latencies, q):.4g}") for q in quantiles)
+    names = "/".join(f"{100 * q:g}" for q in quantiles)
+    print(f"latency budgets ({names} % quantiles of random sub-nets' predicted latency): {budgets} ms")
 
     middle = [arch for arch, ms in zip(sample, latencies, strict=True) if ms <= budgets[1]]
     levers = time_levers(run, spec, middle[: 2 if quick else 6], search_queries or 1)
@@ -575,6 +578,16 @@ def real_main(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _quantiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if len(values) != 3 or not all(0 < value < 1 for value in values) or list(values) != sorted(values):
+        raise argparse.ArgumentTypeError(f"expected three increasing quantiles in (0, 1), got {text!r}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -597,6 +610,12 @@ def main() -> None:
         help="meta-iterations (quick: the tiny preset's 48; else 300)",
     )
     real.add_argument("--tasks-per-slice", type=int, default=None)
+    real.add_argument(
+        "--budget-quantiles",
+        type=_quantiles,
+        default=(0.1, 0.3, 0.6),
+        help="three latency budgets as quantiles of random sub-nets' latency, e.g. 0.3,0.6,0.9",
+    )
     real.add_argument(
         "--test-tasks", type=int, default=None, help="test tasks per accuracy (quick 150, else 600)"
     )
