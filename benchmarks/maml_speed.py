@@ -11,7 +11,7 @@ Configurations (MAML++ reference settings, second order, multi-step loss on, 5 i
 images are synthetic (speed does not depend on pixel values).
 
 Ours, two ways: the ``threads`` strategy (tasks in worker threads) and the ``processes`` strategy
-(tasks in forked worker processes, the production default). ``speedup_*`` is the production
+(tasks in worker processes, the production default). ``speedup_*`` is the production
 path's; ``speedup_threads_*`` the threads strategy's.
 
     python benchmarks/maml_speed.py [--quick] [--threads 2] [--rounds 5]

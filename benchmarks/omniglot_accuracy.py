@@ -50,7 +50,7 @@ def small_arch(space: Any) -> Arch:
 
 
 def peak_rss_mb(workers: int) -> float:
-    """Peak memory of a meta-training job: this process plus its forked meta-batch workers.
+    """Peak memory of a meta-training job: this process plus its meta-batch worker processes.
 
     ``RUSAGE_CHILDREN`` gives the largest finished child's peak; counting it once per worker
     (and ignoring the pages they share with this process) makes this an upper bound.

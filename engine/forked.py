@@ -13,8 +13,9 @@ are plain ``os.fork`` children that run nothing but their handler and leave with
 so they never touch the parent's connections; Celery's prefork children (daemonic processes,
 which multiprocessing refuses children) can use them too.
 
-Used by :mod:`engine.search.parallel` (GA fitness) and the ``processes`` strategy of
-:class:`engine.meta.maml.MamlLearner` (a meta-batch's tasks).
+:class:`ForkedWorker` serves :mod:`engine.search.parallel` (GA fitness); :class:`SpawnedWorker`
+(a fresh interpreter, same protocol) serves the ``processes`` strategy of
+:class:`engine.meta.maml.MamlLearner` (a meta-batch's tasks) - see its docstring for why.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,3 +169,62 @@ def start_workers(handler: Callable[[Any], Any], count: int) -> list[ForkedWorke
 def close_workers(workers: Sequence[ForkedWorker]) -> None:
     for worker in workers:
         worker.close()
+
+
+def serve_spawned() -> None:
+    """Entry point of a :class:`SpawnedWorker` (``python -c``): the handler arrives pickled first."""
+    requests_fd, replies_fd, parent_pid = (int(value) for value in sys.argv[1:4])
+    _die_with_parent(parent_pid)
+    torch.set_num_threads(1)
+    handler = read_message(requests_fd)
+    _serve(handler, requests_fd, replies_fd)
+
+
+class SpawnedWorker(ForkedWorker):
+    """Like :class:`ForkedWorker`, but a fresh interpreter that receives ``handler`` pickled.
+
+    Why: a fork copies every lock of the parent in whatever state another thread held it, and
+    a meta-batch worker (autograd, large pickled tensors) forked from a long-lived process with
+    other threads (a test session, a web server) hung in CI on such a lock. A fresh interpreter
+    inherits no thread state; it costs an interpreter start and one pickle of the handler's
+    object (e.g. the learner) per worker.
+    """
+
+    def __init__(self, handler: Callable[[Any], Any], siblings: Sequence[ForkedWorker] = ()) -> None:
+        requests_read, requests_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        command = [
+            sys.executable,
+            "-c",
+            "from engine.forked import serve_spawned; serve_spawned()",
+            str(requests_read),
+            str(replies_write),
+            str(os.getpid()),
+        ]
+        try:
+            self._process = subprocess.Popen(command, pass_fds=(requests_read, replies_write), env=env)
+        finally:
+            os.close(requests_read)
+            os.close(replies_write)
+        self.pid = self._process.pid
+        self.requests_fd = requests_write
+        self.replies_fd = replies_read
+        self.send(handler)
+
+    def close(self) -> None:
+        super().close()
+        self._process.returncode = self._process.returncode or -signal.SIGKILL  # reaped above
+
+
+def start_spawned_workers(handler: Callable[[Any], Any], count: int) -> list[ForkedWorker]:
+    workers: list[ForkedWorker] = []
+    try:
+        for _ in range(count):
+            workers.append(SpawnedWorker(handler))
+    except BaseException:
+        close_workers(workers)
+        raise
+    return workers

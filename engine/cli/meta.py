@@ -64,7 +64,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=STRATEGIES,
         default=RunSpec.__dataclass_fields__["strategy"].default,
-        help="how a meta-batch's tasks share the cores (default: forked processes)",
+        help="how a meta-batch's tasks share the cores (default: worker processes)",
     )
     parser.add_argument(
         "--p-end", type=float, default=0.25, help="final probability of training the largest sub-net"

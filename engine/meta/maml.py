@@ -16,7 +16,7 @@ Two ways to compute the same meta-gradient:
   check the gradients agree, second order included). On a small CPU whole tasks split better
   than each tiny op does (a 20-image batch of 28x28 images splits badly across cores).
 * ``strategy="processes"`` -- the production path on CPUs: the same per-task work and the same
-  task-order sum as ``threads``, but in ``workers`` forked processes (:mod:`engine.forked`),
+  task-order sum as ``threads``, but in ``workers`` worker processes (:class:`engine.forked.SpawnedWorker`),
   which receive the meta-parameters and their tasks each meta-batch and send back the per-task
   gradients. Measured on 2-core CPUs, two worker threads did the work of about 1.5 cores and
   two processes of about 1.9 (docs/META_TRAINING.md). Call :meth:`MamlLearner.close_workers` (or
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from engine.forked import ForkedWorker, close_workers, start_workers
+from engine.forked import ForkedWorker, close_workers, start_spawned_workers
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
 
@@ -173,7 +173,7 @@ def _intra_op_threads(count: int) -> Iterator[None]:
 
 
 class _ProcessWorkers(list):
-    """A learner's forked workers. Never copied or pickled with the learner: a copy that ended
+    """A learner's worker processes. Never copied or pickled with the learner: a copy that ended
     them when garbage-collected would end the original's workers."""
 
     def __init__(self) -> None:
@@ -427,7 +427,7 @@ class MamlLearner(nn.Module):
         meta_params = [param for param in self.parameters() if param.requires_grad]
         workers = self._start_workers()[: min(self.config.workers, tasks)]
         # The current meta-parameters and running statistics travel with every request: the
-        # workers' copies were forked once and the optimizer has moved on since.
+        # workers' copies were sent once and the optimizer has moved on since.
         state = {name: tensor.detach() for name, tensor in self.state_dict().items()}
         for offset, worker in enumerate(workers):
             indices = list(range(offset, tasks, len(workers)))
@@ -458,7 +458,7 @@ class MamlLearner(nn.Module):
     def _start_workers(self) -> list[ForkedWorker]:
         workers: list[ForkedWorker] = self._workers  # type: ignore[assignment]
         if not workers:
-            workers.extend(start_workers(self._serve_tasks, self.config.workers))
+            workers.extend(start_spawned_workers(self._serve_tasks, self.config.workers))
         return workers
 
     def _serve_tasks(self, request: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -485,7 +485,7 @@ class MamlLearner(nn.Module):
     def close_workers(self) -> None:
         """End the ``processes`` strategy's worker processes (they restart on the next meta-step)."""
         workers = getattr(self, "_workers", None)
-        if workers and workers.owner_pid == os.getpid():  # never from a forked copy
+        if workers and workers.owner_pid == os.getpid():  # never from a copy in another process
             close_workers(workers)
             workers.clear()
 

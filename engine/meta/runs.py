@@ -88,7 +88,7 @@ class RunSpec:
     iterations: int | None = None
     seed: int = 0
     threads: int = 2
-    #: How a meta-batch's tasks share the cores (engine.meta.maml): forked worker processes by
+    #: How a meta-batch's tasks share the cores (engine.meta.maml): worker processes by
     #: default, which measured fastest on 2-core CPUs (docs/META_TRAINING.md).
     strategy: str = "processes"
     p_end: float = 0.25
