@@ -219,7 +219,7 @@ class MamlLearner(nn.Module):
         # tensors, so two threads must never run through the same module object. Kept out of
         # the module tree (not in state_dict, not in parameters()).
         object.__setattr__(self, "_replicas", [])
-        # Forked workers of the ``processes`` strategy (started on first use).
+        # Worker processes of the ``processes`` strategy (started on first use).
         object.__setattr__(self, "_workers", _ProcessWorkers())
 
     # ----------------------------------------------------------------- helpers
@@ -379,8 +379,7 @@ class MamlLearner(nn.Module):
     def _meta_step_threads(
         self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
     ) -> list[_TaskOutcome]:
-        named = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
-        meta_params = [param for _, param in named]
+        meta_params = self._meta_parameters()
         model_params = dict(self.model.named_parameters())
         tasks = batch.num_tasks
         workers = min(self.config.workers, tasks)
@@ -390,20 +389,46 @@ class MamlLearner(nn.Module):
         def work(worker: int) -> None:
             module = self._replica(worker)
             for index in range(worker, tasks, workers):
-                outcome = self._adapt_task(
+                grads[index], outcomes[index] = self._task_meta_gradient(
                     module,
                     model_params,
+                    meta_params,
                     _task_tensors(batch, index),
+                    num_tasks=tasks,
                     weights=weights,
-                    create_graph=second_order,
+                    second_order=second_order,
                     forward_kwargs=kwargs,
                 )
-                grads[index] = torch.autograd.grad(outcome.loss / tasks, meta_params, allow_unused=True)  # type: ignore[operator]
-                outcomes[index] = _TaskOutcome(outcome.loss.detach(), outcome.accuracy, outcome.buffers)  # type: ignore[union-attr]
 
         self._run_workers(work, workers)
         self._accumulate(meta_params, grads)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
+
+    def _meta_parameters(self) -> list[nn.Parameter]:
+        return [param for param in self.parameters() if param.requires_grad]
+
+    def _task_meta_gradient(
+        self,
+        module: nn.Module,
+        params: dict[str, torch.Tensor],
+        meta_params: list[nn.Parameter],
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        num_tasks: int,
+        weights: np.ndarray,
+        second_order: bool,
+        forward_kwargs: Mapping[str, Any],
+    ) -> tuple[tuple[torch.Tensor | None, ...], _TaskOutcome]:
+        """One task's share of the meta-gradient (its loss over ``num_tasks``) and its outcome.
+
+        The one piece of work both parallel strategies run per task, so they agree bit for bit.
+        """
+        outcome = self._adapt_task(
+            module, params, task, weights=weights, create_graph=second_order, forward_kwargs=forward_kwargs
+        )
+        loss: torch.Tensor = outcome.loss  # type: ignore[assignment]
+        grads = torch.autograd.grad(loss / num_tasks, meta_params, allow_unused=True)
+        return grads, _TaskOutcome(loss.detach(), outcome.accuracy, outcome.buffers)
 
     @staticmethod
     def _accumulate(meta_params: list[nn.Parameter], grads: list[tuple[torch.Tensor | None, ...]]) -> None:
@@ -422,10 +447,10 @@ class MamlLearner(nn.Module):
         self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
     ) -> list[_TaskOutcome]:
         tasks = batch.num_tasks
-        if min(self.config.workers, tasks) == 1:  # nothing to share: no process to feed
+        count = min(self.config.workers, tasks)
+        if count == 1:  # nothing to share: no process to feed
             return self._meta_step_threads(batch, weights, second_order, kwargs)
-        meta_params = [param for param in self.parameters() if param.requires_grad]
-        workers = self._start_workers()[: min(self.config.workers, tasks)]
+        workers = self._start_workers()[:count]
         # The current meta-parameters and running statistics travel with every request: the
         # workers' copies were sent once and the optimizer has moved on since.
         state = {name: tensor.detach() for name, tensor in self.state_dict().items()}
@@ -446,13 +471,12 @@ class MamlLearner(nn.Module):
         outcomes: list[_TaskOutcome | None] = [None] * tasks
         try:
             for worker in workers:
-                for index, task_grads, loss, accuracy, buffers in worker.receive("meta-batch worker"):
-                    grads[index] = task_grads
-                    outcomes[index] = _TaskOutcome(torch.tensor(loss), accuracy, buffers)
+                for index, task_grads, outcome in worker.receive("meta-batch worker"):
+                    grads[index], outcomes[index] = task_grads, outcome
         except BaseException:
             self.close_workers()  # a half-answered pool cannot be reused
             raise
-        self._accumulate(meta_params, grads)  # type: ignore[arg-type]
+        self._accumulate(self._meta_parameters(), grads)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
 
     def _start_workers(self) -> list[ForkedWorker]:
@@ -465,21 +489,21 @@ class MamlLearner(nn.Module):
         """In a worker process: adapt to each task sent and return its meta-gradient."""
         self.load_state_dict(request["state"])
         self.model.train(request["training"])
-        meta_params = [param for param in self.parameters() if param.requires_grad]
+        meta_params = self._meta_parameters()
         params = dict(self.model.named_parameters())
         replies = []
         for index, task in request["tasks"]:
-            outcome = self._adapt_task(
+            task_grads, outcome = self._task_meta_gradient(
                 self.model,
                 params,
+                meta_params,
                 task,
+                num_tasks=request["num_tasks"],
                 weights=request["weights"],
-                create_graph=request["second_order"],
+                second_order=request["second_order"],
                 forward_kwargs=request["forward_kwargs"],
             )
-            loss: torch.Tensor = outcome.loss  # type: ignore[assignment]
-            task_grads = torch.autograd.grad(loss / request["num_tasks"], meta_params, allow_unused=True)
-            replies.append((index, task_grads, float(loss.detach()), outcome.accuracy, outcome.buffers))
+            replies.append((index, task_grads, outcome))
         return replies
 
     def close_workers(self) -> None:
