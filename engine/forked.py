@@ -145,6 +145,9 @@ class ForkedWorker:
                 os.close(fd)
             except OSError:
                 pass
+        self._end_process()
+
+    def _end_process(self) -> None:
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -155,11 +158,15 @@ class ForkedWorker:
             pass
 
 
-def start_workers(handler: Callable[[Any], Any], count: int) -> list[ForkedWorker]:
+def start_workers(
+    handler: Callable[[Any], Any], count: int, kind: type[ForkedWorker] | None = None
+) -> list[ForkedWorker]:
+    """``count`` workers of ``kind`` (default :class:`ForkedWorker`); none left if one fails to start."""
+    kind = kind or ForkedWorker
     workers: list[ForkedWorker] = []
     try:
         for _ in range(count):
-            workers.append(ForkedWorker(handler, siblings=workers))
+            workers.append(kind(handler, siblings=workers))
     except BaseException:
         close_workers(workers)
         raise
@@ -175,13 +182,13 @@ def serve_spawned() -> None:
     """Entry point of a :class:`SpawnedWorker` (``python -c``): the handler arrives pickled first."""
     requests_fd, replies_fd, parent_pid = (int(value) for value in sys.argv[1:4])
     _die_with_parent(parent_pid)
-    torch.set_num_threads(1)
     handler = read_message(requests_fd)
     _serve(handler, requests_fd, replies_fd)
 
 
 class SpawnedWorker(ForkedWorker):
     """Like :class:`ForkedWorker`, but a fresh interpreter that receives ``handler`` pickled.
+    (``siblings`` is accepted for :func:`start_workers` and unused: ``Popen`` passes no other fds.)
 
     Why: a fork copies every lock of the parent in whatever state another thread held it, and
     a meta-batch worker (autograd, large pickled tensors) forked from a long-lived process with
@@ -214,17 +221,7 @@ class SpawnedWorker(ForkedWorker):
         self.replies_fd = replies_read
         self.send(handler)
 
-    def close(self) -> None:
-        super().close()
-        self._process.returncode = self._process.returncode or -signal.SIGKILL  # reaped above
-
-
-def start_spawned_workers(handler: Callable[[Any], Any], count: int) -> list[ForkedWorker]:
-    workers: list[ForkedWorker] = []
-    try:
-        for _ in range(count):
-            workers.append(SpawnedWorker(handler))
-    except BaseException:
-        close_workers(workers)
-        raise
-    return workers
+    def _end_process(self) -> None:
+        # Through Popen, so it records the exit and does not warn about a live child later.
+        self._process.kill()
+        self._process.wait()

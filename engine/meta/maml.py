@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from engine.forked import ForkedWorker, close_workers, start_spawned_workers
+from engine.forked import ForkedWorker, SpawnedWorker, close_workers, start_workers
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
 
@@ -482,7 +482,7 @@ class MamlLearner(nn.Module):
     def _start_workers(self) -> list[ForkedWorker]:
         workers: list[ForkedWorker] = self._workers  # type: ignore[assignment]
         if not workers:
-            workers.extend(start_spawned_workers(self._serve_tasks, self.config.workers))
+            workers.extend(start_workers(self._serve_tasks, self.config.workers, SpawnedWorker))
         return workers
 
     def _serve_tasks(self, request: dict[str, Any]) -> list[tuple[Any, ...]]:
