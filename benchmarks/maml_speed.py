@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.baselines import MamlConvNet  # noqa: E402
 from engine.meta.maml import MamlConfig, MamlLearner  # noqa: E402
-from engine.meta.runs import RunSpec  # noqa: E402
+from engine.meta.runs import DEFAULT_STRATEGY  # noqa: E402
 from engine.meta.synthetic import SyntheticTasks  # noqa: E402
 
 
@@ -58,8 +58,8 @@ SETTINGS = (
 )
 
 
-#: The strategy meta-training runs with by default (engine.meta.runs.RunSpec.strategy).
-PRODUCTION = RunSpec.__dataclass_fields__["strategy"].default
+#: The strategy meta-training runs with by default.
+PRODUCTION = DEFAULT_STRATEGY
 
 
 def build(setting: Setting, threads: int, strategy: str, channels_last: bool) -> MamlLearner:

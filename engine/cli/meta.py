@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.meta.maml import STRATEGIES
-from engine.meta.runs import BACKBONES, DATASETS, PRESETS, RunSpec
+from engine.meta.runs import BACKBONES, DATASETS, DEFAULT_STRATEGY, PRESETS, RunSpec
 from engine.meta.service import evaluate_run, execute_meta_training, load_run
 from engine.progress import ProgressEvent
 
@@ -63,7 +63,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategy",
         choices=STRATEGIES,
-        default=RunSpec.__dataclass_fields__["strategy"].default,
+        default=DEFAULT_STRATEGY,
         help="how a meta-batch's tasks share the cores (default: worker processes)",
     )
     parser.add_argument(

@@ -36,6 +36,10 @@ EVAL_SEED_STREAM = 4
 DEFAULT_SPACE_SWITCHES = (5, True, True)
 
 
+#: Worker processes: measured fastest on 2-core CPUs (docs/META_TRAINING.md).
+DEFAULT_STRATEGY = "processes"
+
+
 class RunSpecError(ValueError):
     """A run description naming something that does not exist."""
 
@@ -88,9 +92,8 @@ class RunSpec:
     iterations: int | None = None
     seed: int = 0
     threads: int = 2
-    #: How a meta-batch's tasks share the cores (engine.meta.maml): worker processes by
-    #: default, which measured fastest on 2-core CPUs (docs/META_TRAINING.md).
-    strategy: str = "processes"
+    #: How a meta-batch's tasks share the cores (engine.meta.maml).
+    strategy: str = DEFAULT_STRATEGY
     p_end: float = 0.25
     #: Decay speed alpha of progressive shrinking (H-Meta-NAS eq. 4; the paper picks 5 in Table 9).
     shrink_alpha: float = 5.0
