@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -29,18 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._validation import mean_ci, validation_tasks  # noqa: E402
 from engine.meta.runs import RunSpec, build_run, task_source  # noqa: E402
 from engine.meta.train import meta_train  # noqa: E402
-from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, slice_tasks  # noqa: E402
+from engine.search.adapt import SuperNetScorer, inner_loop_from_learner  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 
 PAPER = {0.1: 0.424, 0.5: 0.4145, 5.0: 0.5464, 10.0: 0.5323, 50.0: 0.4423}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    mean = float(np.mean(values))
-    ci = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, ci
 
 
 def main() -> None:
@@ -74,12 +68,7 @@ def main() -> None:
     space = build_run(base).space
     rng = np.random.default_rng(derive_seed(args.seed, 9))
     subnets = [space.sample(rng) for _ in range(subnet_count)]
-    _, eval_batches = task_source(base, "val")
-    tasks = [
-        task
-        for batch in eval_batches(task_count, task_count, derive_seed(args.seed, 10))
-        for task in slice_tasks(batch)
-    ]
+    tasks = validation_tasks(base, task_count, args.seed)
     print(
         f"Table 9 at small scale: Omniglot {base.ways}-way 1-shot, tiny super-net, {iterations} meta-iterations "
         f"per alpha, {subnet_count} random sub-nets x {len(tasks)} validation tasks; folder {folder}"

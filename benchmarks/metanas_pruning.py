@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks._validation import mean_ci
 from engine.metanas import (
     MetaNasConfig,
     SyntheticTaskSource,
@@ -29,14 +30,6 @@ from engine.metanas import (
 )
 from engine.metanas.train import accuracy
 from engine.seeding import seed_everything
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% normal-approximation half-width."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, 1.96 * statistics.stdev(values) / len(values) ** 0.5
 
 
 def main() -> None:

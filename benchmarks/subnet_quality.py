@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -35,20 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._validation import mean_ci, validation_tasks  # noqa: E402
 from engine.adaption import load_supernet, retrain_subnet  # noqa: E402
 from engine.meta.runs import RunSpec, build_run, task_source  # noqa: E402
 from engine.meta.train import meta_train  # noqa: E402
-from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, slice_tasks  # noqa: E402
+from engine.search.adapt import SuperNetScorer, inner_loop_from_learner  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 
 DIMENSIONS = ("activation", "kernel", "width", "depth")
 RATE_SCALES = (0.3, 1.0, 3.0)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    mean = float(np.mean(values))
-    ci = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, ci
 
 
 def with_layers(arch, **fields):
@@ -123,12 +117,7 @@ def main() -> None:
         source = f"tiny preset trained here, {trained_iterations} meta-iterations, p_end {spec.p_end:g}"
     train_s = time.perf_counter() - started
     space = run.space
-    _, eval_batches = task_source(spec, "val")
-    tasks = [
-        task
-        for batch in eval_batches(task_count, task_count, derive_seed(args.seed, 10))
-        for task in slice_tasks(batch)
-    ]
+    tasks = validation_tasks(spec, task_count, args.seed)
     print(
         f"sub-net quality: Omniglot {spec.ways}-way {spec.shots}-shot {spec.backbone} super-net, {source}, "
         f"{len(tasks)} validation tasks, {arch_count} random sub-nets per family; trained/loaded in {train_s:.1f} s"
