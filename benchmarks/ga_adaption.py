@@ -32,7 +32,8 @@ comparison, which needs one trained for longer than seconds, e.g. (about 30 minu
 an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200.
 
 Then the issue's own request is timed: P=100, M=200 (quick: 2), 16-task slices, one budget, with
-one search process and with ``--search-workers`` processes (the ratio is a figure).
+one search process and with ``--search-workers`` processes (the ratio is a figure);
+``--paper-production-only`` times the production way alone (at M=200 each way takes minutes).
 
 ``--quick`` finishes in under a minute on 2 shared CPU cores.
 """
