@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._validation import mean_ci, validation_tasks  # noqa: E402
 from engine.adaption import load_supernet, retrain_subnet  # noqa: E402
-from engine.meta.runs import RunSpec, build_run, task_source  # noqa: E402
-from engine.meta.train import meta_train  # noqa: E402
+from engine.meta.runs import RunSpec  # noqa: E402
+from engine.meta.service import execute_meta_training  # noqa: E402
+from engine.meta.train import CHECKPOINT_NAME  # noqa: E402
 from engine.search.adapt import SuperNetScorer, inner_loop_from_learner  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 
@@ -99,22 +100,19 @@ def main() -> None:
     started = time.perf_counter()
     if args.supernet:
         checkpoint = Path(args.supernet)
-        spec, run, trained_iterations = load_supernet(checkpoint)
-        source = f"{checkpoint} ({spec.preset} preset, {trained_iterations} meta-iterations)"
+        source = str(checkpoint)
     else:
-        trained_iterations = args.train_iterations or (96 if quick else 1500)
         spec = RunSpec(
             dataset="omniglot", ways=args.ways, shots=1, backbone="vgg9", preset="tiny",
-            iterations=trained_iterations, seed=args.seed, threads=args.threads,
+            iterations=args.train_iterations or (96 if quick else 1500), seed=args.seed, threads=args.threads,
         )  # fmt: skip
         if args.p_end is not None:
             spec = spec.with_(p_end=args.p_end)
-        run = build_run(spec)
-        train_source, _ = task_source(spec, "train")
-        result = meta_train(run.learner, train_source, run.config, out_dir=folder / "supernet", space=run.space,
-                            run_info=run.info)  # fmt: skip
-        checkpoint = Path(result.checkpoint)
-        source = f"tiny preset trained here, {trained_iterations} meta-iterations, p_end {spec.p_end:g}"
+        execute_meta_training(spec, folder / "supernet", eval_tasks=0)  # the accuracies come below
+        checkpoint = folder / "supernet" / CHECKPOINT_NAME
+        source = f"tiny preset trained here, p_end {spec.p_end:g}"
+    spec, run, trained_iterations = load_supernet(checkpoint)
+    source = f"{source} ({spec.preset} preset, {trained_iterations} meta-iterations)"
     train_s = time.perf_counter() - started
     space = run.space
     tasks = validation_tasks(spec, task_count, args.seed)
