@@ -36,7 +36,8 @@ EVAL_SEED_STREAM = 4
 DEFAULT_SPACE_SWITCHES = (5, True, True)
 
 
-#: Worker processes: measured fastest on 2-core CPUs (docs/META_TRAINING.md).
+#: Worker processes: the fastest of our strategies on the 2-core CPUs measured; on the Intel one
+#: also faster than the plain loop, on the AMD one about even with it (docs/BENCHMARKS.md).
 DEFAULT_STRATEGY = "processes"
 
 
