@@ -3,7 +3,8 @@
 Each generation's pool is scored on one slice, so its unevaluated architectures are independent:
 :meth:`ProcessFitness.many` scores them in ``workers`` processes forked once from this one
 (:mod:`engine.forked`: they inherit the super-net and the task slices copy-on-write; only
-architectures and losses travel, pickled, through pipes).
+architectures and losses travel, pickled, through pipes). On a machine with a CUDA GPU they are
+spawned instead (see :func:`_fork_breaks_autograd`).
 
 Every evaluation - in a worker or in this process - runs with one intra-op thread, so a loss does
 not depend on how many workers there are: a GA gives the same result with 1 or 4 workers (tests).
@@ -15,10 +16,21 @@ import selectors
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.forked import ForkedWorker, WorkerError, close_workers, start_workers
+import torch
+
+from engine.forked import ForkedWorker, SpawnedWorker, WorkerError, close_workers, start_workers
 from engine.latency.measure import torch_threads
 
 __all__ = ["ProcessFitness", "WorkerError"]
+
+
+def _fork_breaks_autograd() -> bool:
+    """On a machine with a CUDA GPU the autograd engine starts a thread per GPU at the first
+    backward of the process, and a process forked after that cannot run autograd at all ("Unable
+    to handle autograd's threading in combination with fork-based multiprocessing", seen on an
+    H100 machine). There the workers are fresh interpreters (:class:`SpawnedWorker`: they receive
+    the fitness function pickled, about 2 s each to start) instead of forks."""
+    return torch.cuda.is_available()
 
 
 class ProcessFitness:
@@ -86,8 +98,13 @@ class ProcessFitness:
 
     def _start(self) -> list[ForkedWorker]:
         if not self._pool:
-            self._pool = start_workers(self._score, self.workers)
+            kind = SpawnedWorker if _fork_breaks_autograd() else ForkedWorker
+            self._pool = start_workers(self._score, self.workers, kind)
         return self._pool
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A spawned worker receives this object pickled; the pool stays with its owner.
+        return {**self.__dict__, "_pool": []}
 
     def close(self) -> None:
         pool, self._pool = getattr(self, "_pool", []), []

@@ -540,13 +540,19 @@ def test_workers_do_not_run_the_parents_after_fork_hooks(space):
         assert parallel.many(pairs) == [fitness(arch, s) for arch, s in pairs]
 
 
+def _broken_fitness(arch, slice_id):
+    # Module level, not a closure: on a machine with CUDA the workers are spawned and receive the
+    # fitness function pickled (engine.search.parallel._fork_breaks_autograd).
+    raise ValueError("no such layer")
+
+
 def test_a_failing_evaluation_is_reported_not_hung(space):
     from engine.search.parallel import ProcessFitness, WorkerError
 
-    def broken(arch, slice_id):
-        raise ValueError("no such layer")
-
-    with ProcessFitness(broken, workers=2) as parallel, pytest.raises(WorkerError, match="no such layer"):
+    with (
+        ProcessFitness(_broken_fitness, workers=2) as parallel,
+        pytest.raises(WorkerError, match="no such layer"),
+    ):
         parallel.many([(space.sample(np.random.default_rng(seed)), 0) for seed in range(4)])
 
 
