@@ -138,15 +138,23 @@ class ElasticConv2d(nn.Module):
         return f"max_in={self.max_in_channels}, max_out={self.max_out_channels}, max_kernel={self.max_kernel}"
 
 
+def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` input (batched by ``vmap`` or tracked by ``grad``),
+    not a plain buffer captured from outside. torch has no public test for this."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(tensor))
+
+
 class ElasticBatchNorm2d(nn.Module):
     """BatchNorm over the leading channels, with MAML++ per-step statistics and affine params.
 
     ``weight``/``bias``/``running_mean``/``running_var`` have shape ``[bn_steps, C_max]``;
     inner-loop step ``step`` uses row ``step``. Training mode normalises with the batch
     statistics and (when ``track_stats``) updates row ``step`` of the running stats in
-    place; eval mode normalises with row ``step`` of the running stats. ``track_stats=False``
-    leaves the buffers untouched, which ``torch.func.vmap`` needs (no in-place writes
-    of batched values into unbatched buffers).
+    place (also under ``vmap`` when the buffers are batched per task); eval mode normalises
+    with row ``step`` of the running stats. ``track_stats=False`` leaves the buffers
+    untouched, which ``torch.func.vmap`` needs when the buffers are *not* batched (no in-place
+    writes of batched values into unbatched buffers).
     """
 
     def __init__(self, max_channels: int, bn_steps: int = 1) -> None:
@@ -165,7 +173,9 @@ class ElasticBatchNorm2d(nn.Module):
         weight = self.weight[step, :channels]
         bias = self.bias[step, :channels]
         if self.training:
-            if track_stats:
+            if track_stats and _is_functorch_wrapped(self.running_mean):
+                self._update_running_stats(x, step, channels)
+            elif track_stats:
                 # Row views of the buffers: batch_norm updates them in place.
                 return F.batch_norm(
                     x,
@@ -188,6 +198,18 @@ class ElasticBatchNorm2d(nn.Module):
             0.0,
             BN_EPS,
         )
+
+    def _update_running_stats(self, x: torch.Tensor, step: int, channels: int) -> None:
+        """``running = (1 - momentum) * running + momentum * batch`` (unbiased variance), as
+        ``F.batch_norm`` does in training mode, but written out. Used when the buffers are
+        per-task ``torch.func`` inputs (the ``vmap`` meta-training strategy): there
+        ``F.batch_norm``'s own in-place update of a row view of a batched buffer is silently
+        lost, while an explicit in-place update of the same view is kept."""
+        with torch.no_grad():
+            reduce = tuple(d for d in range(x.dim()) if d != x.dim() - 3)  # all but the channels
+            var, mean = torch.var_mean(x.detach(), dim=reduce, correction=1)
+            self.running_mean[step, :channels].mul_(1 - BN_MOMENTUM).add_(mean, alpha=BN_MOMENTUM)
+            self.running_var[step, :channels].mul_(1 - BN_MOMENTUM).add_(var, alpha=BN_MOMENTUM)
 
     def extra_repr(self) -> str:
         return f"max_channels={self.max_channels}, bn_steps={self.bn_steps}"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.meta.maml import STRATEGIES
-from engine.meta.runs import BACKBONES, DATASETS, DEFAULT_STRATEGY, PRESETS, RunSpec
+from engine.meta.runs import BACKBONES, DATASETS, DEVICES, PRESETS, RunSpec, default_strategy
 from engine.meta.service import evaluate_run, execute_meta_training, load_run
 from engine.progress import ProgressEvent
 
@@ -61,10 +61,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="CPU cores to use (never more than you have)")
     parser.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="where to train: this CPU or a CUDA GPU"
+    )
+    parser.add_argument(
         "--strategy",
         choices=STRATEGIES,
-        default=DEFAULT_STRATEGY,
-        help="how a meta-batch's tasks share the cores (default: worker processes)",
+        default=None,
+        help="how a meta-batch's tasks are run: worker processes on the CPU, one vmapped batch on a GPU "
+        "(the defaults); 'loop' is the per-task reference",
     )
     parser.add_argument(
         "--p-end", type=float, default=0.25, help="final probability of training the largest sub-net"
@@ -88,8 +92,9 @@ def _meta_train(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         seed=args.seed,
         threads=args.threads,
-        strategy=args.strategy,
+        strategy=args.strategy or default_strategy(args.device),
         p_end=args.p_end,
+        device=args.device,
     )
     bar = None if args.quiet else TerminalProgress("meta-train")
     try:
@@ -114,11 +119,14 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch", default="largest", help="'largest', 'smallest' or an Arch JSON (super-net runs)"
     )
+    parser.add_argument(
+        "--device", choices=DEVICES, default=None, help="where to evaluate (default: where it was trained)"
+    )
     parser.add_argument("--quiet", action="store_true")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    run, state = load_run(args.run)
+    run, state = load_run(args.run, device=args.device)
     bar = None if args.quiet else TerminalProgress(f"evaluate ({args.split})")
     try:
         result = evaluate_run(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.meta.maml import MamlLearner
-from engine.meta.tasks import TaskSource
+from engine.meta.tasks import TaskSource, batch_on
 from engine.progress import ProgressCallback, null_progress
 
 #: Test tasks of the standard few-shot protocol (MAML++, H-Meta-NAS).
@@ -78,9 +78,11 @@ def evaluate(
     """
     was_training = learner.training
     learner.train()
+    device = next(learner.parameters()).device
     accuracies: list[float] = []
     try:
         for batch in batches:
+            batch = batch_on(batch, device)
             accuracies.extend(learner.evaluate_batch(batch, forward_kwargs=forward_kwargs, steps=steps))
             progress(
                 {

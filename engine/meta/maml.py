@@ -22,9 +22,17 @@ Two ways to compute the same meta-gradient:
   two processes of about 1.9 (docs/META_TRAINING.md). Call :meth:`MamlLearner.close_workers` (or
   let :func:`engine.meta.train.meta_train` do it) when done.
 
-Measured and rejected on the 2-core CPU (see docs/META_TRAINING.md): ``torch.func.vmap`` over
-tasks and a hand-written grouped convolution (groups = tasks, [N, T*C, H, W] layout) -- the
-mkldnn grouped-convolution double backward is 3-6x slower than the per-task loop here.
+* ``strategy="vmap"`` -- the production path on GPUs: ``torch.func.vmap`` over the tasks of
+  a meta-batch, the inner loop through ``torch.func.grad`` and one ``backward()`` of the mean
+  task loss, so each layer runs as one batched (grouped) kernel for all tasks instead of one
+  small kernel per task. Same math as the loop (tests check the gradients and the running
+  statistics agree). Each task gets its own copy of the BatchNorm running statistics, as in the
+  loop, and the copies are averaged afterwards.
+
+Measured and rejected on the 2-core CPU (see docs/META_TRAINING.md): ``vmap`` over tasks and a
+hand-written grouped convolution (groups = tasks, [N, T*C, H, W] layout) -- the mkldnn
+grouped-convolution double backward is 3-6x slower than the per-task loop there. ``vmap`` stays
+selectable on the CPU (tests run it there) but is meant for CUDA.
 """
 
 from __future__ import annotations
@@ -42,13 +50,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from engine.forked import ForkedWorker, SpawnedWorker, close_workers, start_workers
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
 
-STRATEGIES = ("loop", "threads", "processes")
+STRATEGIES = ("loop", "threads", "processes", "vmap")
+#: Strategies that run wherever the model's tensors live (``threads``/``processes`` share CPU cores).
+DEVICE_STRATEGIES = {"cpu": STRATEGIES, "cuda": ("loop", "vmap")}
 
 
 class MamlConfigError(ValueError):
@@ -170,6 +180,26 @@ def _intra_op_threads(count: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def _support_gradients(
+    model: nn.Module,
+    fast: dict[str, torch.Tensor],
+    inner_names: tuple[str, ...],
+    buffers: dict[str, torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    forward_kwargs: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """``torch.func.grad`` of one task's support loss with respect to its adapted weights (inside
+    ``vmap``). The buffers are an argument, not captured, because BatchNorm updates them in
+    place and ``grad`` refuses in-place changes to tensors captured from outside."""
+
+    def support_loss(adapted: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(model, {**fast, **adapted, **buffers}, (support_x,), dict(forward_kwargs))
+        return F.cross_entropy(logits, support_y)
+
+    return torch.func.grad(support_loss)({name: fast[name] for name in inner_names}, buffers)
 
 
 class _ProcessWorkers(list):
@@ -339,6 +369,8 @@ class MamlLearner(nn.Module):
         second_order = self.second_order_at(epoch)
         if strategy == "loop":
             outcomes = self._meta_step_loop(batch, weights, second_order, kwargs)
+        elif strategy == "vmap":
+            outcomes = self._meta_step_vmap(batch, weights, second_order, kwargs)
         elif strategy == "threads":
             outcomes = self._meta_step_threads(batch, weights, second_order, kwargs)
         else:
@@ -375,6 +407,82 @@ class MamlLearner(nn.Module):
             _TaskOutcome(loss=outcome.loss.detach(), accuracy=outcome.accuracy, buffers=outcome.buffers)
             for outcome in outcomes
         ]  # type: ignore[union-attr]
+
+    def _meta_step_vmap(
+        self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
+    ) -> list[_TaskOutcome]:
+        tasks = batch.num_tasks
+        params = dict(self.model.named_parameters())
+        task_buffers = self._per_task_buffers(tasks)
+        task_loss = self._vmapped_task_loss(params, weights, create_graph=second_order, kwargs=kwargs)
+        losses, accuracies = vmap(task_loss)(
+            task_buffers, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+        )
+        (losses.sum() / tasks).backward()
+        losses, accuracies = losses.detach(), accuracies.tolist()
+        return [
+            _TaskOutcome(
+                loss=losses[index],
+                accuracy=accuracies[index],
+                buffers={name: values[index] for name, values in task_buffers.items()},
+            )
+            for index in range(tasks)
+        ]
+
+    def _per_task_buffers(self, tasks: int) -> dict[str, torch.Tensor]:
+        """A copy of the running statistics per task, vmapped like the images: BatchNorm updates
+        each task's own copy, as the loop's per-task clones (ElasticBatchNorm2d)."""
+        return {
+            name: buffer.detach().unsqueeze(0).expand(tasks, *buffer.shape).clone()
+            for name, buffer in self.model.named_buffers()
+        }
+
+    def _vmapped_task_loss(
+        self,
+        params: dict[str, torch.Tensor],
+        weights: np.ndarray,
+        *,
+        create_graph: bool,
+        kwargs: Mapping[str, Any],
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """One task's weighted multi-step query loss and final query accuracy, as a pure function
+        of (its buffers, support_x, support_y, query_x, query_y) for ``torch.func.vmap``.
+
+        The same steps as :meth:`_adapt_task`; ``torch.func.grad`` takes the inner gradients
+        (differentiable for the outer ``backward()`` unless first order, where they are detached).
+        """
+        model, inner_names = self.model, self.inner_names
+        steps = len(weights)
+
+        def task_loss(
+            buffers: dict[str, torch.Tensor],
+            support_x: torch.Tensor,
+            support_y: torch.Tensor,
+            query_x: torch.Tensor,
+            query_y: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            support_x, query_x = self._prepare(support_x), self._prepare(query_x)
+            fast = dict(params)
+            total: torch.Tensor | None = None
+            accuracy = torch.zeros((), device=query_y.device)
+            for step in range(steps):
+                step_kwargs = {**kwargs, "step": self.bn_step(step)}
+                grads = _support_gradients(
+                    model, fast, inner_names, buffers, support_x, support_y, step_kwargs
+                )
+                for name in inner_names:
+                    change = grads[name] if create_graph else grads[name].detach()
+                    fast[name] = fast[name] - self.inner_lr(name)[step] * change
+                last = step == steps - 1
+                if weights[step] > 0 or last:
+                    query_logits = functional_call(model, {**fast, **buffers}, (query_x,), step_kwargs)
+                    weighted = float(weights[step]) * F.cross_entropy(query_logits, query_y)
+                    total = weighted if total is None else total + weighted
+                    if last:
+                        accuracy = (query_logits.detach().argmax(dim=1) == query_y).float().mean()
+            return total, accuracy  # type: ignore[return-value]
+
+        return task_loss
 
     def _meta_step_threads(
         self, batch: TaskBatch, weights: np.ndarray, second_order: bool, kwargs: dict[str, Any]
@@ -534,6 +642,8 @@ class MamlLearner(nn.Module):
             raise MamlConfigError(f"evaluation steps {steps} exceed the learned inner learning rates")
         kwargs = dict(forward_kwargs or {})
         tasks = batch.num_tasks
+        if self.config.strategy == "vmap":
+            return self._evaluate_vmap(batch, steps, kwargs)
         # Evaluation has no meta-gradient to return, so threads serve both parallel strategies.
         workers = min(self.config.workers, tasks) if self.config.strategy != "loop" else 1
         accuracies: list[float] = [0.0] * tasks
@@ -545,6 +655,40 @@ class MamlLearner(nn.Module):
 
         self._run_workers(work, workers)
         return accuracies
+
+    def _evaluate_vmap(self, batch: TaskBatch, steps: int, kwargs: dict[str, Any]) -> list[float]:
+        """:meth:`_evaluate_task` for all tasks of ``batch`` at once (``torch.func.vmap``)."""
+        model, inner_names = self.model, self.inner_names
+        params = {name: param.detach() for name, param in model.named_parameters()}
+        rates = {name: self.inner_lr(name).detach() for name in inner_names}
+        task_buffers = self._per_task_buffers(batch.num_tasks)  # updated, then dropped
+
+        def task_accuracy(
+            buffers: dict[str, torch.Tensor],
+            support_x: torch.Tensor,
+            support_y: torch.Tensor,
+            query_x: torch.Tensor,
+            query_y: torch.Tensor,
+        ) -> torch.Tensor:
+            support_x, query_x = self._prepare(support_x), self._prepare(query_x)
+            fast = dict(params)
+            for step in range(steps):
+                step_kwargs = {**kwargs, "step": self.bn_step(step)}
+                grads = _support_gradients(
+                    model, fast, inner_names, buffers, support_x, support_y, step_kwargs
+                )
+                for name in inner_names:
+                    fast[name] = fast[name] - rates[name][step] * grads[name]
+            logits = functional_call(
+                model, {**fast, **buffers}, (query_x,), {**kwargs, "step": self.bn_step(steps - 1)}
+            )
+            return (logits.argmax(dim=1) == query_y).float().mean()
+
+        with torch.no_grad():
+            accuracies = vmap(task_accuracy)(
+                task_buffers, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+            )
+        return accuracies.tolist()
 
     def _evaluate_task(
         self,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.meta.maml import STRATEGIES, MamlConfig, MamlLearner
+from engine.meta.maml import DEVICE_STRATEGIES, STRATEGIES, MamlConfig, MamlLearner
 from engine.meta.synthetic import SyntheticTasks
 from engine.meta.tasks import TaskSource
 from engine.meta.train import MetaTrainConfig
@@ -39,6 +39,14 @@ DEFAULT_SPACE_SWITCHES = (5, True, True)
 #: Worker processes: the fastest of our strategies on the 2-core CPUs measured; on the Intel one
 #: also faster than the plain loop, on the AMD one about even with it (docs/BENCHMARKS.md).
 DEFAULT_STRATEGY = "processes"
+#: On a GPU all tasks of a meta-batch run as one batched kernel per layer (docs/BENCHMARKS.md).
+DEFAULT_GPU_STRATEGY = "vmap"
+DEVICES = tuple(DEVICE_STRATEGIES)
+
+
+def default_strategy(device: str) -> str:
+    """The strategy meta-training uses on ``device`` unless told otherwise."""
+    return DEFAULT_GPU_STRATEGY if device == "cuda" else DEFAULT_STRATEGY
 
 
 class RunSpecError(ValueError):
@@ -106,6 +114,8 @@ class RunSpec:
     pool_size: int = 5
     global_expansion: bool = True
     adaptive_layers: bool = True
+    #: Where the network and its tasks live: "cpu" or "cuda" (strategy "loop" or "vmap" there).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -126,6 +136,13 @@ class RunSpec:
             raise RunSpecError(f"threads must be >= 1, got {self.threads}")
         if self.strategy not in STRATEGIES:
             raise RunSpecError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.device not in DEVICES:
+            raise RunSpecError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.strategy not in DEVICE_STRATEGIES[self.device]:
+            raise RunSpecError(
+                f"strategy {self.strategy!r} does not run on {self.device}; "
+                f"choose one of {', '.join(DEVICE_STRATEGIES[self.device])}"
+            )
         if (
             isinstance(self.shrink_alpha, bool)
             or not isinstance(self.shrink_alpha, int | float)
@@ -150,7 +167,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
-        return cls(**data)
+        return cls(**data)  # specs stored before ``device`` existed get the default, "cpu"
 
     def with_(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
@@ -298,8 +315,31 @@ class Run:
         return {"spec": self.spec.to_dict()}
 
 
+def spec_on_device(spec: RunSpec, device: str) -> RunSpec:
+    """``spec`` moved to ``device`` (a GPU-trained run evaluated or searched on a CPU, or the other
+    way round) with that device's default strategy; the per-task reference ``loop`` stays.
+    An unknown ``device`` is refused by RunSpec's own check."""
+    if device == spec.device:
+        return spec
+    strategy = spec.strategy if spec.strategy == "loop" else default_strategy(device)
+    return spec.with_(device=device, strategy=strategy)
+
+
 def build_run(spec: RunSpec) -> Run:
+    """The run ``spec`` describes, its learner on ``spec.device``.
+
+    Raises RunSpecError when that device is "cuda" and this machine has no usable GPU.
+    """
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RunSpecError("device 'cuda' asked for, but torch sees no CUDA GPU on this machine")
+        # Full float32 convolutions and matmuls, not TF32: the meta-gradient then matches the
+        # CPU's to float32 rounding (TF32 moved it by 16-20 % on the benchmark's random net), and
+        # the few-shot nets are too small for TF32 to save time (docs/BENCHMARKS.md).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     config = train_config(spec)
     space = build_space(spec)
     model = build_model(spec, space)
-    return Run(spec=spec, config=config, space=space, learner=MamlLearner(model, config.maml))
+    learner = MamlLearner(model, config.maml).to(spec.device)
+    return Run(spec=spec, config=config, space=space, learner=learner)

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.atomic import atomic_write_json
 from engine.meta.evaluate import evaluate
-from engine.meta.runs import EVAL_SEED_STREAM, Run, RunSpec, build_run, task_source
+from engine.meta.runs import EVAL_SEED_STREAM, Run, RunSpec, build_run, spec_on_device, task_source
 from engine.meta.train import CHECKPOINT_NAME, MetaTrainError, load_checkpoint, meta_train
 from engine.progress import ProgressCallback, null_progress
 from engine.seeding import derive_seed
@@ -111,13 +111,18 @@ def execute_meta_training(
     return summary
 
 
-def load_run(out: str | Path) -> tuple[Run, dict[str, Any]]:
-    """The run in folder ``out`` with its checkpoint's weights loaded, and the checkpoint state."""
+def load_run(out: str | Path, device: str | None = None) -> tuple[Run, dict[str, Any]]:
+    """The run in folder ``out`` with its checkpoint's weights loaded, and the checkpoint state.
+
+    ``device`` moves it elsewhere than it was trained (a GPU-trained run evaluated on a CPU), with
+    that device's default strategy (:func:`engine.meta.runs.spec_on_device`).
+    """
     out = Path(out)
     run_file = out / RUN_FILE
     if not run_file.exists():
         raise MetaTrainError(f"{run_file} not found: is {out} a meta-train run folder?")
-    run = build_run(RunSpec.from_dict(json.loads(run_file.read_text())["spec"]))
+    spec = RunSpec.from_dict(json.loads(run_file.read_text())["spec"])
+    run = build_run(spec if device is None else spec_on_device(spec, device))
     state = load_checkpoint(out / CHECKPOINT_NAME)
     run.learner.load_state_dict(state["learner"])
     return run, state

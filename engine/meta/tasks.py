@@ -8,8 +8,10 @@ random decisions, so a run is reproducible (and resumable) from the generator's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +77,16 @@ class TaskBatch:
         if not tasks:
             raise TaskBatchError("cannot stack an empty list of tasks")
         return TaskBatch(*(torch.stack([task[i] for task in tasks]) for i in range(4)))
+
+
+def batch_on(batch: Any, device: torch.device) -> Any:
+    """``batch`` with its four task tensors on ``device``: any batch type with
+    ``support_x/support_y/query_x/query_y`` (this module's or ``engine.data.sampling``'s, a
+    frozen dataclass); the same object when they are there already (the CPU case)."""
+    names = ("support_x", "support_y", "query_x", "query_y")
+    if all(getattr(batch, name).device == device for name in names):
+        return batch
+    return dataclasses.replace(batch, **{name: getattr(batch, name).to(device) for name in names})
 
 
 #: ``source(rng, count) -> TaskBatch``; all randomness drawn from ``rng``.

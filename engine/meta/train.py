@@ -25,7 +25,7 @@ import torch
 from engine.atomic import atomic_write, atomic_write_json
 from engine.meta.maml import MamlConfig, MamlLearner
 from engine.meta.schedule import largest_probability
-from engine.meta.tasks import TaskSource
+from engine.meta.tasks import TaskSource, batch_on
 from engine.progress import JobCancelled, ProgressCallback, null_progress
 from engine.seeding import make_rngs
 
@@ -214,6 +214,7 @@ def meta_train(
     total = config.total_iterations
     end = total if stop_after is None else min(total, stop_after)
     largest = space.largest() if space is not None else None
+    device = next(learner.parameters()).device  # tasks are made on the CPU and sent there
     learner.train()
     began = clock()
     iteration = start
@@ -228,7 +229,7 @@ def meta_train(
                 draw = arch_rng.random()  # always drawn, so the stream does not depend on p
                 is_largest = bool(draw < p_largest)
                 forward_kwargs["arch"] = largest if is_largest else space.sample(arch_rng)
-            batch = tasks(task_rng, config.meta_batch)
+            batch = batch_on(tasks(task_rng, config.meta_batch), device)
             optimizer.zero_grad(set_to_none=True)
             step = learner.meta_step(batch, epoch=epoch, forward_kwargs=forward_kwargs)
             optimizer.step()

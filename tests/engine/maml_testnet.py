@@ -1,7 +1,8 @@
 """A tiny functional conv net with MAML++ per-step BatchNorm, for the meta-learning tests.
 
 It follows the engine convention ``forward(x, step=...)`` like the super-net and the MAML
-baselines, so the learner is tested without depending on them.
+baselines, so the learner is tested without depending on them. Its BatchNorm updates the
+running statistics in a way that also works under ``torch.func.vmap``, as the engine's does.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ class StepBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(bn_steps, channels))
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        return F.batch_norm(
-            x,
-            self.running_mean[step],
-            self.running_var[step],
-            self.weight[step],
-            self.bias[step],
-            training=self.training,
-            momentum=0.1,
-        )
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean[step], self.running_var[step], self.weight[step], self.bias[step]
+            )
+        # The running statistics are updated explicitly, not by F.batch_norm: under torch.func.vmap
+        # with per-task buffers (the learner's ``vmap`` strategy) F.batch_norm's in-place update of
+        # a row view is lost (engine.ops.ElasticBatchNorm2d does the same).
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=1)
+            self.running_mean[step].mul_(0.9).add_(mean, alpha=0.1)
+            self.running_var[step].mul_(0.9).add_(var, alpha=0.1)
+        return F.batch_norm(x, None, None, self.weight[step], self.bias[step], training=True)
 
 
 class TinyStepNet(nn.Module):

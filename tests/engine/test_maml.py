@@ -42,7 +42,7 @@ def meta_grads(
 CONFIG = MamlConfig(inner_steps=3, inner_lr=0.2, multi_step_epochs=4, workers=2)
 
 
-@pytest.mark.parametrize("strategy", ["threads", "processes"])
+@pytest.mark.parametrize("strategy", ["threads", "processes", "vmap"])
 @pytest.mark.parametrize("epoch", [0, 2, 10])
 def test_parallel_meta_gradients_equal_the_per_task_loop_reference(epoch: int, strategy: str) -> None:
     batch = make_batch(tasks=5)
