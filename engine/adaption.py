@@ -47,7 +47,7 @@ from engine.data.dataset import UNIT_RANGE, Normalization
 from engine.data.errors import DatasetError
 from engine.latency.measure import measure_module, torch_threads
 from engine.meta.evaluate import confidence_interval95
-from engine.meta.runs import RunSpec, build_run, task_source
+from engine.meta.runs import DEVICES, RunSpec, build_run, spec_on_device, task_source
 from engine.meta.train import load_checkpoint, meta_train
 from engine.progress import ProgressCallback, null_progress
 from engine.search.adapt import (
@@ -219,6 +219,10 @@ class AdaptionRequest:
     threads: int = 1
     #: Processes scoring GA candidates in parallel (one torch thread each); None: ``threads``.
     search_workers: int | None = None
+    #: Where the search and the test-task scoring run: "cpu" or "cuda" (this machine's GPU; the
+    #: search then runs in this process). Packages are always built on the CPU. Part of the
+    #: request's identity: scores on another device differ in float rounding.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         _check_path("supernet", self.supernet, optional=False)
@@ -252,6 +256,13 @@ class AdaptionRequest:
         _check_int("seed", self.seed, 0, optional=False)
         _check_int("threads", self.threads, 1, optional=False)
         _check_int("search_workers", self.search_workers, 1)
+        if self.device not in DEVICES:
+            raise AdaptionRequestError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.device == "cuda" and (self.search_workers or 1) > 1:
+            raise AdaptionRequestError(
+                "search_workers must be 1 on cuda: the GPU scores the candidates in this process "
+                "(worker processes share CPU cores)"
+            )
         if self.test_tasks is not None:
             _check_int("test_tasks", self.test_tasks, 0)
             if self.test_tasks == 1:
@@ -526,8 +537,9 @@ class _Context:
     baselines: list[tuple[Path, Any, dict[str, Any]]] = field(default_factory=list)
 
 
-def load_supernet(path: str | Path) -> tuple[RunSpec, Any, int]:
-    """``(spec, run, iteration)`` of a super-net meta-training checkpoint, weights loaded."""
+def load_supernet(path: str | Path, device: str = "cpu") -> tuple[RunSpec, Any, int]:
+    """``(spec, run, iteration)`` of a super-net meta-training checkpoint, weights loaded, the
+    learner on ``device`` whatever it was trained on; ``spec`` is the stored one."""
     path = Path(path)
     state = load_checkpoint(path)  # MetaTrainError (a ValueError) when missing or foreign
     info = state.get("run_info") or {}
@@ -540,7 +552,7 @@ def load_supernet(path: str | Path) -> tuple[RunSpec, Any, int]:
         raise AdaptionRequestError(f"{path}: checkpoint is a fixed MAML++ 4-conv baseline, not a super-net")
     if "retrain" in info:
         raise AdaptionRequestError(f"{path}: checkpoint holds a re-trained fixed sub-net, not a super-net")
-    run = build_run(spec)
+    run = build_run(spec_on_device(spec, device))
     run.learner.load_state_dict(state["learner"])
     run.learner.eval()
     return spec, run, int(state["iteration"])
@@ -638,7 +650,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
     """Load and check every input; raises before anything is written."""
     from engine.latency.lut import LatencyTable
 
-    spec, run, iteration = load_supernet(request.supernet)
+    spec, run, iteration = load_supernet(request.supernet, request.device)
     space, learner = run.space, run.learner
     supernet: SuperNet = learner.model
     lut = None
@@ -682,7 +694,11 @@ def _prepare(request: AdaptionRequest) -> _Context:
         constraints=constraints,
         config=config,
         validation_tasks=tasks,
-        fitness=_TimedFitness(scorer, slices, workers=request.search_workers or request.threads),
+        fitness=_TimedFitness(
+            scorer,
+            slices,
+            workers=1 if request.device == "cuda" else request.search_workers or request.threads,
+        ),
         scorer=scorer,
         support=support,
         preprocessing=preprocessing,
@@ -1232,6 +1248,7 @@ def run_adaption(
         search_s, random_s = random_started - search_started, time.perf_counter() - random_started
         archs = [r.best_arch for r in ga_results] + [r.best_arch for r in randoms if r is not None]
         accuracies = _test_accuracies(context, archs, state, progress)
+        context.learner.cpu()  # export, fine-tuning on the support set and latency: on the CPU
         baselines = _reference_baselines(context, progress)
         outcomes = _write_packages(context, out, ga_results, randoms, accuracies, progress)
         fitness = context.fitness

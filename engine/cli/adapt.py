@@ -16,6 +16,7 @@ from engine.adaption import (
     retrain_subnet,
     run_adaption,
 )
+from engine.meta.runs import DEVICES
 from engine.progress import ProgressEvent
 
 STATE_NAME = ".adaption-state.json"
@@ -98,6 +99,7 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-onnx", action="store_true", help="TorchScript only")
     parser.add_argument("--measure-latency", action="store_true", help="time the packages on this machine")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the search scores candidates")
     parser.add_argument("--out", type=Path, required=True, help="output folder (one package per budget)")
     parser.add_argument(
         "--state", type=Path, default=None, help=f"resumable state (default OUT/{STATE_NAME})"
@@ -128,6 +130,7 @@ def _adapt(args: argparse.Namespace) -> int:
         export_onnx=not args.no_onnx,
         measure_latency=args.measure_latency,
         threads=args.threads,
+        device=args.device,
     )
     state = args.state if args.state is not None else args.out / STATE_NAME
     bar = None if args.quiet else AdaptProgress()

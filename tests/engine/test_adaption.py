@@ -183,6 +183,8 @@ def test_request_round_trips_through_json(world):
         ({"unit": "parsec"}, "unknown unit"),
         ({"seed": -1}, "seed"),
         ({"search_workers": 0}, "search_workers"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"device": "cuda", "search_workers": 2}, "search_workers must be 1 on cuda"),
     ],
 )
 def test_bad_request_fields_are_named(world, changes, message):
@@ -374,6 +376,19 @@ def test_search_in_worker_processes_gives_the_same_result(world, adapted):
     assert {child.pid for child in psutil.Process().children()} <= children_before
 
 
+def test_search_in_spawned_worker_processes_gives_the_same_result(world, adapted, monkeypatch):
+    """On a machine with a GPU the search processes are spawned, not forked (a fork after the
+    first backward cannot run autograd there); forced here: same choices as one process."""
+    from engine.search import parallel
+
+    monkeypatch.setattr(parallel, "_fork_breaks_autograd", lambda: True)
+    _, single, _, _ = adapted
+    spawned = run_adaption(
+        request_for(world, measure_latency=True, search_workers=2), out_dir=world["root"] / "spawned"
+    )
+    assert comparable(spawned) == comparable(single)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_inputs_fail_before_anything_is_written(world, tmp_path):
     out = tmp_path / "out"
@@ -394,7 +409,23 @@ def test_bad_inputs_fail_before_anything_is_written(world, tmp_path):
     write_support_zip(single, WAYS, per_class=1)
     with pytest.raises(AdaptionRequestError, match=">= 2 images per class"):
         run_adaption(request_for(world, support=str(single), task_source="support"), out_dir=out)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            run_adaption(request_for(world, device="cuda"), out_dir=out)
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_search_on_the_gpu_chooses_what_the_cpu_chooses(world, adapted):
+    """Scored on CUDA (float32 there too), the GA picks the same architectures; the packages are
+    built on the CPU and fit their budgets."""
+    _, on_cpu, _, _ = adapted
+    on_gpu = run_adaption(request_for(world, device="cuda"), out_dir=world["root"] / "gpu")
+    assert [o.arch for o in on_gpu.outcomes] == [o.arch for o in on_cpu.outcomes]
+    assert all(o.constraint_met for o in on_gpu.outcomes)
+    package = on_gpu.outcomes[0]
+    model = torch.jit.load(package.package + "/" + package.model_card["files"]["torchscript"])
+    assert next(iter(model.parameters())).device.type == "cpu"
 
 
 # --------------------------------------------------------------------------- other paths
