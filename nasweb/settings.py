@@ -50,6 +50,14 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default)
+    if value not in choices:
+        allowed = " or ".join(repr(choice) for choice in choices)
+        raise ImproperlyConfigured(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -312,6 +320,14 @@ NASWEB_LOST_MESSAGE_GRACE_S = env_int("NASWEB_LOST_MESSAGE_GRACE_S", 60, minimum
 NASWEB_TORCH_THREADS = env_int(
     "NASWEB_TORCH_THREADS", max(1, (os.cpu_count() or 1) // NASWEB_WORKER_CONCURRENCY)
 )
+# Where meta-training runs ("cpu" or "cuda"): set "cuda" on a deployment whose `train` workers have a
+# GPU (the same value for the web process, which writes it into each run's spec). Such runs use the
+# engine's vmap strategy; a worker without a GPU fails them with a clear error.
+NASWEB_TRAIN_DEVICE = env_choice("NASWEB_TRAIN_DEVICE", "cpu", ("cpu", "cuda"))
+# Where an adaption's search scores candidates ("cpu" or "cuda"): a worker-side setting, for a
+# worker consuming `adapt` on a machine with a GPU (one search process there; packages are still
+# built on the CPU). A resumed adaption keeps the device of its first attempt.
+NASWEB_ADAPT_DEVICE = env_choice("NASWEB_ADAPT_DEVICE", "cpu", ("cpu", "cuda"))
 # Processes that score GA candidates of one adaption in parallel (one torch thread each): the
 # same share of the cores as the torch threads, unless set.
 NASWEB_SEARCH_WORKERS = env_int("NASWEB_SEARCH_WORKERS", NASWEB_TORCH_THREADS, minimum=1)

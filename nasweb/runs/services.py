@@ -91,7 +91,7 @@ def metatrain_start(
     seed: int = 0,
     name: str = "",
 ) -> MetaTrainingRun:
-    from engine.meta.runs import RunSpec
+    from engine.meta.runs import RunSpec, default_strategy
 
     if method not in Method.values:
         raise RunInputError(f"unknown method {method!r}")
@@ -112,6 +112,8 @@ def metatrain_start(
                 seed=seed,
                 threads=settings.NASWEB_TORCH_THREADS,
                 algorithm="maml" if method == Method.MAML else "mamlpp",
+                device=settings.NASWEB_TRAIN_DEVICE,
+                strategy=default_strategy(settings.NASWEB_TRAIN_DEVICE),
             )
     except ValueError as exc:  # RunSpecError, MetaNasRunError, MetaNasConfigError
         raise RunInputError(str(exc)) from exc
@@ -488,10 +490,9 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
     from engine.adaption import AdaptionRequest
 
     if run.request and state_path.exists():
+        stored = AdaptionRequest.from_dict(run.request)
         return replace(
-            AdaptionRequest.from_dict(run.request),
-            threads=settings.NASWEB_TORCH_THREADS,
-            search_workers=settings.NASWEB_SEARCH_WORKERS,
+            stored, threads=settings.NASWEB_TORCH_THREADS, search_workers=_search_workers(stored.device)
         )
     lut_path = _ensure_table(run, progress)
     return AdaptionRequest(
@@ -505,8 +506,14 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,
         baseline_checkpoints=_baseline_checkpoints(run),
         threads=settings.NASWEB_TORCH_THREADS,
-        search_workers=settings.NASWEB_SEARCH_WORKERS,
+        search_workers=_search_workers(settings.NASWEB_ADAPT_DEVICE),
+        device=settings.NASWEB_ADAPT_DEVICE,
     )
+
+
+def _search_workers(device: str) -> int:
+    """On a GPU the candidates are scored in the worker's own process."""
+    return 1 if device == "cuda" else settings.NASWEB_SEARCH_WORKERS
 
 
 def _metanas_references(run: AdaptionRun) -> list[dict[str, Any]]:

@@ -72,3 +72,19 @@ def test_a_resumed_attempt_keeps_the_saved_request_and_takes_only_how_to_run_it(
         settings.NASWEB_TORCH_THREADS,
         settings.NASWEB_SEARCH_WORKERS,
     )
+
+
+def test_a_gpu_worker_asks_for_the_gpu_and_a_resumed_attempt_keeps_the_first_ones_device(
+    adaption, tmp_path, settings
+):
+    settings.NASWEB_ADAPT_DEVICE = "cuda"  # the `settings` fixture restores it afterwards
+    on_gpu = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    assert (on_gpu.device, on_gpu.search_workers) == ("cuda", 1)
+    AdaptionRun.objects.filter(pk=adaption.pk).update(request=on_gpu.to_dict())
+    adaption.refresh_from_db()
+    state = tmp_path / "run" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    settings.NASWEB_ADAPT_DEVICE = "cpu"  # resumed by a worker without a GPU: same request
+    resumed = services._adaption_request(adaption, state, progress=None)
+    assert resumed.identity() == on_gpu.identity() and resumed.search_workers == 1

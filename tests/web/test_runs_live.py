@@ -128,3 +128,20 @@ def test_adaption_requests_are_validated(tmp_path):
                 owner=user, supernet=unfinished, device=cpu, constraint="params", budgets=budgets
             )
     assert not AdaptionRun.objects.exists()
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the error of a worker that has no GPU"
+)
+def test_a_gpu_training_run_on_a_worker_without_a_gpu_fails_with_a_clear_error(
+    celery_worker_process, settings
+):
+    """NASWEB_TRAIN_DEVICE=cuda writes device "cuda" and the vmap strategy into the run's spec; a
+    worker without a GPU then fails the run saying so, instead of training on the CPU unasked."""
+    settings.NASWEB_TRAIN_DEVICE = "cuda"
+    user = get_user_model().objects.create_user("gpu-trainer", password="pw-trainer-123")
+    run = services.metatrain_start(owner=user, method=Method.HMETANAS, ways=5, shots=1, preset="tiny")
+    assert run.spec["device"] == "cuda" and run.spec["strategy"] == "vmap"
+    run = _wait(run, celery_worker_process, timeout=120)
+    assert run.status == JobStatus.FAILED
+    assert "no CUDA GPU" in run.error

@@ -70,3 +70,10 @@ def test_production_refuses_the_default_secret_key():
 def test_debug_mode_accepts_the_default_secret_key():
     result = _django_check({"NASWEB_DEBUG": "1"})
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", ["NASWEB_TRAIN_DEVICE", "NASWEB_ADAPT_DEVICE"])
+def test_an_unknown_device_is_refused(name):
+    result = _django_check({"NASWEB_DEBUG": "1", name: "tpu"})
+    assert result.returncode != 0
+    assert f"{name} must be 'cpu' or 'cuda'" in result.stderr
