@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.meta.runs import RunSpec, build_run, task_source
+from engine.meta.tasks import batch_on
 from engine.meta.train import CHECKPOINT_NAME, meta_train, read_metrics
 from engine.progress import JobCancelled
 
@@ -47,13 +48,16 @@ def _time_steps(run: Any, source: Any, epoch: int, archs: list[Any], repeats: in
     """Mean seconds of one meta-step at ``epoch`` over ``archs`` (``None``: a fixed network)."""
     rng = np.random.default_rng(0)
     learner, meta_batch = run.learner, run.config.meta_batch
+    device = next(learner.parameters()).device
     kwargs = {"arch": archs[0]} if archs[0] is not None else {}
-    learner.meta_step(source(rng, meta_batch), epoch=epoch, forward_kwargs=kwargs)  # warm-up
+    learner.meta_step(
+        batch_on(source(rng, meta_batch), device), epoch=epoch, forward_kwargs=kwargs
+    )  # warm-up
     total, steps = 0.0, 0
     for arch in archs:
         kwargs = {"arch": arch} if arch is not None else {}
         for _ in range(repeats):
-            batch = source(rng, meta_batch)
+            batch = batch_on(source(rng, meta_batch), device)
             started = time.perf_counter()
             learner.meta_step(batch, epoch=epoch, forward_kwargs=kwargs)
             total += time.perf_counter() - started

@@ -33,7 +33,8 @@ an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200
 
 Then the issue's own request is timed: P=100, M=200 (quick: 2), 16-task slices, one budget, with
 one search process and with ``--search-workers`` processes (the ratio is a figure);
-``--paper-production-only`` times the production way alone (at M=200 each way takes minutes).
+``--paper-production-only`` times the production way alone (at M=200 each way takes minutes);
+``--paper-devices cpu,cuda`` also times it on this machine's GPU.
 
 ``--quick`` finishes in under a minute on 2 shared CPU cores.
 """
@@ -328,14 +329,21 @@ def batched_speedup(levers: list[dict], queries: int) -> float:
 
 def paper_ga_summary(rows: list[dict]) -> dict:
     """Figures of the timed P=100 request: wall time with all processes, and the two ratios
-    (absent when only the production path was timed)."""
-    if len(rows) < 2:
-        return {"paper_ga_s": rows[-1]["search_s"]}
-    return {
-        "paper_ga_s": rows[-1]["search_s"],
-        "paper_ga_speedup_batched": round(rows[0]["search_s"] / rows[1]["search_s"], 2),
-        "paper_ga_speedup_vs_1_process": round(rows[1]["search_s"] / rows[-1]["search_s"], 2),
-    }
+    (absent when only the production path was timed); on a GPU its time and its ratio to the
+    CPU's production path in the same run."""
+    summary: dict = {}
+    cpu = [row for row in rows if row.get("device", "cpu") == "cpu"]
+    cuda = [row for row in rows if row.get("device") == "cuda"]
+    if cpu:
+        summary["paper_ga_s"] = cpu[-1]["search_s"]
+    if len(cpu) >= 2:
+        summary["paper_ga_speedup_batched"] = round(cpu[0]["search_s"] / cpu[1]["search_s"], 2)
+        summary["paper_ga_speedup_vs_1_process"] = round(cpu[1]["search_s"] / cpu[-1]["search_s"], 2)
+    if cuda:
+        summary["paper_ga_cuda_s"] = cuda[-1]["search_s"]
+        if cpu:
+            summary["paper_ga_cuda_speedup"] = round(cpu[-1]["search_s"] / cuda[-1]["search_s"], 2)
+    return summary
 
 
 def time_paper_ga(
@@ -347,17 +355,23 @@ def time_paper_ga(
     workers: int,
     seed: int,
     production_only: bool = False,
+    devices: tuple[str, ...] = ("cpu",),
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
     latency budget, same request three ways: 1 search process scoring tasks one at a time (the
     reference path), 1 process scoring each slice's tasks together (production), then ``workers``
     processes (production). ``production_only`` times the last way alone (M=200 takes minutes
-    per way on 2 cores)."""
+    per way on 2 cores). ``devices`` with "cuda" adds the same request scored on this machine's
+    GPU (one process, batched) as a last row."""
     rows = []
-    variants = [(1, False), (1, True)] + ([(workers, True)] if workers > 1 else [])
+    variants = [(1, False, "cpu"), (1, True, "cpu")] + ([(workers, True, "cpu")] if workers > 1 else [])
     if production_only:
         variants = variants[-1:]
-    for search_workers, batched in variants:
+    if "cpu" not in devices:
+        variants = []
+    if "cuda" in devices:
+        variants.append((1, True, "cuda"))
+    for search_workers, batched, device in variants:
         adapt_module.BATCHED_SCORING = batched  # forked search processes inherit it
         request = AdaptionRequest(
             supernet=checkpoint,
@@ -376,16 +390,18 @@ def time_paper_ga(
             export_onnx=False,
             threads=1,
             search_workers=search_workers,
+            device=device,
         )
         path = "batched" if batched else "one_by_one"
         try:
-            result = run_adaption(request, out_dir=folder / f"paper_ga_{search_workers}_{path}")
+            result = run_adaption(request, out_dir=folder / f"paper_ga_{search_workers}_{path}_{device}")
         finally:
             adapt_module.BATCHED_SCORING = True
         rows.append(
             {
                 "search_workers": search_workers,
                 "path": path,
+                "device": device,
                 "search_s": round(result.search_s, 2),
                 "evaluations": result.evaluations,
                 "cache_hits": result.cache_hits,
@@ -394,7 +410,8 @@ def time_paper_ga(
             }
         )
         print(
-            f"P=100 M={iterations} 16 tasks, {search_workers} search process(es), {path}: {result.search_s:.1f} s, "
+            f"P=100 M={iterations} 16 tasks, {device}, {search_workers} search process(es), {path}: "
+            f"{result.search_s:.1f} s, "
             f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
             f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code}"
         )
@@ -551,6 +568,7 @@ def real_main(args: argparse.Namespace) -> None:
             args.search_workers,
             args.seed,
             production_only=args.paper_production_only,
+            devices=tuple(args.paper_devices.split(",")),
         )
         if paper_iterations > 0
         else []
@@ -655,6 +673,11 @@ def main() -> None:
         "--paper-production-only",
         action="store_true",
         help="time the P=100 adaption on the production path only (batched, --search-workers processes)",
+    )
+    real.add_argument(
+        "--paper-devices",
+        default="cpu",
+        help="where the timed P=100 adaption runs: cpu, cuda or cpu,cuda (the GPU way: 1 process, batched)",
     )
     real.add_argument(
         "--supernet",

@@ -10,7 +10,9 @@
 End-to-end timings on a shared machine are noisy; every figure is a median of repeated calls.
 The last stdout line is one JSON object.
 
-    python benchmarks/lut_accuracy.py [--quick] [--threads 1] [--subnets 1000]
+    python benchmarks/lut_accuracy.py [--quick] [--threads 1] [--subnets 1000] [--device cuda]
+
+``--device cuda`` does all of it on this machine's GPU (the built-in GPU device's LUT).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def main() -> None:
         "--net-repeats", type=int, default=None, help="timed calls per sub-net (default 30, quick 15)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where layers and sub-nets run"
+    )
     args = parser.parse_args()
     subnets = args.subnets or (60 if args.quick else 1000)
     train_subnets = args.train_subnets or (150 if args.quick else 2000)
@@ -67,17 +72,19 @@ def main() -> None:
         repeats=net_repeats,
         warmup=5,
         threads=args.threads,
+        device=args.device,
     )
 
     print(f"VGG9 Omniglot space: {space.size():.3g} archs, {len(space.all_layer_specs())} distinct layers")
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}"
+        + (f", GPU {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
     )
 
     # 1. LUT build (layers + overhead fit).
-    layer_timer = LayerTimer(repeats=layer_repeats, warmup=3, threads=args.threads)
+    layer_timer = LayerTimer(repeats=layer_repeats, warmup=3, threads=args.threads, device=args.device)
     started = time.perf_counter()
-    table = build_lut(space, layer_timer, device="cpu", metadata=layer_timer.metadata())
+    table = build_lut(space, layer_timer, device=args.device, metadata=layer_timer.metadata())
     layers_s = time.perf_counter() - started
     fit_rngs = rngs.child(1)
     fit_archs = [space.sample(fit_rngs.numpy) for _ in range(10)]
@@ -165,6 +172,7 @@ def main() -> None:
         "constant_fit_within_10pct": constant_metrics["within_10pct"],
         "constant_fit_mape": constant_metrics["mape"],
         "threads": args.threads,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "layer_repeats": layer_repeats,
         "net_repeats": net_repeats,
         "quick": args.quick,

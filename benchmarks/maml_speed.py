@@ -10,11 +10,13 @@ Configurations (MAML++ reference settings, second order, multi-step loss on, 5 i
 - Mini-ImageNet-shaped 5-way 1-shot, 15 queries per class, 84x84x3, 48 filters, meta-batch 2;
 images are synthetic (speed does not depend on pixel values).
 
-Ours, two ways: the ``threads`` strategy (tasks in worker threads) and the ``processes`` strategy
-(tasks in worker processes, the production default). ``speedup_*`` is the production
-path's; ``speedup_threads_*`` the threads strategy's.
+Ours on the CPU, two ways: the ``threads`` strategy (tasks in worker threads) and the
+``processes`` strategy (tasks in worker processes, the production default). ``speedup_*`` is the
+production path's; ``speedup_threads_*`` the threads strategy's. With ``--device cuda`` both run
+on the GPU and ours is the ``vmap`` strategy (all tasks of a meta-batch as one batched kernel per
+layer), the production path there; the reference is the same per-task loop.
 
-    python benchmarks/maml_speed.py [--quick] [--threads 2] [--rounds 5]
+    python benchmarks/maml_speed.py [--quick] [--threads 2] [--rounds 5] [--device cuda]
 
 Last line: JSON with speedup_omniglot, speedup_miniimagenet, it_per_s_omniglot.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.baselines import MamlConvNet  # noqa: E402
 from engine.meta.maml import MamlConfig, MamlLearner  # noqa: E402
-from engine.meta.runs import DEFAULT_STRATEGY  # noqa: E402
+from engine.meta.runs import default_strategy  # noqa: E402
 from engine.meta.synthetic import SyntheticTasks  # noqa: E402
 
 
@@ -58,11 +61,7 @@ SETTINGS = (
 )
 
 
-#: The strategy meta-training runs with by default.
-PRODUCTION = DEFAULT_STRATEGY
-
-
-def build(setting: Setting, threads: int, strategy: str, channels_last: bool) -> MamlLearner:
+def build(setting: Setting, threads: int, strategy: str, channels_last: bool, device: str) -> MamlLearner:
     torch.manual_seed(0)
     net = MamlConvNet(setting.channels, setting.size, setting.ways, filters=setting.filters, bn_steps=5)
     config = MamlConfig(
@@ -74,14 +73,19 @@ def build(setting: Setting, threads: int, strategy: str, channels_last: bool) ->
         workers=threads,
         channels_last=channels_last,
     )
-    return MamlLearner(net, config)
+    return MamlLearner(net, config).to(device)
 
 
 def one_iteration(learner: MamlLearner, batch, intra_op_threads: int) -> float:
     torch.set_num_threads(intra_op_threads)
     learner.zero_grad(set_to_none=True)
+    cuda = batch.support_x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     learner.meta_step(batch, epoch=0)
+    if cuda:
+        torch.cuda.synchronize()  # the meta-gradient is done, not only queued
     return time.perf_counter() - start
 
 
@@ -100,58 +104,76 @@ def relative_gradient_difference(a: MamlLearner, b: MamlLearner) -> float:
     return (diff / norm) ** 0.5
 
 
-def measure(setting: Setting, threads: int, rounds: int, channels_last: bool) -> dict[str, float]:
+def measure(
+    setting: Setting, threads: int, rounds: int, channels_last: bool, device: str
+) -> dict[str, float]:
     source = SyntheticTasks(
         setting.ways, 1, setting.queries, channels=setting.channels, image_size=setting.size
     )
-    batch = source(np.random.default_rng(0), setting.meta_batch)
-    reference = build(setting, threads, "loop", False)
+    batch = source(np.random.default_rng(0), setting.meta_batch).to(device)
+    production = default_strategy(device)
+    ours_strategies = ("threads", "processes") if device == "cpu" else (production,)
+    reference = build(setting, threads, "loop", False, device)
     ours = {
-        strategy: build(setting, threads, strategy, channels_last) for strategy in ("threads", "processes")
+        strategy: build(setting, threads, strategy, channels_last, device) for strategy in ours_strategies
     }
     for learner in ours.values():
         learner.load_state_dict(reference.state_dict())
-    # The reference as the MAML++ code runs it (all cores intra-op) and with one intra-op
-    # thread (sometimes faster for such small ops): we compare against the faster of the two.
-    variants = {
-        "reference": (reference, threads),
-        "reference_1thread": (reference, 1),
-        **{strategy: (learner, threads) for strategy, learner in ours.items()},
-    }
+    # On the CPU the reference as the MAML++ code runs it (all cores intra-op) and with one
+    # intra-op thread (sometimes faster for such small ops): we compare against the faster.
+    variants = {"reference": (reference, threads)}
+    if device == "cpu":
+        variants["reference_1thread"] = (reference, 1)
+    variants.update({strategy: (learner, threads) for strategy, learner in ours.items()})
     try:
         one_iteration(reference, batch, threads)  # warm-up, and gradients to compare
         difference = {}
         for strategy, learner in ours.items():
             one_iteration(learner, batch, threads)
             difference[strategy] = relative_gradient_difference(reference, learner)
+        for learner, intra_op in variants.values():  # a second warm-up (CUDA kernels, caches)
+            one_iteration(learner, batch, intra_op)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(rounds):
             for name, (learner, intra_op) in variants.items():
                 times[name].append(one_iteration(learner, batch, intra_op))
     finally:
-        ours["processes"].close_workers()
+        for learner in ours.values():
+            learner.close_workers()
     torch.set_num_threads(threads)
     median = {name: statistics.median(values) for name, values in times.items()}
-    best_reference = min(median["reference"], median["reference_1thread"])
+    best_reference = min(median["reference"], median.get("reference_1thread", math.inf))
     speedup = {strategy: best_reference / median[strategy] for strategy in ours}
-    print(
-        f"{setting.name:13s} {setting.ways}-way 1-shot {setting.size}x{setting.size}x{setting.channels}, "
-        f"meta-batch {setting.meta_batch}: reference {median['reference']:.3f} s/it ({threads} threads), "
-        f"{median['reference_1thread']:.3f} s/it (1 thread); threads strategy {median['threads']:.3f} s/it "
-        f"({speedup['threads']:.2f}x); processes strategy {median['processes']:.3f} s/it "
-        f"({speedup['processes']:.2f}x vs the faster reference); relative gradient difference "
-        f"{difference['threads']:.1e} / {difference['processes']:.1e}"
-    )
-    print("  all timings (s):", {name: [round(t, 3) for t in values] for name, values in times.items()})
+    if device == "cpu":
+        print(
+            f"{setting.name:13s} {setting.ways}-way 1-shot {setting.size}x{setting.size}x{setting.channels}, "
+            f"meta-batch {setting.meta_batch}: reference {median['reference']:.3f} s/it ({threads} threads), "
+            f"{median['reference_1thread']:.3f} s/it (1 thread); threads strategy {median['threads']:.3f} s/it "
+            f"({speedup['threads']:.2f}x); processes strategy {median['processes']:.3f} s/it "
+            f"({speedup['processes']:.2f}x vs the faster reference); relative gradient difference "
+            f"{difference['threads']:.1e} / {difference['processes']:.1e}"
+        )
+    else:
+        print(
+            f"{setting.name:13s} {setting.ways}-way 1-shot {setting.size}x{setting.size}x{setting.channels}, "
+            f"meta-batch {setting.meta_batch} on {torch.cuda.get_device_name()}: reference loop "
+            f"{median['reference']:.4f} s/it; vmap strategy {median[production]:.4f} s/it "
+            f"({speedup[production]:.2f}x); relative gradient difference {difference[production]:.1e}"
+        )
+    print("  all timings (s):", {name: [round(t, 4) for t in values] for name, values in times.items()})
     return {
         "reference_s": median["reference"],
-        "reference_1thread_s": median["reference_1thread"],
-        "ours_s": median[PRODUCTION],
-        "threads_s": median["threads"],
-        "speedup": speedup[PRODUCTION],
-        "speedup_threads": speedup["threads"],
+        "reference_1thread_s": median.get("reference_1thread", math.nan),
+        "ours_s": median[production],
+        "speedup": speedup[production],
+        "speedup_threads": speedup.get("threads", math.nan),
         "grad_rel_diff": max(difference.values()),
     }
+
+
+def _rounded(value: float, digits: int = 4) -> float | None:
+    """JSON has no NaN: figures that do not exist on this device are null."""
+    return None if math.isnan(value) else round(value, digits)
 
 
 def main() -> None:
@@ -166,28 +188,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="cores for both implementations")
     parser.add_argument("--channels-last", action="store_true", help="channels-last inputs in our path")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run both paths here")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA)")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape (CUDA)"
+    )
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    # As meta-training on CUDA runs (engine.meta.runs.build_run): full float32, unless --tf32.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, {rounds} rounds"
     )
     results = {
-        setting.name: measure(setting, args.threads, rounds, args.channels_last) for setting in SETTINGS
+        setting.name: measure(setting, args.threads, rounds, args.channels_last, args.device)
+        for setting in SETTINGS
     }
     print(
         json.dumps(
             {
                 "speedup_omniglot": round(results["omniglot"]["speedup"], 3),
                 "speedup_miniimagenet": round(results["miniimagenet"]["speedup"], 3),
-                "speedup_threads_omniglot": round(results["omniglot"]["speedup_threads"], 3),
-                "speedup_threads_miniimagenet": round(results["miniimagenet"]["speedup_threads"], 3),
-                "production_strategy": PRODUCTION,
+                "speedup_threads_omniglot": _rounded(results["omniglot"]["speedup_threads"], 3),
+                "speedup_threads_miniimagenet": _rounded(results["miniimagenet"]["speedup_threads"], 3),
+                "production_strategy": default_strategy(args.device),
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                 "it_per_s_omniglot": round(1 / results["omniglot"]["ours_s"], 4),
                 "s_per_it_reference_omniglot": round(results["omniglot"]["reference_s"], 4),
-                "s_per_it_reference_1thread_omniglot": round(results["omniglot"]["reference_1thread_s"], 4),
+                "s_per_it_reference_1thread_omniglot": _rounded(results["omniglot"]["reference_1thread_s"]),
                 "grad_rel_diff_max": max(r["grad_rel_diff"] for r in results.values()),
                 "threads": args.threads,
+                "cudnn_benchmark": args.cudnn_benchmark,
+                "tf32": args.tf32,
                 "quick": args.quick,
             }
         )

@@ -13,6 +13,10 @@ first/second order, largest/sampled sub-net, averaged over the run's schedule;
 
     python benchmarks/omniglot_accuracy.py --budget-minutes 60 [--preset cpu] [--threads 2]
     python benchmarks/omniglot_accuracy.py --quick          # tiny networks, ~1 minute
+    python benchmarks/omniglot_accuracy.py --preset paper --device cuda --budget-minutes 240
+
+On ``--device cuda`` training and evaluation run on this machine's GPU (the ``vmap`` strategy) and
+``peak_gpu_mb`` reports the GPU memory high-water mark.
 
 Last line: JSON with acc_5w1s, ci_5w1s, acc_20w1s, ci_20w1s (the MAML++ baseline), minutes,
 params, macs (baseline, 20-way head), peak_rss_mb, and per-model details.
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 from benchmarks._budget import meta_train_within  # noqa: E402
 from engine.cost import arch_macs, arch_params, count_macs, count_params  # noqa: E402
 from engine.meta.evaluate import evaluate  # noqa: E402
-from engine.meta.runs import EVAL_SEED_STREAM, RunSpec, task_source  # noqa: E402
+from engine.meta.runs import EVAL_SEED_STREAM, RunSpec, default_strategy, task_source  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 from engine.space import Arch, LayerChoice  # noqa: E402
 
@@ -101,6 +105,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu", choices=("tiny", "cpu", "paper"))
     parser.add_argument("--eval-tasks", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train and evaluate"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, 0.6-minute budget, 100 test tasks")
     args = parser.parse_args()
     if args.quick:
@@ -119,6 +126,8 @@ def main() -> None:
                 backbone=backbone,
                 preset=args.preset,
                 threads=args.threads,
+                device=args.device,
+                strategy=default_strategy(args.device),
             )
             report = train_and_evaluate(spec, share, args.eval_tasks, Path(scratch) / f"{backbone}_{ways}")
             reports[f"{backbone}_{ways}w1s"] = report
@@ -132,10 +141,13 @@ def main() -> None:
                     f"{report['iterations_done']}/{report['iterations_planned']} iterations in {report['train_minutes']} min"
                 )
     minutes = (time.perf_counter() - began) / 60
+    workers = args.threads if args.device == "cpu" else 0  # the vmap strategy has no worker processes
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
     base5, base20 = reports["maml_5w1s"]["baseline"], reports["maml_20w1s"]["baseline"]
     print(
-        f"total {minutes:.1f} min, peak RSS {peak_rss_mb(args.threads):.0f} MB "
-        f"(this process {peak_rss_mb(0):.0f} MB + {args.threads} meta-batch workers)"
+        f"total {minutes:.1f} min, peak RSS {peak_rss_mb(workers):.0f} MB "
+        f"(this process {peak_rss_mb(0):.0f} MB + {workers} meta-batch workers)"
+        + (f", peak GPU memory {gpu_mb:.0f} MB" if gpu_mb is not None else "")
     )
     print(
         json.dumps(
@@ -147,7 +159,9 @@ def main() -> None:
                 "minutes": round(minutes, 2),
                 "params": base20["params"],
                 "macs": base20["macs"],
-                "peak_rss_mb": round(peak_rss_mb(args.threads), 1),
+                "peak_rss_mb": round(peak_rss_mb(workers), 1),
+                "peak_gpu_mb": None if gpu_mb is None else round(gpu_mb, 1),
+                "device": args.device,
                 "preset": args.preset,
                 "budget_minutes": args.budget_minutes,
                 "supernet_largest_5w1s": round(reports["vgg9_5w1s"]["largest"]["mean"], 4),
