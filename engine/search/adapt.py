@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -279,23 +279,19 @@ class SuperNetScorer:
     def score(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
         """Query loss and accuracy of ``arch`` after the inner loop on each task's support set.
 
-        Tasks of one shape are scored together (:meth:`score_batched`), in chunks; otherwise, or
-        when the inner loop has no batched form, one by one (:meth:`score_each`). Both do the
-        same arithmetic (tests compare them); the batched one sends every operation through
-        PyTorch once per chunk instead of once per task, and adapts only the sliced sub-net.
+        Tasks of one shape are scored together (:meth:`score_batched`), in chunks; otherwise one
+        by one (:meth:`score_each`), on the sliced sub-net where the inner loop is an
+        :class:`LslrInnerLoop`. All do the same arithmetic (tests compare them); the batched one
+        sends every operation through PyTorch once per chunk instead of once per task.
         """
         tasks = slice_tasks(tasks)
         if not tasks:
             raise AdaptionInputError("no tasks to score the architecture on")
         tensors = [tuple(task_tensors(task)) for task in tasks]
         uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
-        if not (
-            BATCHED_SCORING
-            and uniform
-            and hasattr(self.inner_loop, "adapt_batched")
-            and hasattr(self.supernet, "sliced_parameters")
-        ):
-            return self.score_each(arch, tasks)
+        sliceable = isinstance(self.inner_loop, LslrInnerLoop) and hasattr(self.supernet, "sliced_parameters")
+        if not (BATCHED_SCORING and uniform and sliceable):
+            return self.score_each(arch, tasks, sliced=sliceable)
         losses, accuracies = [], []
         per_chunk = self.tasks_per_chunk(arch, tensors[0][0])
         for start in range(0, len(tensors), per_chunk):
@@ -346,12 +342,23 @@ class SuperNetScorer:
         accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
         return [float(v) for v in losses], [float(v) for v in accuracies]
 
-    def score_each(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
-        """The reference: one task at a time, the inner loop on the full super-net tensors."""
+    def score_each(self, arch: Any, tasks: Sequence[Any], sliced: bool = False) -> ArchScore:
+        """One task at a time. The reference (``sliced=False``) runs the inner loop on the full
+        super-net tensors; ``sliced=True`` on the sub-net's cut tensors only (same arithmetic,
+        no gradient or update of the unused parts; needs an :class:`LslrInnerLoop`)."""
         tasks = slice_tasks(tasks)
         if not tasks:
             raise AdaptionInputError("no tasks to score the architecture on")
         params = {name: p.detach() for name, p in self.supernet.named_parameters()}
+        inner_loop = self.inner_loop
+        if sliced:
+            if not isinstance(inner_loop, LslrInnerLoop):
+                raise AdaptionInputError(
+                    "sliced scoring needs an LslrInnerLoop (it names the adapted tensors)"
+                )
+            params = {name: p.detach() for name, p in self.supernet.sliced_parameters(arch).items()}
+            wanted = params if inner_loop.adapted_names is None else inner_loop.adapted_names
+            inner_loop = replace(inner_loop, adapted_names=[name for name in wanted if name in params])
         buffers = {name: b.detach() for name, b in self.supernet.named_buffers()}
         forward = self._forward(arch, buffers)
         device = next(iter(params.values())).device
@@ -360,7 +367,7 @@ class SuperNetScorer:
             for task in tasks:
                 support_x, support_y, query_x, query_y = (t.to(device) for t in task_tensors(task))
                 self._check_labels(support_y)
-                fast = self.inner_loop(forward, params, support_x, support_y)
+                fast = inner_loop(forward, params, support_x, support_y)
                 with torch.no_grad():
                     logits = forward(fast, query_x, self.query_step)
                     losses.append(float(F.cross_entropy(logits, query_y)))

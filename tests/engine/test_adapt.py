@@ -182,7 +182,8 @@ def test_learner_inner_loop_matches_the_maml_learner_evaluation(setup):
 @pytest.mark.parametrize("backbone", ["vgg9", "resnet12"])
 @pytest.mark.parametrize("max_elements", [None, 1])
 def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_elements, monkeypatch):
-    """The production path (sliced sub-net, tasks vmapped, in chunks) against the reference loop."""
+    """The batched path (sliced sub-net, tasks vmapped, in chunks) and the sliced one-by-one path
+    against the reference loop on the full tensors."""
     import engine.search.adapt as adapt
 
     if max_elements is not None:  # one task per chunk
@@ -213,9 +214,10 @@ def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_element
     scorer = SuperNetScorer(net, inner)
     rng = np.random.default_rng(7)
     for arch in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(6)]:
-        batched, each = scorer.score(arch, tasks), scorer.score_each(arch, tasks)
-        assert batched.loss == pytest.approx(each.loss, rel=1e-5, abs=1e-6), arch
-        assert batched.task_accuracies == each.task_accuracies, arch
+        each = scorer.score_each(arch, tasks)
+        for other in (scorer.score(arch, tasks), scorer.score_each(arch, tasks, sliced=True)):
+            assert other.loss == pytest.approx(each.loss, rel=1e-5, abs=1e-6), arch
+            assert other.task_accuracies == each.task_accuracies, arch
 
 
 def test_tasks_of_different_shapes_are_scored_one_by_one(setup):
@@ -224,4 +226,6 @@ def test_tasks_of_different_shapes_are_scored_one_by_one(setup):
     mixed = tasks[:2] + [make_task(generator, shots=1, queries=2)]
     scorer = SuperNetScorer(net, LslrInnerLoop(steps=2, default_lr=0.2))
     arch = space.sample(np.random.default_rng(2))
-    assert scorer.score(arch, mixed) == scorer.score_each(arch, mixed)
+    score = scorer.score(arch, mixed)
+    assert score == scorer.score_each(arch, mixed, sliced=True)
+    assert score.loss == pytest.approx(scorer.score_each(arch, mixed).loss, rel=1e-5, abs=1e-6)
