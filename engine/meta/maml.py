@@ -202,6 +202,29 @@ def _support_gradients(
     return torch.func.grad(support_loss)({name: fast[name] for name in inner_names}, buffers)
 
 
+def _inner_step(
+    model: nn.Module,
+    fast: dict[str, torch.Tensor],
+    inner_names: tuple[str, ...],
+    rates: Mapping[str, torch.Tensor],
+    step: int,
+    buffers: dict[str, torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    forward_kwargs: Mapping[str, Any],
+    detach: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One LSLR inner step of one task inside ``vmap``: ``fast`` with its inner weights moved
+    against their support gradients. ``detach`` makes the step first order for the outer
+    ``backward()`` (the rates still get their gradient)."""
+    grads = _support_gradients(model, fast, inner_names, buffers, support_x, support_y, forward_kwargs)
+    updated = dict(fast)
+    for name in inner_names:
+        change = grads[name].detach() if detach else grads[name]
+        updated[name] = fast[name] - rates[name][step] * change
+    return updated
+
+
 class _ProcessWorkers(list):
     """A learner's worker processes. Never copied or pickled with the learner: a copy that ended
     them when garbage-collected would end the original's workers."""
@@ -452,6 +475,7 @@ class MamlLearner(nn.Module):
         (differentiable for the outer ``backward()`` unless first order, where they are detached).
         """
         model, inner_names = self.model, self.inner_names
+        rates = {name: self.inner_lr(name) for name in inner_names}  # learnable: not detached
         steps = len(weights)
 
         def task_loss(
@@ -467,12 +491,10 @@ class MamlLearner(nn.Module):
             accuracy = torch.zeros((), device=query_y.device)
             for step in range(steps):
                 step_kwargs = {**kwargs, "step": self.bn_step(step)}
-                grads = _support_gradients(
-                    model, fast, inner_names, buffers, support_x, support_y, step_kwargs
-                )
-                for name in inner_names:
-                    change = grads[name] if create_graph else grads[name].detach()
-                    fast[name] = fast[name] - self.inner_lr(name)[step] * change
+                fast = _inner_step(
+                    model, fast, inner_names, rates, step, buffers, support_x, support_y, step_kwargs,
+                    detach=not create_graph,
+                )  # fmt: skip
                 last = step == steps - 1
                 if weights[step] > 0 or last:
                     query_logits = functional_call(model, {**fast, **buffers}, (query_x,), step_kwargs)
@@ -674,11 +696,9 @@ class MamlLearner(nn.Module):
             fast = dict(params)
             for step in range(steps):
                 step_kwargs = {**kwargs, "step": self.bn_step(step)}
-                grads = _support_gradients(
-                    model, fast, inner_names, buffers, support_x, support_y, step_kwargs
+                fast = _inner_step(
+                    model, fast, inner_names, rates, step, buffers, support_x, support_y, step_kwargs
                 )
-                for name in inner_names:
-                    fast[name] = fast[name] - rates[name][step] * grads[name]
             logits = functional_call(
                 model, {**fast, **buffers}, (query_x,), {**kwargs, "step": self.bn_step(steps - 1)}
             )
