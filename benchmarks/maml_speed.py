@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.baselines import MamlConvNet  # noqa: E402
 from engine.meta.maml import MamlConfig, MamlLearner  # noqa: E402
-from engine.meta.runs import default_strategy  # noqa: E402
+from engine.meta.runs import DEVICES, default_strategy  # noqa: E402
 from engine.meta.synthetic import SyntheticTasks  # noqa: E402
 
 
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="cores for both implementations")
     parser.add_argument("--channels-last", action="store_true", help="channels-last inputs in our path")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run both paths here")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="run both paths here")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA)")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape (CUDA)"

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from benchmarks._budget import meta_train_within  # noqa: E402
 from engine.cost import arch_macs, arch_params, count_macs, count_params  # noqa: E402
 from engine.meta.evaluate import evaluate  # noqa: E402
-from engine.meta.runs import EVAL_SEED_STREAM, RunSpec, default_strategy, task_source  # noqa: E402
+from engine.meta.runs import DEVICES, EVAL_SEED_STREAM, RunSpec, default_strategy, task_source  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 from engine.space import Arch, LayerChoice  # noqa: E402
 
@@ -105,9 +105,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu", choices=("tiny", "cpu", "paper"))
     parser.add_argument("--eval-tasks", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train and evaluate"
-    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where to train and evaluate")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 0.6-minute budget, 100 test tasks")
     args = parser.parse_args()
     if args.quick:
