@@ -29,8 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._validation import mean_ci, validation_tasks  # noqa: E402
-from engine.meta.runs import RunSpec, build_run, task_source  # noqa: E402
-from engine.meta.train import meta_train  # noqa: E402
+from engine.adaption import load_supernet  # noqa: E402
+from engine.meta.runs import RunSpec, build_run  # noqa: E402
+from engine.meta.service import execute_meta_training  # noqa: E402
+from engine.meta.train import CHECKPOINT_NAME  # noqa: E402
 from engine.search.adapt import SuperNetScorer, inner_loop_from_learner  # noqa: E402
 from engine.seeding import derive_seed  # noqa: E402
 
@@ -76,12 +78,11 @@ def main() -> None:
     rows = []
     for alpha in alphas:
         spec = base.with_(shrink_alpha=alpha)
-        run = build_run(spec)
-        train_source, _ = task_source(spec, "train")
+        out = folder / f"alpha_{alpha:g}"
         started = time.perf_counter()
-        meta_train(run.learner, train_source, run.config, out_dir=folder / f"alpha_{alpha:g}", space=run.space,
-                   run_info=run.info)  # fmt: skip
+        execute_meta_training(spec, out, eval_tasks=0)  # the accuracies come below
         train_s = time.perf_counter() - started
+        _, run, _ = load_supernet(out / CHECKPOINT_NAME)
         scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
         accuracies = [scorer.score(arch, tasks).accuracy for arch in subnets]
         mean, ci = mean_ci(accuracies)

@@ -58,8 +58,9 @@ from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
 from engine.latency.measure import LayerTimer
 from engine.meta.maml import MamlConfig, MamlLearner
-from engine.meta.runs import RunSpec, build_run, task_source
-from engine.meta.train import meta_train
+from engine.meta.runs import RunSpec, task_source
+from engine.meta.service import execute_meta_training
+from engine.meta.train import CHECKPOINT_NAME
 from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, make_costs_fn, slice_tasks
 from engine.search.constraints import Constraint, CostModel
 from engine.search.evolution import GAConfig, run_ga
@@ -452,24 +453,13 @@ def real_main(args: argparse.Namespace) -> None:
         )
         print(f"REAL mode: Omniglot {spec.ways}-way 1-shot, tiny vgg9 super-net, folder {folder}")
         started = time.perf_counter()
-        run = build_run(spec)
-        train_source, _ = task_source(spec, "train")
-        trained = meta_train(
-            run.learner,
-            train_source,
-            run.config,
-            out_dir=folder / "supernet",
-            space=run.space,
-            run_info=run.info,
-        )
+        trained = execute_meta_training(spec, folder / "supernet", eval_tasks=0)  # tested below
         train_s = time.perf_counter() - started
-        checkpoint = str(trained.checkpoint)
-        trained_iterations = trained.iterations
-        last = trained.history[-12:]
-        train_acc = float(np.mean([record["accuracy"] for record in last]))
+        checkpoint = str(folder / "supernet" / CHECKPOINT_NAME)
+        spec, run, trained_iterations = load_supernet(checkpoint)
         print(
-            f"meta-trained {trained.iterations} iterations in {train_s:.1f} s "
-            f"(train query accuracy, last 12 meta-batches: {100 * train_acc:.1f} %)"
+            f"meta-trained {trained_iterations} iterations in {train_s:.1f} s (train query accuracy, "
+            f"last 20 meta-batches: {100 * trained['train_accuracy_last20']:.1f} %)"
         )
 
     started = time.perf_counter()
