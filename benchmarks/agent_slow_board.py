@@ -43,6 +43,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._children import ChildProcesses, redis_or_embedded  # noqa: E402
+
 DUTY_PERIOD_S = 0.1
 #: The quick run's profiling settings: the "tiny" preset's, on a 36-layer space (every preset's
 #: own VGG9 space has 2,800 distinct layers, minutes of work for a slow board).
@@ -63,48 +65,6 @@ def quick_space():
         widths=(0.25, 0.5),
         activations=("relu",),
     )
-
-
-class Children:
-    """Processes this script started, each in its own session; stop() ends them all."""
-
-    def __init__(self) -> None:
-        self.processes: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, command: list[str], *, log_path: Path, env: dict, **popen) -> subprocess.Popen:
-        handle = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
-        try:
-            process = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **popen,
-            )
-        finally:
-            handle.close()
-        self.processes.append((name, process))
-        return process
-
-    def stop(self) -> None:
-        for name, process in reversed(self.processes):
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGCONT)  # a throttled agent must run to die
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(timeout=15)
-                except ProcessLookupError:
-                    pass
-                except subprocess.TimeoutExpired:
-                    log(f"{name} ignored SIGTERM; killing it")
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if process.returncode is None:
-                process.wait()
 
 
 class DutyCycleThrottler:
@@ -150,24 +110,6 @@ def choose_throttler(requested: str) -> str:
     return requested
 
 
-def start_redis(url: str, children: Children, folder: Path) -> str:
-    """``url`` when a Redis answers there, else an embedded redis-server on a free port."""
-    from nasweb.launcher import free_port, redis_answers, throwaway_redis_command
-
-    if redis_answers(url):
-        return url
-    port = free_port()
-    command = throwaway_redis_command(port, folder)
-    children.start("redis", command, log_path=folder / "redis.log", env=dict(os.environ))
-    embedded = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while not redis_answers(embedded):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"embedded redis-server did not start: {(folder / 'redis.log').read_text()}")
-        time.sleep(0.1)
-    return embedded
-
-
 def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -189,7 +131,7 @@ def agent_run(
     owner,
     space,
     settings: dict,
-    children: Children,
+    children: ChildProcesses,
     folder: Path,
     throttle: dict | None,
 ) -> dict:
@@ -212,14 +154,14 @@ def agent_run(
     if throttle is not None:
         core = throttle["core"]
         popen["preexec_fn"] = lambda: os.sched_setaffinity(0, {core})
-    log_path = folder / f"agent-{name}.log"
+    log_path = children.log_path(f"agent-{name}")
     log(f"{name}: agent on {job.total_layers} layers + {job.overhead_subnets + job.accuracy_subnets} models")
     started = time.perf_counter()
-    process = children.start(f"agent-{name}", command, log_path=log_path, env=env, **popen)
+    process = children.start(f"agent-{name}", command, env=env, **popen)
     duty = None
     if throttle is not None and throttle["tool"] == "cpulimit":
         limiter = ["cpulimit", "-p", str(process.pid), "-l", str(throttle["limit"]), "-z", "-q"]
-        children.start("cpulimit", limiter, log_path=folder / f"cpulimit-{name}.log", env=dict(os.environ))
+        children.start(f"cpulimit-{name}", limiter)
     elif throttle is not None:
         duty = DutyCycleThrottler(process.pid, throttle["limit"] / 100)
         duty.start()
@@ -280,7 +222,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     folder = Path(tempfile.mkdtemp(prefix="nasweb-agent-bench-"))
-    children = Children()
+    children = ChildProcesses(folder, log=log)
     try:
         return run(args, throttler, folder, children)
     except KeyboardInterrupt:
@@ -296,10 +238,10 @@ def main() -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(args, throttler: str, folder: Path, children: Children) -> int:
+def run(args, throttler: str, folder: Path, children: ChildProcesses) -> int:
     from nasweb.launcher import free_port
 
-    redis_url = start_redis(args.redis_url, children, folder)
+    redis_url = redis_or_embedded(args.redis_url, children)
     for name in ("artifacts", "media", "cache"):
         (folder / name).mkdir()
     os.environ.update(
@@ -336,14 +278,11 @@ def run(args, throttler: str, folder: Path, children: Children) -> int:
 
     port = free_port()
     server = f"http://127.0.0.1:{port}"
-    daphne_log = folder / "daphne.log"
     web = children.start(
         "daphne",
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "nasweb.asgi:application"],
-        log_path=daphne_log,
-        env=dict(os.environ),
     )
-    wait_for_http(f"{server}/agent/nasweb_agent.py", web, daphne_log)
+    wait_for_http(f"{server}/agent/nasweb_agent.py", web, children.log_path("daphne"))
     agent = folder / "nasweb_agent.py"
     with urllib.request.urlopen(f"{server}/agent/nasweb_agent.py", timeout=30) as response:
         agent.write_bytes(response.read())

@@ -35,7 +35,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from nasweb.launcher import free_port, redis_answers, throwaway_redis_command  # noqa: E402
+from benchmarks._children import ChildProcesses, redis_or_embedded  # noqa: E402
+from nasweb.launcher import free_port  # noqa: E402
 from nasweb.serve import default_processes  # noqa: E402
 
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -82,75 +82,6 @@ def ratio(baseline: float | None, candidate: float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------- the stack
-class Stack:
-    """Child processes of this benchmark, each in its own process group, logs in files."""
-
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
-        self.folder = folder
-        self.env = env
-        self.children: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        handle = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.children[name] = process
-        return process
-
-    def log_tail(self, name: str, chars: int = 3000) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for name, process in self.children.items():
-            if process.poll() is not None:
-                raise SystemExit(f"{name} exited with code {process.returncode}:\n{self.log_tail(name)}")
-
-    def stop(self) -> None:
-        for name, process in reversed(list(self.children.items())):
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(timeout=20)
-                except ProcessLookupError:
-                    pass
-                except subprocess.TimeoutExpired:
-                    log(f"{name} did not stop in 20 s; killing it")
-            try:  # the worker's pool processes share its group
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            process.wait()
-
-
-def choose_redis(url: str, stack: Stack) -> str:
-    if redis_answers(url):
-        import redis
-
-        redis.Redis.from_url(url).flushdb()  # this benchmark's own database number
-        return url
-    port = free_port()
-    log(f"no Redis at {url}; starting an embedded redis-server on 127.0.0.1:{port}")
-    stack.start(
-        "redis",
-        throwaway_redis_command(port),
-    )
-    embedded = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while not redis_answers(embedded):
-        stack.check_alive()
-        if time.monotonic() > deadline:
-            raise SystemExit("the embedded redis-server did not start")
-        time.sleep(0.1)
-    return embedded
-
-
 def configure_environment(folder: Path, redis_url: str, worker_concurrency: int) -> dict[str, str]:
     """Environment of this process (Django set up in-process on the same DB) and of the children."""
     for name in ("artifacts", "media"):
@@ -225,7 +156,7 @@ class Http:
         except ValueError:
             return status, raw.decode(errors="replace")
 
-    def wait_until_up(self, stack: Stack, timeout: float = 120) -> None:
+    def wait_until_up(self, stack: ChildProcesses, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stack.check_alive()
@@ -237,7 +168,7 @@ class Http:
         raise SystemExit(f"daphne did not answer within {timeout:.0f}s:\n{stack.log_tail('web')}")
 
 
-def wait_for_worker(stack: Stack, timeout: float = 120) -> None:
+def wait_for_worker(stack: ChildProcesses, timeout: float = 120) -> None:
     from nasweb.celery import app
 
     deadline = time.monotonic() + timeout
@@ -305,7 +236,9 @@ class LagRecorder:
 
 
 # --------------------------------------------------------------------------- jobs
-def wait_for_jobs(http: Http, path: str, ids: set[int], stack: Stack, timeout: float) -> dict[int, dict]:
+def wait_for_jobs(
+    http: Http, path: str, ids: set[int], stack: ChildProcesses, timeout: float
+) -> dict[int, dict]:
     """Poll a list endpoint until every job in ``ids`` is finished; returns their rows."""
     deadline = time.monotonic() + timeout
     rows: dict[int, dict] = {}
@@ -325,7 +258,9 @@ def wait_for_jobs(http: Http, path: str, ids: set[int], stack: Stack, timeout: f
     raise SystemExit(f"jobs did not finish within {timeout:.0f}s; worker log:\n{stack.log_tail('worker')}")
 
 
-def meta_train_supernet(http: Http, stack: Stack, lag: LagRecorder, timeout: float) -> tuple[int, float]:
+def meta_train_supernet(
+    http: Http, stack: ChildProcesses, lag: LagRecorder, timeout: float
+) -> tuple[int, float]:
     started = time.monotonic()
     status, run = http.request(
         "/api/runs/train/", body={"method": "hmetanas", "preset": "tiny", "ways": 5, "shots": 1}
@@ -616,9 +551,9 @@ def main() -> None:
         raise SystemExit("benchmarks/load.py needs wrk, the HTTP load tool: apt-get install wrk")
 
     folder = Path(tempfile.mkdtemp(prefix="nasweb-load-"))
-    stack = Stack(folder, {})
+    stack = ChildProcesses(folder, log=log)
     try:
-        redis_url = choose_redis(args.redis_url, stack)
+        redis_url = redis_or_embedded(args.redis_url, stack, flush=True)
         stack.env = configure_environment(folder, redis_url, args.worker_concurrency)
         accounts = setup_django_and_accounts()
         port, single_port = free_port(), free_port()
