@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.atomic import atomic_write_json
+from engine.latency.measure import torch_threads
 from engine.meta.evaluate import evaluate
 from engine.meta.runs import EVAL_SEED_STREAM, Run, RunSpec, build_run, spec_on_device, task_source
 from engine.meta.train import CHECKPOINT_NAME, MetaTrainError, load_checkpoint, meta_train
@@ -81,32 +82,35 @@ def execute_meta_training(
             raise MetaTrainError(f"{run_file} describes a different run: {stored}")
     run = build_run(spec)
     atomic_write_json(run_file, {"spec": spec.to_dict(), "config": run.config.to_dict()})
-    train_source, _ = task_source(spec, "train")
-    started = time.perf_counter()
-    result = meta_train(
-        run.learner,
-        train_source,
-        run.config,
-        out_dir=out,
-        space=run.space,
-        resume=resume and (out / CHECKPOINT_NAME).exists(),
-        progress=progress,
-        run_info=run.info,
-    )
-    summary: dict[str, Any] = {
-        "iterations": result.iterations,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    last = result.history[-20:]
-    if last:
-        summary["train_accuracy_last20"] = float(np.mean([record["accuracy"] for record in last]))
-    tasks = spec.preset_values.eval_tasks if eval_tasks is None else eval_tasks
-    if tasks > 0:
-        summary["test"] = evaluate_run(run, tasks, split="test", arch="largest", progress=progress)
-        if run.space is not None:
-            summary["test_smallest"] = evaluate_run(
-                run, tasks, split="test", arch="smallest", progress=progress
-            )
+    # Training and its evaluation at the run's thread count (conv results depend on it), restored
+    # afterwards for the worker's next job.
+    with torch_threads(run.config.torch_threads):
+        train_source, _ = task_source(spec, "train")
+        started = time.perf_counter()
+        result = meta_train(
+            run.learner,
+            train_source,
+            run.config,
+            out_dir=out,
+            space=run.space,
+            resume=resume and (out / CHECKPOINT_NAME).exists(),
+            progress=progress,
+            run_info=run.info,
+        )
+        summary: dict[str, Any] = {
+            "iterations": result.iterations,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        last = result.history[-20:]
+        if last:
+            summary["train_accuracy_last20"] = float(np.mean([record["accuracy"] for record in last]))
+        tasks = spec.preset_values.eval_tasks if eval_tasks is None else eval_tasks
+        if tasks > 0:
+            summary["test"] = evaluate_run(run, tasks, split="test", arch="largest", progress=progress)
+            if run.space is not None:
+                summary["test_smallest"] = evaluate_run(
+                    run, tasks, split="test", arch="smallest", progress=progress
+                )
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.atomic import atomic_write, atomic_write_json
+from engine.latency.measure import torch_threads
 from engine.meta.maml import MamlConfig, MamlLearner
 from engine.meta.schedule import largest_probability
 from engine.meta.tasks import TaskSource, batch_on
@@ -161,10 +162,30 @@ def meta_train(
     ``stop_after`` ends this call after that many total iterations (checkpointing first),
     e.g. to split a run into slices; the run is resumable from there.
     """
+    # The run's thread count, given back afterwards: a worker process runs other jobs next.
+    with torch_threads(config.torch_threads):
+        return _meta_train(
+            learner, tasks, config, out_dir=out_dir, space=space, resume=resume, progress=progress,
+            run_info=run_info, stop_after=stop_after, clock=clock,
+        )  # fmt: skip
+
+
+def _meta_train(
+    learner: MamlLearner,
+    tasks: TaskSource,
+    config: MetaTrainConfig,
+    *,
+    out_dir: str | Path,
+    space: Any,
+    resume: bool,
+    progress: ProgressCallback,
+    run_info: dict[str, Any] | None,
+    stop_after: int | None,
+    clock: Callable[[], float],
+) -> MetaTrainResult:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / CHECKPOINT_NAME
-    torch.set_num_threads(config.torch_threads)
     rngs = make_rngs(config.seed)
     task_rng = rngs.child(TASK_STREAM).numpy
     arch_rng = rngs.child(ARCH_STREAM).numpy

@@ -128,6 +128,30 @@ def test_cancel_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["iteration"] == 5
 
 
+def test_training_runs_at_the_runs_thread_count_and_gives_the_previous_one_back(tmp_path: Path) -> None:
+    """A worker process runs other jobs after a training; they must find its own thread count."""
+    seen = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        _train(
+            TINY.with_(iterations=2, threads=1),
+            tmp_path,
+            progress=lambda _: seen.append(torch.get_num_threads()),
+        )
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 3
+        with pytest.raises(JobCancelled):
+            _train(
+                TINY.with_(threads=1),
+                tmp_path / "cancelled",
+                progress=lambda _: (_ for _ in ()).throw(JobCancelled()),
+            )
+        assert torch.get_num_threads() == 3  # also when the run ends by an exception
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
 
