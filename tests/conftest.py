@@ -223,9 +223,13 @@ def wait_for_http(url: str, timeout: float = 60, *, child: ChildProcess | None =
 def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[ChildProcess]:
     """One real worker for the session, consuming every queue, on the test DB and Redis."""
     with django_db_blocker.unblock():
-        # Two GA search processes, as on a 2-core server: the live adaptions go through them.
+        # Two GA search processes, as on a 2-core server: the live adaptions go through them. Its
+        # recovery scanner runs once at start only: the crash-safety tests kill their own workers,
+        # and their jobs must be recovered through those tests' own broker, not requeued by this
+        # worker's periodic scan through the session's.
         worker = start_worker(
-            tmp_path_factory.mktemp("worker") / "worker.log", env=child_env(NASWEB_SEARCH_WORKERS="2")
+            tmp_path_factory.mktemp("worker") / "worker.log",
+            env=child_env(NASWEB_SEARCH_WORKERS="2", NASWEB_RECOVERY_INTERVAL_S="86400"),
         )
     try:
         wait_for_worker(timeout=90)

@@ -13,7 +13,13 @@ from django.contrib.auth import get_user_model
 from devices.services import seed_builtin_devices
 from tests.browser.conftest import login, screenshot
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.slow]
+# Longer than the suite's 300 s per test: its inner waits allow a loaded CI machine 4 minutes a job.
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+]
 
 CLASSIFY = r"""
 import json, sys, torch
@@ -78,6 +84,8 @@ def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_pag
     page.fill("input[name=budgets]", "3000, 8000")
     page.click("#start-adaption")
     page.wait_for_selector(".progress[data-status=succeeded]", timeout=240_000)
+    # The page reloads itself 1.5 s after success; navigating before that could be cut off by it.
+    page.wait_for_selector("#models .download-torchscript", timeout=30_000)
     page.goto(f"{daphne_server}/runs/adapt/")
     page.click("text=Compare devices")
     page.wait_for_selector("#compare-chart .main-svg")

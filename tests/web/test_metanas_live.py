@@ -48,6 +48,7 @@ def _wait(run, worker, timeout: float):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # its inner waits allow a loaded machine more than the suite's 300 s
 @pytest.mark.django_db(transaction=True)
 def test_metanas_run_and_adaption_through_a_worker(celery_worker_process, settings):
     # The spec records the thread count; one thread like the worker's (a two-thread OpenMP team spins

@@ -30,7 +30,7 @@ def _established_on(process: psutil.Process, port: int) -> int:
 
 
 def _get(port: int, path: str = "/accounts/login/") -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
     try:
         connection.request("GET", path)
         return connection.getresponse().status
@@ -72,7 +72,7 @@ def test_two_processes_share_the_port_spread_connections_and_are_restarted(tmp_p
         # them over both processes' sockets (SO_REUSEPORT); one shared socket did not.
         connections = []
         for _ in range(16):
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
             connection.request("GET", "/accounts/login/")
             response = connection.getresponse()
             response.read()

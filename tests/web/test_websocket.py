@@ -31,7 +31,7 @@ def _user(name: str, *, staff: bool = False):
 async def _connect(user, path: str) -> tuple[WebsocketCommunicator, bool, int | None]:
     communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
     communicator.scope["user"] = user
-    connected, code = await communicator.connect(timeout=5)
+    connected, code = await communicator.connect(timeout=30)
     return communicator, connected, code
 
 
@@ -61,11 +61,11 @@ def test_owner_receives_progress_sent_through_the_redis_layer():
         assert connected
         progress = JobProgress(report, db_interval_s=0)
         await sync_to_async(progress)({"kind": "test", "current": 3, "total": 4, "message": "three of four"})
-        message = await communicator.receive_json_from(timeout=5)
+        message = await communicator.receive_json_from(timeout=30)
         assert message["type"] == "progress"
         assert message["current"] == 3 and message["message"] == "three of four"
         await communicator.send_json_to({"type": "ping"})
-        assert await communicator.receive_json_from(timeout=5) == {"type": "pong"}
+        assert await communicator.receive_json_from(timeout=30) == {"type": "pong"}
         await communicator.disconnect()
 
     asyncio.run(scenario())
