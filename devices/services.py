@@ -374,8 +374,11 @@ def _profile_holding(job: ProfilingJob, lease) -> ProfilingJob:
 
 
 def _finish_profiling(job: ProfilingJob, lease, status: JobStatus, error: str = "") -> None:
-    if lease.finish(status, error):
-        _refresh_device_status(job.device)
+    with transaction.atomic():  # the job's end and its device's status are seen together
+        finished = lease.finish(status, error)
+        if finished:
+            _refresh_device_status(job.device)
+    if finished:
         broadcast_status(job)
     job.refresh_from_db()
 
@@ -646,7 +649,8 @@ def agent_complete(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str
         _fit_and_check(space, table, [(m.purpose, Arch.from_dict(m.arch), m.measured_ms) for m in measured])
     _store_table(job, table)
     job.refresh_from_db()
-    job.mark_finished(JobStatus.SUCCEEDED)
-    _refresh_device_status(job.device)
+    with transaction.atomic():  # the job's end and its device's status are seen together
+        job.mark_finished(JobStatus.SUCCEEDED)
+        _refresh_device_status(job.device)
     broadcast_status(job)
     return {"complete": True}
