@@ -141,12 +141,12 @@ def test_training_runs_at_the_runs_thread_count_and_gives_the_previous_one_back(
         )
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 3
+
+        def cancel(_event):
+            raise JobCancelled()
+
         with pytest.raises(JobCancelled):
-            _train(
-                TINY.with_(threads=1),
-                tmp_path / "cancelled",
-                progress=lambda _: (_ for _ in ()).throw(JobCancelled()),
-            )
+            _train(TINY.with_(threads=1), tmp_path / "cancelled", progress=cancel)
         assert torch.get_num_threads() == 3  # also when the run ends by an exception
     finally:
         torch.set_num_threads(previous)
