@@ -42,11 +42,13 @@ one search process and with ``--search-workers`` processes (the ratio is a figur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -289,10 +291,11 @@ def synthetic_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- REAL mode
 def time_levers(run, spec: RunSpec, archs: list, search_queries: int) -> list[dict]:
     """ms per 16-task evaluation of the real fitness: query images per class x intra-op threads x
-    scoring path (the slice's tasks vmapped together on sliced weights, the production path, vs
-    one task at a time on the full super-net tensors, the reference; same losses)."""
+    scoring path (engine.search.adapt.SCORING_PATHS: "auto", the production choice between the
+    other two per sub-net; "batched", the slice's tasks vmapped together on sliced weights;
+    "sliced", one task at a time on sliced weights; "reference", one at a time on the full
+    super-net tensors; same losses)."""
     scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
-    paths = {"batched": scorer.score, "one_by_one": scorer.score_each}
     rows = []
     previous = torch.get_num_threads()
     for queries in sorted({spec.query_count, search_queries}, reverse=True):
@@ -300,12 +303,13 @@ def time_levers(run, spec: RunSpec, archs: list, search_queries: int) -> list[di
         tasks = [task for batch in batches(16, 16, 0) for task in slice_tasks(batch)]
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for path, score in paths.items():
-                score(archs[0], tasks[:2])  # warm-up
-                started = time.perf_counter()
-                for arch in archs:
-                    score(arch, tasks)
-                ms = 1000 * (time.perf_counter() - started) / len(archs)
+            for path in adapt_module.SCORING_PATHS:
+                with scoring_path(path):
+                    scorer.score(archs[0], tasks[:2])  # warm-up
+                    started = time.perf_counter()
+                    for arch in archs:
+                        scorer.score(arch, tasks)
+                    ms = 1000 * (time.perf_counter() - started) / len(archs)
                 rows.append(
                     {
                         "queries_per_class": queries,
@@ -318,32 +322,57 @@ def time_levers(run, spec: RunSpec, archs: list, search_queries: int) -> list[di
     return rows
 
 
-def batched_speedup(levers: list[dict], queries: int) -> float:
-    """One-by-one over batched ms per evaluation at the search's query count and 1 thread."""
+@contextlib.contextmanager
+def scoring_path(path: str) -> Iterator[None]:
+    """Score with ``path`` (engine.search.adapt.SCORING_PATH) for the duration; forked search
+    processes inherit it."""
+    adapt_module.SCORING_PATH = path
+    try:
+        yield
+    finally:
+        adapt_module.SCORING_PATH = "auto"
+
+
+def production_speedup(levers: list[dict], queries: int) -> float:
+    """Reference over production ms per evaluation at the search's query count and 1 thread."""
     ms = {
         row["path"]: row["ms_per_evaluation"]
         for row in levers
         if row["threads"] == 1 and row["queries_per_class"] == queries
     }
-    return round(ms["one_by_one"] / ms["batched"], 2)
+    return round(ms["reference"] / ms["auto"], 2)
 
 
 def paper_ga_summary(rows: list[dict]) -> dict:
-    """Figures of the timed P=100 request: wall time with all processes, and the two ratios
-    (absent when only the production path was timed); on a GPU its time and its ratio to the
-    CPU's production path in the same run."""
+    """Figures of the timed P=100 request: wall time of the production way (all processes,
+    "auto" scoring), its ratios to the reference and to one process (absent when only the
+    production path was timed), to forced batching where that was timed too (``--paper-batched``),
+    and on a GPU its time and its ratio to the CPU's production way in the same run."""
+
+    def seconds(workers: int | None, path: str, device: str) -> float | None:
+        matches = [
+            row["search_s"]
+            for row in rows
+            if row["path"] == path and row["device"] == device and workers in (None, row["search_workers"])
+        ]
+        return matches[-1] if matches else None
+
     summary: dict = {}
-    cpu = [row for row in rows if row.get("device", "cpu") == "cpu"]
-    cuda = [row for row in rows if row.get("device") == "cuda"]
-    if cpu:
-        summary["paper_ga_s"] = cpu[-1]["search_s"]
-    if len(cpu) >= 2:
-        summary["paper_ga_speedup_batched"] = round(cpu[0]["search_s"] / cpu[1]["search_s"], 2)
-        summary["paper_ga_speedup_vs_1_process"] = round(cpu[1]["search_s"] / cpu[-1]["search_s"], 2)
+    workers = max((row["search_workers"] for row in rows if row["device"] == "cpu"), default=None)
+    production = seconds(workers, "auto", "cpu")
+    single, reference = seconds(1, "auto", "cpu"), seconds(1, "reference", "cpu")
+    batched, cuda = seconds(workers, "batched", "cpu"), seconds(None, "auto", "cuda")
+    if production:
+        summary["paper_ga_s"] = production
+        if reference and single:
+            summary["paper_ga_speedup_production"] = round(reference / single, 2)
+            summary["paper_ga_speedup_vs_1_process"] = round(single / production, 2)
+        if batched:
+            summary["paper_ga_speedup_vs_batched"] = round(batched / production, 2)
     if cuda:
-        summary["paper_ga_cuda_s"] = cuda[-1]["search_s"]
-        if cpu:
-            summary["paper_ga_cuda_speedup"] = round(cpu[-1]["search_s"] / cuda[-1]["search_s"], 2)
+        summary["paper_ga_cuda_s"] = cuda
+        if production:
+            summary["paper_ga_cuda_speedup"] = round(production / cuda, 2)
     return summary
 
 
@@ -357,23 +386,29 @@ def time_paper_ga(
     seed: int,
     production_only: bool = False,
     devices: tuple[str, ...] = ("cpu",),
+    with_batched: bool = False,
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
-    latency budget, same request three ways: 1 search process scoring tasks one at a time (the
-    reference path), 1 process scoring each slice's tasks together (production), then ``workers``
-    processes (production). ``production_only`` times the last way alone (M=200 takes minutes
-    per way on 2 cores). ``devices`` with "cuda" adds the same request scored on this machine's
-    GPU (one process, batched) as a last row."""
+    latency budget, same request three ways: 1 search process scoring tasks one at a time on the
+    full super-net tensors (the reference path), 1 process on the production path ("auto"),
+    then ``workers`` processes (production). ``production_only`` times the last way alone (M=200
+    takes minutes per way on 2 cores). ``with_batched`` first times the last way with every
+    slice batched (SCORING_PATH "batched", the production path before "auto"). ``devices`` with
+    "cuda" adds the same request scored on this machine's GPU (one process, production path:
+    batched there) as a last row."""
     rows = []
-    variants = [(1, False, "cpu"), (1, True, "cpu")] + ([(workers, True, "cpu")] if workers > 1 else [])
+    variants = [(1, "reference", "cpu"), (1, "auto", "cpu")] + (
+        [(workers, "auto", "cpu")] if workers > 1 else []
+    )
     if production_only:
         variants = variants[-1:]
+    if with_batched:
+        variants.insert(len(variants) - 1, (variants[-1][0], "batched", "cpu"))
     if "cpu" not in devices:
         variants = []
     if "cuda" in devices:
-        variants.append((1, True, "cuda"))
-    for search_workers, batched, device in variants:
-        adapt_module.BATCHED_SCORING = batched  # forked search processes inherit it
+        variants.append((1, "auto", "cuda"))
+    for search_workers, path, device in variants:
         request = AdaptionRequest(
             supernet=checkpoint,
             constraint="latency_ms",
@@ -393,11 +428,8 @@ def time_paper_ga(
             search_workers=search_workers,
             device=device,
         )
-        path = "batched" if batched else "one_by_one"
-        try:
+        with scoring_path(path):
             result = run_adaption(request, out_dir=folder / f"paper_ga_{search_workers}_{path}_{device}")
-        finally:
-            adapt_module.BATCHED_SCORING = True
         rows.append(
             {
                 "search_workers": search_workers,
@@ -559,6 +591,7 @@ def real_main(args: argparse.Namespace) -> None:
             args.seed,
             production_only=args.paper_production_only,
             devices=tuple(args.paper_devices.split(",")),
+            with_batched=args.paper_batched,
         )
         if paper_iterations > 0
         else []
@@ -590,7 +623,7 @@ def real_main(args: argparse.Namespace) -> None:
         "supernet": checkpoint if args.supernet else "tiny, trained here",
         "lut_s": round(lut_s, 2),
         "levers": levers,
-        "batched_speedup": batched_speedup(levers, search_queries or 1),
+        "production_speedup": production_speedup(levers, search_queries or 1),
         "paper_ga": paper_rows,
         **(paper_ga_summary(paper_rows) if paper_rows else {}),
         "config": {
@@ -662,7 +695,12 @@ def main() -> None:
     real.add_argument(
         "--paper-production-only",
         action="store_true",
-        help="time the P=100 adaption on the production path only (batched, --search-workers processes)",
+        help="time the P=100 adaption on the production path only ('auto' scoring, --search-workers processes)",
+    )
+    real.add_argument(
+        "--paper-batched",
+        action="store_true",
+        help="also time the production way with every slice batched (SCORING_PATH 'batched'), before it",
     )
     real.add_argument(
         "--paper-devices",

@@ -46,9 +46,23 @@ BatchedLossFn = Callable[[Params, torch.Tensor, torch.Tensor, int], torch.Tensor
 #: whole 16-task slice in one chunk, the widest paper-size ones a few tasks at a time.
 MAX_BATCHED_ELEMENTS = 1 << 23
 
-#: Score a slice's same-shape tasks together (the production path). ``False`` scores them one at a
-#: time on the full super-net tensors, the reference that benchmarks/ga_adaption.py times against.
-BATCHED_SCORING = True
+#: How :meth:`SuperNetScorer.score` runs a slice's tasks (all compute the same fitness; tests
+#: compare them): "auto" (production: see :meth:`SuperNetScorer.scoring_path`), "batched" (tasks
+#: vmapped on the sliced sub-net), "sliced" (one task at a time on the sliced sub-net) or
+#: "reference" (one at a time on the full super-net tensors, what benchmarks/ga_adaption.py times
+#: the production path against). Forked search processes inherit it.
+SCORING_PATHS = ("auto", "batched", "sliced", "reference")
+SCORING_PATH = "auto"
+
+#: On a CPU, "auto" vmaps a slice's tasks only while the sub-net's largest activation per task
+#: (support images x channels x pixels of its biggest layer output) stays at or below this; wider
+#: sub-nets are scored one task at a time. Batching saves PyTorch's per-operation overhead, which
+#: dominates for narrow layers; for wide ones the stacked activations fall out of the caches and
+#: the batched convolutions got slower. Measured on the 2-core AMD EPYC (1 thread, `cpu`-preset
+#: super-net, 20-way 1-shot, 30 random sub-nets, docs/BENCHMARKS.md): every sub-net up to 62,720
+#: elements was 1.1-1.8x faster batched, every one from 125,440 on but one was 1.05-1.8x faster
+#: one by one, 94,080 was even. On a GPU batching always pays, so "auto" always batches there.
+MAX_BATCHED_TASK_ACTIVATION = 100_000
 
 
 class AdaptionInputError(ValueError):
@@ -288,10 +302,9 @@ class SuperNetScorer:
         if not tasks:
             raise AdaptionInputError("no tasks to score the architecture on")
         tensors = [tuple(task_tensors(task)) for task in tasks]
-        uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
-        sliceable = isinstance(self.inner_loop, LslrInnerLoop) and hasattr(self.supernet, "sliced_parameters")
-        if not (BATCHED_SCORING and uniform and sliceable):
-            return self.score_each(arch, tasks, sliced=sliceable)
+        path = self.scoring_path(arch, tensors)
+        if path != "batched":
+            return self.score_each(arch, tasks, sliced=path == "sliced")
         losses, accuracies = [], []
         per_chunk = self.tasks_per_chunk(arch, tensors[0][0])
         for start in range(0, len(tensors), per_chunk):
@@ -299,6 +312,36 @@ class SuperNetScorer:
             losses.extend(chunk_losses)
             accuracies.extend(chunk_accuracies)
         return ArchScore.of(losses, accuracies)
+
+    def scoring_path(self, arch: Any, tensors: Sequence[tuple[torch.Tensor, ...]]) -> str:
+        """ "batched", "sliced" or "reference": how :meth:`score` runs these tasks under
+        ``SCORING_PATH``. Only same-shape tasks can be batched, and only an
+        :class:`LslrInnerLoop` names the tensors a sliced sub-net must adapt. The choice
+        depends on the architecture and the task shapes alone, never on timings, so a search
+        stays deterministic per seed whichever process scores an architecture."""
+        if SCORING_PATH not in SCORING_PATHS:
+            raise AdaptionInputError(f"SCORING_PATH must be one of {SCORING_PATHS}, got {SCORING_PATH!r}")
+        sliceable = isinstance(self.inner_loop, LslrInnerLoop) and hasattr(self.supernet, "sliced_parameters")
+        if SCORING_PATH == "reference" or not sliceable:
+            return "reference"
+        if SCORING_PATH == "sliced":
+            return "sliced"
+        uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
+        if not uniform:
+            return "sliced"
+        if SCORING_PATH == "batched" or self.supernet.head.weight.device.type != "cpu":
+            return "batched"
+        fits = self.largest_activation(arch, tensors[0][0]) <= MAX_BATCHED_TASK_ACTIVATION
+        return "batched" if fits else "sliced"
+
+    def largest_activation(self, arch: Any, support_x: torch.Tensor) -> int:
+        """Elements of the sub-net's biggest layer output for one task's support set."""
+        biggest = max(
+            spec.out_channels * math.ceil(spec.in_size / spec.stride) ** 2
+            for spec in self.supernet.space.layer_specs(arch)
+            if spec.op != "head"
+        )
+        return support_x.shape[0] * biggest
 
     def tasks_per_chunk(self, arch: Any, support_x: torch.Tensor) -> int:
         space = self.supernet.space

@@ -213,11 +213,52 @@ def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_element
     )
     scorer = SuperNetScorer(net, inner)
     rng = np.random.default_rng(7)
-    for arch in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(6)]:
+    archs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(6)]
+    tensors = [tuple(task) for task in tasks]
+    # "auto" takes both of its ways on these sub-nets
+    smallest_activation = min(scorer.largest_activation(arch, tasks[0][0]) for arch in archs)
+    monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", smallest_activation)
+    assert {scorer.scoring_path(arch, tensors) for arch in archs} == {"batched", "sliced"}
+    for arch in archs:
         each = scorer.score_each(arch, tasks)
-        for other in (scorer.score(arch, tasks), scorer.score_each(arch, tasks, sliced=True)):
-            assert other.loss == pytest.approx(each.loss, rel=1e-5, abs=1e-6), arch
-            assert other.task_accuracies == each.task_accuracies, arch
+        for path in adapt.SCORING_PATHS:
+            monkeypatch.setattr(adapt, "SCORING_PATH", path)
+            for other in (scorer.score(arch, tasks), scorer.score_each(arch, tasks, sliced=True)):
+                assert other.loss == pytest.approx(each.loss, rel=1e-5, abs=1e-6), (arch, path)
+                assert other.task_accuracies == each.task_accuracies, (arch, path)
+
+
+def test_auto_scoring_batches_only_sub_nets_whose_largest_activation_fits(setup, monkeypatch):
+    import engine.search.adapt as adapt
+
+    space, net, tasks = setup
+    scorer = SuperNetScorer(net, LslrInnerLoop(steps=2, default_lr=0.2))
+    support_x = tasks[0][0]
+    tensors = [tuple(task) for task in tasks]
+    rng = np.random.default_rng(5)
+    for arch in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(6)]:
+        # the biggest layer output, as the running sub-net produces it
+        outputs: list[int] = []
+
+        def record(_module, _inputs, output, outputs=outputs):
+            outputs.append(output.numel())
+
+        subnet = extract_subnet(net, arch)
+        hooks = [m.register_forward_hook(record) for m in subnet.modules() if isinstance(m, torch.nn.Conv2d)]
+        subnet(support_x)
+        for hook in hooks:
+            hook.remove()
+        assert scorer.largest_activation(arch, support_x) == max(outputs), arch
+        monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", max(outputs))
+        assert scorer.scoring_path(arch, tensors) == "batched"
+        monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", max(outputs) - 1)
+        assert scorer.scoring_path(arch, tensors) == "sliced"
+    mixed = tensors[:1] + [tuple(make_task(torch.Generator().manual_seed(3), shots=1))]
+    monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", 10**9)
+    assert scorer.scoring_path(space.smallest(), mixed) == "sliced"
+    monkeypatch.setattr(adapt, "SCORING_PATH", "fastest")
+    with pytest.raises(AdaptionInputError, match="SCORING_PATH must be one of"):
+        scorer.score(space.smallest(), tasks)
 
 
 def test_tasks_of_different_shapes_are_scored_one_by_one(setup):
