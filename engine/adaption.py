@@ -43,7 +43,7 @@ import torch
 
 from engine.atomic import atomic_write_json
 from engine.cost import count_macs, count_params
-from engine.data.dataset import UNIT_RANGE, Normalization
+from engine.data.dataset import CIFAR100_NORMALIZATION, IMAGENET_NORMALIZATION, UNIT_RANGE, Normalization
 from engine.data.errors import DatasetError
 from engine.latency.measure import measure_module, torch_threads
 from engine.meta.evaluate import confidence_interval95
@@ -122,9 +122,13 @@ RANDOM_SEARCH_STREAM = 1000
 #: super-net's training images were made, hence how a support set must be prepared.
 DATASET_PREPROCESSING: dict[str, tuple[Normalization, bool]] = {
     "omniglot": (UNIT_RANGE, True),
+    "mini-imagenet": (IMAGENET_NORMALIZATION, False),
+    "cifar-fs": (CIFAR100_NORMALIZATION, False),
+    "fc100": (CIFAR100_NORMALIZATION, False),
     "synthetic": (UNIT_RANGE, False),
 }
-#: Filters of the papers' 4-conv nets per (channels, image size): 64 for Omniglot, 48 for Mini-ImageNet.
+#: Filters of the papers' 4-conv nets per (channels, image size): 64 for Omniglot, 48 for
+#: Mini-ImageNet (MAML, MAML++); 64 otherwise (CIFAR-FS's 4-conv baselines).
 PAPER_BASELINE_FILTERS = {(1, 28): 64, (3, 84): 48}
 MAX_FRONT_POINTS_IN_EVENT = 64
 

@@ -131,7 +131,8 @@ def load_cifar100(
     )
 
 
-def _read_split(path: Path) -> list:
+def read_split_entries(path: Path) -> list:
+    """The JSON list of a CIFAR-FS (fine class pairs) or FC100 (superclasses) split file."""
     if not path.is_file():
         raise DatasetNotFoundError(f"split file {path} not found")
     try:
@@ -170,7 +171,7 @@ def load_cifar_fewshot(
         raise SplitError(f"{name} has splits {', '.join(CIFAR_SPLITS)}; got {split!r}")
     base = Path(data_dir if data_dir is not None else default_data_dir())
     split_path = base / name / "splits" / f"{split}.json"
-    entries = _read_split(split_path)
+    entries = read_split_entries(split_path)
     images, fine, coarse, fine_names, coarse_names = load_cifar100(find_cifar100(name, data_dir))
     fine_index = {n: i for i, n in enumerate(fine_names)}
     coarse_index = {n: i for i, n in enumerate(coarse_names)}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from engine.data.cifar import load_cifar_fewshot
+from pathlib import Path
+
+from engine.data.cifar import CIFAR_SPLITS, find_cifar100, load_cifar_fewshot, read_split_entries
 from engine.data.dataset import FewShotDataset
-from engine.data.errors import DatasetError
-from engine.data.miniimagenet import load_mini_imagenet
+from engine.data.errors import DatasetError, DatasetNotFoundError
+from engine.data.miniimagenet import MINI_IMAGENET_SPLITS, load_mini_imagenet, read_ravi_split
 from engine.data.omniglot import load_omniglot
+from engine.paths import data_dir as default_data_dir
 from engine.progress import ProgressCallback, null_progress
 
 DATASET_NAMES = ("omniglot", "mini-imagenet", "cifar-fs", "fc100")
@@ -46,4 +49,40 @@ def load_dataset(
         count = dataset.num_images
         progress({"kind": "dataset", "stage": "loaded", "current": count, "total": count, "dataset": name})
         return dataset
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+#: Fine classes per CIFAR-100 superclass (FC100's splits list superclasses).
+CIFAR100_CLASSES_PER_SUPERCLASS = 5
+
+
+def split_class_counts(name: str, *, data_dir: str | os.PathLike | None = None) -> dict[str, int] | None:
+    """Classes in each split of dataset ``name``, from its split files alone (no image is read),
+    so that a run can refuse, before it starts, tasks with more ways than a split has classes.
+
+    Raises DatasetNotFoundError when a split file or the image source is missing. ``None`` for
+    Omniglot, whose splits hold hundreds of characters (and which may still be downloaded).
+    """
+    base = Path(data_dir if data_dir is not None else default_data_dir())
+    if name == "omniglot":
+        return None
+    if name == "mini-imagenet":
+        root = base / "mini-imagenet"
+        counts = {
+            split: len(set(read_ravi_split(root / "splits" / "ravi" / f"{split}.csv")[1]))
+            for split in MINI_IMAGENET_SPLITS
+        }
+        if not (root / "images").is_dir():
+            raise DatasetNotFoundError(
+                f"Mini-ImageNet images not found: expected the folder {root / 'images'} (see docs/DATASETS.md)"
+            )
+        return counts
+    if name in ("cifar-fs", "fc100"):
+        per_entry = 1 if name == "cifar-fs" else CIFAR100_CLASSES_PER_SUPERCLASS
+        counts = {
+            split: per_entry * len(read_split_entries(base / name / "splits" / f"{split}.json"))
+            for split in CIFAR_SPLITS
+        }
+        find_cifar100(name, base)
+        return counts
     raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")

@@ -27,9 +27,17 @@ BACKBONES = ("vgg9", "resnet12", "maml")
 #: "mamlpp": MAML++ (LSLR, per-step BN, multi-step loss, order annealing); "maml": plain MAML
 #: (Finn et al.: fixed inner rate, one BN for all steps, final-step loss), the paper's other baseline.
 ALGORITHMS = ("mamlpp", "maml")
-DATASETS = ("omniglot", "synthetic")
-#: (channels, image size) per dataset.
-IMAGE_SHAPES = {"omniglot": (1, 28), "synthetic": (1, 28)}
+#: The few-shot datasets of engine.data (docs/DATASETS.md for their on-disk formats) and
+#: "synthetic" (generated tasks, no files: tests and demos).
+DATASETS = ("omniglot", "mini-imagenet", "cifar-fs", "fc100", "synthetic")
+#: (channels, image size) per dataset: the sizes the few-shot literature uses for each.
+IMAGE_SHAPES = {
+    "omniglot": (1, 28),
+    "mini-imagenet": (3, 84),
+    "cifar-fs": (3, 32),
+    "fc100": (3, 32),
+    "synthetic": (1, 28),
+}
 MODEL_INIT_STREAM = 3
 EVAL_SEED_STREAM = 4
 #: (pool_size, global_expansion, adaptive_layers) of the full H-Meta-NAS search space.
@@ -272,23 +280,56 @@ def task_source(spec: RunSpec, split: str) -> tuple[TaskSource, Callable[[int, i
             return batches_from_source(source, np.random.default_rng(seed), tasks, batch)
 
         return source, synthetic_batches
-    return _omniglot_source(spec, split, queries)
+    return _dataset_source(spec, split, queries)
 
 
-def _omniglot_source(
+def check_dataset(spec: RunSpec) -> None:
+    """Refuse, before any training, a run whose dataset files are missing or whose tasks have more
+    ways than one of the dataset's splits has classes (training would otherwise fail only when
+    it reaches that split: evaluation or adaption). Reads split files only, no images."""
+    if spec.dataset == "synthetic":
+        return
+    from engine.data.errors import DatasetError
+    from engine.data.registry import split_class_counts
+
+    try:
+        counts = split_class_counts(spec.dataset)
+    except DatasetError as error:
+        raise RunSpecError(str(error)) from error
+    for split, classes in (counts or {}).items():
+        if classes < spec.ways:
+            raise RunSpecError(
+                f"{spec.dataset}'s {split} split has {classes} classes; {spec.ways}-way tasks need {spec.ways}"
+            )
+
+
+def _dataset_source(
     spec: RunSpec, split: str, queries: int
 ) -> tuple[TaskSource, Callable[[int, int, int], Iterator[Any]]]:
-    from engine.data.omniglot import load_omniglot
+    from engine.data.registry import load_dataset
     from engine.data.sampling import TaskSampler
     from engine.paths import download_allowed
 
-    # H-Meta-NAS App. F / MAML++: MAML++'s character split, rotations by multiples of 90 degrees
-    # as augmentation of the training tasks (not as extra classes).
-    dataset = load_omniglot(
-        split, protocol=OMNIGLOT_PROTOCOL, rotations_as_classes=False, download=download_allowed()
-    )
+    if spec.dataset == "omniglot":
+        # H-Meta-NAS App. F / MAML++: MAML++'s character split, rotations by multiples of 90
+        # degrees as augmentation of the training tasks (not as extra classes).
+        dataset = load_dataset(
+            "omniglot",
+            split,
+            protocol=OMNIGLOT_PROTOCOL,
+            rotations_as_classes=False,
+            download=download_allowed(),
+        )
+    else:
+        # Natural images: no rotation augmentation; the dataset's own normalisation.
+        dataset = load_dataset(spec.dataset, split, image_size=IMAGE_SHAPES[spec.dataset][1])
     sampler = TaskSampler(
-        dataset, spec.ways, spec.shots, queries, spec.seed, augment_rotations=split == "train"
+        dataset,
+        spec.ways,
+        spec.shots,
+        queries,
+        spec.seed,
+        augment_rotations=split == "train" and spec.dataset == "omniglot",
     )
 
     def source(rng: np.random.Generator, count: int) -> Any:

@@ -16,7 +16,15 @@ import numpy as np
 from engine.atomic import atomic_write_json
 from engine.latency.measure import torch_threads
 from engine.meta.evaluate import evaluate
-from engine.meta.runs import EVAL_SEED_STREAM, Run, RunSpec, build_run, spec_on_device, task_source
+from engine.meta.runs import (
+    EVAL_SEED_STREAM,
+    Run,
+    RunSpec,
+    build_run,
+    check_dataset,
+    spec_on_device,
+    task_source,
+)
 from engine.meta.train import CHECKPOINT_NAME, MetaTrainError, load_checkpoint, meta_train
 from engine.progress import ProgressCallback, null_progress
 from engine.seeding import derive_seed
@@ -80,6 +88,7 @@ def execute_meta_training(
         stored = RunSpec.from_dict(json.loads(run_file.read_text())["spec"])
         if stored != spec:
             raise MetaTrainError(f"{run_file} describes a different run: {stored}")
+    check_dataset(spec)  # missing files or too few classes: refused before the run folder is written
     run = build_run(spec)
     atomic_write_json(run_file, {"spec": spec.to_dict(), "config": run.config.to_dict()})
     # Training and its evaluation at the run's thread count (conv results depend on it), restored

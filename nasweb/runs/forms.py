@@ -13,7 +13,17 @@ CONSTRAINTS = [("latency_ms", "latency on the device (ms)"), ("params", "paramet
 class MetaTrainingForm(forms.Form):
     name = forms.CharField(max_length=120, required=False)
     method = forms.ChoiceField(choices=Method.choices, initial=Method.HMETANAS)
-    dataset = forms.ChoiceField(choices=[("omniglot", "Omniglot")], initial="omniglot")
+    dataset = forms.ChoiceField(
+        choices=[
+            ("omniglot", "Omniglot"),
+            ("mini-imagenet", "Mini-ImageNet"),
+            ("cifar-fs", "CIFAR-FS"),
+            ("fc100", "FC100"),
+        ],
+        initial="omniglot",
+        help_text="Omniglot is downloaded when missing; the others must be in the server's data folder "
+        "(docs/DATASETS.md). MetaNAS runs on Omniglot.",
+    )
     ways = forms.IntegerField(min_value=2, max_value=50, initial=5)
     shots = forms.IntegerField(min_value=1, max_value=20, initial=1)
     backbone = forms.ChoiceField(

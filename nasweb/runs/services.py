@@ -91,7 +91,7 @@ def metatrain_start(
     seed: int = 0,
     name: str = "",
 ) -> MetaTrainingRun:
-    from engine.meta.runs import RunSpec, default_strategy
+    from engine.meta.runs import RunSpec, check_dataset, default_strategy
 
     if method not in Method.values:
         raise RunInputError(f"unknown method {method!r}")
@@ -115,6 +115,8 @@ def metatrain_start(
                 device=settings.NASWEB_TRAIN_DEVICE,
                 strategy=default_strategy(settings.NASWEB_TRAIN_DEVICE),
             )
+        if method != Method.METANAS:
+            check_dataset(spec)  # a form error now, not a failed job later
     except ValueError as exc:  # RunSpecError, MetaNasRunError, MetaNasConfigError
         raise RunInputError(str(exc)) from exc
     spec_dict = spec.to_dict()

@@ -5,6 +5,7 @@ Shared by the tests/engine/test_data_*.py files (not a conftest: plain helpers).
 
 from __future__ import annotations
 
+import csv
 import io
 import pickle
 import zipfile
@@ -81,12 +82,15 @@ def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
     return archive
 
 
-def write_cifar100(folder: Path, per_class: tuple[int, int] = (3, 1), seed: int = 0) -> dict:
+def write_cifar100(
+    folder: Path, per_class: tuple[int, int] = (3, 1), seed: int = 0, learnable: bool = False
+) -> dict:
     """``cifar-100-python/{train,test,meta}`` pickles (bytes keys) for the real 100 classes.
 
     ``fine_label_names``/``coarse_label_names`` follow CIFAR-100; fine class f belongs to the
     superclass given by ``FINE_TO_COARSE``. Image pixel [0,0,0] of every image encodes its fine
-    label so tests can check the regrouping.
+    label so tests can check the regrouping. Pixels are noise, or with ``learnable`` a blocky
+    prototype per fine class plus noise (a few-shot learner can tell those classes apart).
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,10 +100,16 @@ def write_cifar100(folder: Path, per_class: tuple[int, int] = (3, 1), seed: int 
         b"coarse_label_names": [n.encode() for n in coarse_names],
     }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    # Per fine class: 3 planes of 8 x 8 blocks of 4 x 4 pixels, flattened the way CIFAR stores them.
+    blocks = np.random.default_rng(seed + 2).random((100, 3, 8, 8)) * 255
+    prototypes = np.kron(blocks, np.ones((1, 1, 4, 4))).reshape(100, 3072)
     for part, count in zip(("train", "test"), per_class, strict=True):
         fine = np.repeat(np.arange(100), count)
         rng.shuffle(fine)
         data = rng.integers(0, 256, size=(fine.size, 3072), dtype=np.uint8)
+        if learnable:
+            noise = 25 * np.random.default_rng(seed + 1).standard_normal((fine.size, 3072))
+            data = np.clip(prototypes[fine] + noise, 0, 255).astype(np.uint8)
         data[:, 0] = fine  # red plane, pixel (0, 0)
         content = {
             b"filenames": [f"img{i}.png".encode() for i in range(fine.size)],
@@ -140,3 +150,42 @@ def cifar100_names() -> tuple[list[str], list[str], list[int]]:
     fine_names = sorted(name for names in superclasses.values() for name in names)
     owner = {name: coarse_names.index(sc) for sc, names in superclasses.items() for name in names}
     return fine_names, coarse_names, [owner[name] for name in fine_names]
+
+
+def write_mini_imagenet(
+    data: Path,
+    classes_per_split: dict[str, int],
+    per_class: int,
+    per_class_folders: bool,
+    learnable: bool = False,
+) -> None:
+    """images/ + splits/ravi/<split>.csv (header filename,label) with Ravi-style names. Pixels are
+    noise, or with ``learnable`` a blocky colour prototype per class plus noise, so that a few-shot
+    learner can tell the classes apart."""
+    rng = np.random.default_rng(0)
+    root = data / "mini-imagenet"
+    (root / "splits" / "ravi").mkdir(parents=True)
+    synset = 1000000
+    for split, classes in classes_per_split.items():
+        rows = []
+        for _ in range(classes):
+            synset += 1
+            label = f"n{synset:08d}"
+            if learnable:  # 84 x 84 x 3 in [0, 1]
+                prototype = np.kron(rng.random((6, 6, 3)), np.ones((14, 14, 1)))
+            for i in range(per_class):
+                filename = f"{label}{i + 1:08d}.jpg"
+                folder = root / "images" / (label if per_class_folders else "")
+                folder.mkdir(parents=True, exist_ok=True)
+                if learnable:
+                    noisy = np.clip(prototype + 0.1 * rng.standard_normal(prototype.shape), 0, 1)
+                    pixels = (255 * noisy).astype(np.uint8)
+                else:
+                    size = 84 if i % 2 == 0 else 100  # some need resizing
+                    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                (folder / filename).write_bytes(jpeg_bytes(pixels))
+                rows.append((filename, label))
+        with open(root / "splits" / "ravi" / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filename", "label"])
+            writer.writerows(rows)

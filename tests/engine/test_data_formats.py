@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 import shutil
@@ -22,37 +21,9 @@ from engine.data import (
 )
 from engine.data.cifar import load_cifar_pickle
 from engine.progress import ListProgress
-from tests.engine._data_builders import jpeg_bytes, write_cifar100
+from tests.engine._data_builders import write_cifar100, write_mini_imagenet
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def write_mini_imagenet(
-    data: Path, classes_per_split: dict[str, int], per_class: int, per_class_folders: bool
-) -> None:
-    """images/ + splits/ravi/<split>.csv (header filename,label) with Ravi-style names."""
-    rng = np.random.default_rng(0)
-    root = data / "mini-imagenet"
-    (root / "splits" / "ravi").mkdir(parents=True)
-    synset = 1000000
-    for split, classes in classes_per_split.items():
-        rows = []
-        for _ in range(classes):
-            synset += 1
-            label = f"n{synset:08d}"
-            for i in range(per_class):
-                filename = f"{label}{i + 1:08d}.jpg"
-                folder = root / "images" / (label if per_class_folders else "")
-                folder.mkdir(parents=True, exist_ok=True)
-                size = 84 if i % 2 == 0 else 100  # some need resizing
-                (folder / filename).write_bytes(
-                    jpeg_bytes(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-                )
-                rows.append((filename, label))
-        with open(root / "splits" / "ravi" / f"{split}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["filename", "label"])
-            writer.writerows(rows)
 
 
 @pytest.mark.parametrize("per_class_folders", [False, True])

@@ -316,3 +316,34 @@ def test_compare_json_serves_cached_fronts_and_sees_new_runs(users, runs):
     _more_adaptions(adaption, 1)
     third = browser.get(url).json()
     assert len(third["series"]) == 5 and {row["device"] for row in third["series"]} == {"renamed board"}
+
+
+def test_the_training_form_offers_the_natural_image_datasets_and_refuses_what_cannot_run(
+    client, users, tmp_path, monkeypatch
+):
+    from tests.engine._data_builders import write_mini_imagenet
+
+    monkeypatch.setenv("NASWEB_DATA_DIR", str(tmp_path / "data"))
+    client.force_login(users["owner"])
+    form = {"method": Method.HMETANAS, "dataset": "mini-imagenet", "ways": 3, "shots": 1, "backbone": "vgg9", "preset": "tiny"}  # fmt: skip
+    page = client.get("/runs/train/").content.decode()
+    for name in ("Mini-ImageNet", "CIFAR-FS", "FC100"):
+        assert name in page
+    response = client.post("/runs/train/", form)
+    assert response.status_code == 400 and "split file" in response.content.decode()
+    write_mini_imagenet(
+        tmp_path / "data", {"train": 5, "val": 3, "test": 3}, per_class=4, per_class_folders=False
+    )
+    response = client.post("/runs/train/", {**form, "ways": 5})
+    assert response.status_code == 400
+    assert "val split has 3 classes; 5-way tasks need 5" in response.content.decode()
+    response = client.post("/runs/train/", {**form, "method": Method.METANAS})
+    assert response.status_code == 400 and "unknown dataset" in response.content.decode()
+    assert not MetaTrainingRun.objects.exists()
+    response = client.post("/runs/train/", form)
+    run = MetaTrainingRun.objects.get()
+    assert (
+        response.status_code == 302
+        and run.dataset == "mini-imagenet"
+        and run.spec["dataset"] == "mini-imagenet"
+    )
