@@ -157,6 +157,13 @@ PROFILING_PRESETS = {
 }
 
 
+def may_profile(user, device: Device) -> bool:
+    """Who may (re-)profile a device: a remote board's owner, and staff for every device."""
+    if device.kind == DeviceKind.REMOTE:
+        return user.is_staff or device.owner_id == user.id
+    return user.is_staff
+
+
 def profiling_start_preset(
     *, device: Device, owner, preset: str, num_classes: int | None = None
 ) -> ProfilingJob:

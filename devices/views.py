@@ -11,17 +11,11 @@ from django.views.decorators.http import require_POST
 
 from devices import services
 from devices.forms import BoardRegistrationForm, ProfilingForm
-from devices.models import Device, DeviceKind, ProfilingJob
+from devices.models import Device, ProfilingJob
 
 
 def _visible_device(request, pk: int) -> Device:
     return get_object_or_404(Device.objects.visible_to(request.user), pk=pk)
-
-
-def _may_profile(user, device: Device) -> bool:
-    if device.kind == DeviceKind.REMOTE:
-        return user.is_staff or device.owner_id == user.id
-    return user.is_staff
 
 
 @login_required
@@ -64,7 +58,7 @@ def device_detail(request, pk: int):
             "device": device,
             "job": job,
             "table": device.latency_tables.first(),
-            "may_profile": _may_profile(request.user, device),
+            "may_profile": services.may_profile(request.user, device),
             "profiling_form": ProfilingForm(),
         },
     )
@@ -74,7 +68,7 @@ def device_detail(request, pk: int):
 @require_POST
 def device_profile(request, pk: int):
     device = _visible_device(request, pk)
-    if not _may_profile(request.user, device):
+    if not services.may_profile(request.user, device):
         raise PermissionDenied("only the board's owner (or staff for built-in devices) can re-profile it")
     form = ProfilingForm(request.POST)
     if not form.is_valid():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from engine.data.cifar import CIFAR_SPLITS, find_cifar100, load_cifar_fewshot, read_split_entries
 from engine.data.dataset import FewShotDataset

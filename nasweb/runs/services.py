@@ -17,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from devices.models import Device, DeviceKind
+from devices.models import Device, DeviceKind, DeviceStatus, LatencyTableRecord
 from nasweb.core.models import JobStatus
 from nasweb.core.progress import JobProgress, broadcast_status
 from nasweb.core.recovery import LeaseLost, job_claim
@@ -394,6 +394,47 @@ def adaption_start_with_upload(
         raise
 
 
+def profilable_devices(user, run: MetaTrainingRun) -> list[dict]:
+    """Devices this user may profile for ``run``'s search space, and whether each has its table."""
+    from devices.services import may_profile, space_key
+
+    if not (run.is_supernet and run.status == JobStatus.SUCCEEDED and run.space):
+        return []
+    devices = [
+        device
+        for device in Device.objects.visible_to(user).exclude(status=DeviceStatus.REVOKED).order_by("name")
+        if may_profile(user, device)
+    ]
+    with_table = set(
+        LatencyTableRecord.objects.filter(device__in=devices, space_key=space_key(run.space)).values_list(
+            "device_id", flat=True
+        )
+    )
+    return [{"device": device, "has_table": device.pk in with_table} for device in devices]
+
+
+def profile_device_for_supernet(*, user, run: MetaTrainingRun, device: Device):
+    """Start profiling ``device`` over ``run``'s search space (a board registered for another
+    space - another dataset, N-way or preset - cannot otherwise serve latency budgets for this
+    super-net). The device preset of the run's preset sets repeats and checks."""
+    from devices import services as device_services
+    from engine.space import SearchSpace
+
+    if not run.is_supernet or run.status != JobStatus.SUCCEEDED or not run.space:
+        raise RunInputError("only a finished H-Meta-NAS super-net has a search space to profile")
+    if not device_services.may_profile(user, device):
+        raise RunInputError(f"only {device.name}'s owner (or staff, for built-in devices) can profile it")
+    settings_of_preset = device_services.PROFILING_PRESETS.get(
+        run.preset, device_services.PROFILING_PRESETS["paper"]
+    )
+    try:
+        return device_services.profiling_start(
+            device=device, owner=user, space=SearchSpace.from_dict(run.space), **settings_of_preset
+        )
+    except ValueError as exc:  # a revoked device
+        raise RunInputError(str(exc)) from exc
+
+
 def _table_for(device: Device, supernet: MetaTrainingRun):
     from devices.services import space_key
 
@@ -412,7 +453,10 @@ def _ensure_table(run: AdaptionRun, progress) -> Path | None:
     table = _table_for(run.device, run.supernet)
     if table is None:
         if run.device.kind == DeviceKind.REMOTE:
-            raise RunInputError(f"{run.device.name} has no latency table for this super-net's search space")
+            raise RunInputError(
+                f"{run.device.name} has no latency table for this super-net's search space: profile it for "
+                f"this super-net from the super-net's page"
+            )
         progress({"kind": "adapt_stage", "stage": "profile", "current": 0, "total": 1,
                   "message": f"profiling {run.device.name} for this search space"})  # fmt: skip
         job = device_services.profiling_start(

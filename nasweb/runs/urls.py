@@ -7,6 +7,7 @@ urlpatterns = [
     path("runs/train/", views.metatrain_list, name="metatrain-list"),
     path("runs/train/<int:pk>/", views.metatrain_detail, name="metatrain-detail"),
     path("runs/train/<int:pk>.json", views.metatrain_json, name="metatrain-json"),
+    path("runs/train/<int:pk>/profile/", views.metatrain_profile_device, name="metatrain-profile-device"),
     path("runs/adapt/", views.adaption_list, name="adaption-list"),
     path("runs/adapt/<int:pk>/", views.adaption_detail, name="adaption-detail"),
     path("runs/adapt/<int:pk>.json", views.adaption_json, name="adaption-json"),

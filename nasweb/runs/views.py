@@ -61,7 +61,30 @@ def _list_page(request, runs):
 @login_required
 def metatrain_detail(request, pk: int):
     run = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
-    return render(request, "runs/metatrain_detail.html", {"run": run})
+    return render(
+        request,
+        "runs/metatrain_detail.html",
+        {"run": run, "profilable": services.profilable_devices(request.user, run)},
+    )
+
+
+@login_required
+@require_POST
+def metatrain_profile_device(request, pk: int):
+    """Profile one of the user's devices over this super-net's search space."""
+    run = get_object_or_404(MetaTrainingRun.objects.visible_to(request.user), pk=pk)
+    device_id = request.POST.get("device", "")
+    if not device_id.isdigit():
+        messages.error(request, "choose a device to profile")
+        return redirect(run)
+    device = get_object_or_404(Device.objects.visible_to(request.user), pk=int(device_id))
+    try:
+        services.profile_device_for_supernet(user=request.user, run=run, device=device)
+    except services.RunInputError as exc:
+        messages.error(request, str(exc))
+        return redirect(run)
+    messages.success(request, f"Profiling {device.name} for this super-net's search space.")
+    return redirect("devices:detail", pk=device.pk)
 
 
 @login_required

@@ -347,3 +347,33 @@ def test_the_training_form_offers_the_natural_image_datasets_and_refuses_what_ca
         and run.dataset == "mini-imagenet"
         and run.spec["dataset"] == "mini-imagenet"
     )
+
+
+def test_a_board_is_profiled_for_a_super_net_s_own_search_space_from_its_page(client, users, runs):
+    from devices.models import ProfilingJob
+    from devices.services import space_key
+    from engine.presets import search_space
+
+    supernet, _, _ = runs
+    space = search_space("tiny", dataset="cifar-fs", num_classes=5).to_dict()
+    MetaTrainingRun.objects.filter(pk=supernet.pk).update(space=space, dataset="cifar-fs")
+    board = device_services.board_register(owner=users["owner"], name="jetson").device
+    theirs = device_services.board_register(owner=users["other"], name="their pi").device
+    client.force_login(users["owner"])
+    page = client.get(f"/runs/train/{supernet.pk}/").content.decode()
+    # only devices this user may profile: their board, not the built-in devices nor others' boards
+    section = page[page.index('id="profile-for-supernet"') :]
+    assert section.count("<option") == 1 and "jetson" in section
+    response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": board.pk})
+    assert response.status_code == 302 and response.url == f"/devices/{board.pk}/"
+    job = ProfilingJob.objects.get(device=board)
+    assert job.space == space and job.space_key == space_key(space)
+    assert job.total_layers == len(search_space("tiny", dataset="cifar-fs", num_classes=5).all_layer_specs())
+    # someone else's board (invisible: 404), no device, a run that is not a finished super-net
+    assert client.post(f"/runs/train/{supernet.pk}/profile/", {"device": theirs.pk}).status_code == 404
+    response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": "x"}, follow=True)
+    assert "choose a device to profile" in response.content.decode()
+    MetaTrainingRun.objects.filter(pk=supernet.pk).update(status=JobStatus.RUNNING)
+    response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": board.pk}, follow=True)
+    assert "only a finished H-Meta-NAS super-net" in response.content.decode()
+    assert ProfilingJob.objects.filter(device=board).count() == 1
