@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.data.cifar import CIFAR_SPLITS, find_cifar100, load_cifar_fewshot, read_split_entries
 from engine.data.dataset import FewShotDataset
-from engine.data.errors import DatasetError, DatasetNotFoundError
+from engine.data.errors import DatasetError, DatasetNotFoundError, NotEnoughClassesError
 from engine.data.miniimagenet import MINI_IMAGENET_SPLITS, load_mini_imagenet, read_ravi_split
 from engine.data.omniglot import load_omniglot
 from engine.paths import data_dir as default_data_dir
@@ -85,3 +85,14 @@ def split_class_counts(name: str, *, data_dir: str | os.PathLike | None = None) 
         find_cifar100(name, base)
         return counts
     raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def check_split_classes(name: str, ways: int, *, data_dir: str | os.PathLike | None = None) -> None:
+    """Raise NotEnoughClassesError when a split of ``name`` has fewer classes than ``ways``-way
+    tasks need (and DatasetNotFoundError when its files are missing): what a run checks before
+    it starts, since it would otherwise fail only on reaching that split (evaluation, adaption)."""
+    for split, classes in (split_class_counts(name, data_dir=data_dir) or {}).items():
+        if classes < ways:
+            raise NotEnoughClassesError(
+                f"{name}'s {split} split has {classes} classes; {ways}-way tasks need {ways}"
+            )

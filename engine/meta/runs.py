@@ -285,22 +285,17 @@ def task_source(spec: RunSpec, split: str) -> tuple[TaskSource, Callable[[int, i
 
 def check_dataset(spec: RunSpec) -> None:
     """Refuse, before any training, a run whose dataset files are missing or whose tasks have more
-    ways than one of the dataset's splits has classes (training would otherwise fail only when
-    it reaches that split: evaluation or adaption). Reads split files only, no images."""
+    ways than one of the dataset's splits has classes (engine.data.registry.check_split_classes:
+    split files only, no images)."""
     if spec.dataset == "synthetic":
         return
     from engine.data.errors import DatasetError
-    from engine.data.registry import split_class_counts
+    from engine.data.registry import check_split_classes
 
     try:
-        counts = split_class_counts(spec.dataset)
+        check_split_classes(spec.dataset, spec.ways)
     except DatasetError as error:
         raise RunSpecError(str(error)) from error
-    for split, classes in (counts or {}).items():
-        if classes < spec.ways:
-            raise RunSpecError(
-                f"{spec.dataset}'s {split} split has {classes} classes; {spec.ways}-way tasks need {spec.ways}"
-            )
 
 
 def _dataset_source(

@@ -36,6 +36,8 @@ from engine.atomic import atomic_write_json
 from engine.cost import count_macs, count_params
 from engine.latency.measure import measure_module, torch_threads
 from engine.meta.evaluate import confidence_interval95
+from engine.meta.runs import DATASETS as RUN_DATASETS
+from engine.meta.runs import IMAGE_SHAPES as RUN_IMAGE_SHAPES
 from engine.metanas.adapt import TaskModel, adapt_task, export_task_model
 from engine.metanas.config import PRESET_NAMES, MetaNasConfig
 from engine.metanas.tasks import SyntheticTaskSource, TaskSource, sampler_task_source
@@ -48,9 +50,10 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 ADAPTION_FILE = "metanas_adaption.json"
 CARD_FORMAT = "nasweb-metanas-model/1"
-DATASETS = ("omniglot", "synthetic")
-#: (channels, image size) per dataset. Synthetic tasks are small so engine tests stay fast.
-IMAGE_SHAPES = {"omniglot": (1, 28), "synthetic": (1, 12)}
+#: The datasets of H-Meta-NAS runs (engine.meta.runs), at the same image shapes, except that
+#: synthetic tasks are smaller here so that engine tests stay fast.
+DATASETS = RUN_DATASETS
+IMAGE_SHAPES = {**RUN_IMAGE_SHAPES, "synthetic": (1, 12)}
 #: Test tasks evaluated after meta-training / per adaption request, per preset.
 EVAL_TASKS = {"tiny": 4, "cpu": 100, "paper": 600, "paper_miniimagenet": 600}
 #: Query images per class of meta-training and test tasks (``None`` in the spec: this).
@@ -144,9 +147,13 @@ def train_task_source(spec: MetaNasRunSpec, config: MetaNasConfig) -> TaskSource
         )
     from engine.data.sampling import TaskSampler
 
-    dataset = _omniglot("train")
     sampler = TaskSampler(
-        dataset, spec.ways, config.meta_train_shots, spec.query_count, spec.seed, augment_rotations=True
+        _dataset(spec, "train"),
+        spec.ways,
+        config.meta_train_shots,
+        spec.query_count,
+        spec.seed,
+        augment_rotations=spec.dataset == "omniglot",
     )
     return sampler_task_source(sampler)
 
@@ -166,16 +173,31 @@ def test_tasks(spec: MetaNasRunSpec, count: int, seed: int) -> Iterator[Task]:
         return
     from engine.data.sampling import TaskSampler
 
-    sampler = TaskSampler(_omniglot("test"), spec.ways, spec.shots, spec.query_count, seed)
+    sampler = TaskSampler(_dataset(spec, "test"), spec.ways, spec.shots, spec.query_count, seed)
     for batch in sampler.fixed_tasks(count, seed).batches(16):
         for index in range(batch.num_tasks):
             yield batch.support_x[index], batch.support_y[index], batch.query_x[index], batch.query_y[index]
 
 
-def _omniglot(split: str) -> Any:
-    from engine.data.omniglot import load_omniglot
+def _dataset(spec: MetaNasRunSpec, split: str) -> Any:
+    from engine.data.registry import load_dataset
 
-    return load_omniglot(split, protocol=OMNIGLOT_PROTOCOL, rotations_as_classes=False)
+    if spec.dataset == "omniglot":
+        return load_dataset("omniglot", split, protocol=OMNIGLOT_PROTOCOL, rotations_as_classes=False)
+    return load_dataset(spec.dataset, split, image_size=IMAGE_SHAPES[spec.dataset][1])
+
+
+def check_dataset(spec: MetaNasRunSpec) -> None:
+    """Missing files or a split with fewer classes than ``ways``: refused before a run starts."""
+    if spec.dataset == "synthetic":
+        return
+    from engine.data.errors import DatasetError
+    from engine.data.registry import check_split_classes
+
+    try:
+        check_split_classes(spec.dataset, spec.ways)
+    except DatasetError as error:
+        raise MetaNasRunError(str(error)) from error
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -331,6 +353,7 @@ def execute_metanas_training(
         if stored != spec:
             raise MetaNasRunError(f"{run_file} describes a different run: {stored}")
     config = spec.config()
+    check_dataset(spec)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, {"spec": spec.to_dict(), "config": config.to_dict()})
     started = time.perf_counter()

@@ -22,7 +22,7 @@ class MetaTrainingForm(forms.Form):
         ],
         initial="omniglot",
         help_text="Omniglot is downloaded when missing; the others must be in the server's data folder "
-        "(docs/DATASETS.md). MetaNAS runs on Omniglot.",
+        "(docs/DATASETS.md).",
     )
     ways = forms.IntegerField(min_value=2, max_value=50, initial=5)
     shots = forms.IntegerField(min_value=1, max_value=20, initial=1)

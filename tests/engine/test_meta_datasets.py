@@ -4,6 +4,7 @@ data in their real on-disk formats (the images themselves are not redistributabl
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from engine.data.registry import split_class_counts
 from engine.meta.runs import RunSpec, RunSpecError, check_dataset
 from engine.meta.service import RUN_FILE, execute_meta_training
 from engine.meta.train import CHECKPOINT_NAME
+from engine.metanas.service import MetaNasRunError, MetaNasRunSpec, execute_metanas_training
 from engine.search.package import read_model_card
 from tests.engine._data_builders import cifar100_names, write_cifar100, write_mini_imagenet
 
@@ -120,3 +122,13 @@ def test_runs_needing_more_classes_or_missing_files_are_refused_before_anything_
     with pytest.raises(RunSpecError, match="CIFAR-100 not found for cifar-fs"):
         check_dataset(RunSpec(dataset="cifar-fs", ways=3, shots=1, backbone="vgg9", preset="tiny"))
     assert not out.exists()
+
+
+def test_metanas_meta_trains_and_evaluates_on_cifar_fs(data_dir, tmp_path):
+    spec = MetaNasRunSpec(dataset="cifar-fs", ways=WAYS, shots=1, preset="tiny", meta_epochs=4)
+    summary = execute_metanas_training(spec, tmp_path / "metanas", eval_tasks=12, measure_device=None)
+    accuracy = summary["test"]
+    assert accuracy["tasks"] == 12 and accuracy["dataset"] == "cifar-fs" and accuracy["mean"] > 0.6, accuracy
+    with pytest.raises(MetaNasRunError, match="cifar-fs's val split has 3 classes; 4-way tasks need 4"):
+        execute_metanas_training(replace(spec, ways=4), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
