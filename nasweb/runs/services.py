@@ -428,13 +428,15 @@ def profile_device_for_supernet(*, user, run: MetaTrainingRun, device: Device):
         raise RunInputError("only a finished H-Meta-NAS super-net has a search space to profile")
     if not device_services.may_profile(user, device):
         raise RunInputError(f"only {device.name}'s owner (or staff, for built-in devices) can profile it")
+    try:
+        space = SearchSpace.from_dict(run.space)
+    except (TypeError, ValueError, KeyError) as exc:  # a row edited by hand, or from an old version
+        raise RunInputError(f"this run's stored search space cannot be read ({exc})") from exc
     settings_of_preset = device_services.PROFILING_PRESETS.get(
         run.preset, device_services.PROFILING_PRESETS["paper"]
     )
     try:
-        return device_services.profiling_start(
-            device=device, owner=user, space=SearchSpace.from_dict(run.space), **settings_of_preset
-        )
+        return device_services.profiling_start(device=device, owner=user, space=space, **settings_of_preset)
     except ValueError as exc:  # a revoked device
         raise RunInputError(str(exc)) from exc
 

@@ -303,6 +303,14 @@ ROUTES: dict[str, Route] = {
     ),  # fmt: skip
     "runs:metatrain-detail": Route(PAGE, lambda w: f"/runs/train/{w.supernet.pk}/", private=True),
     "runs:metatrain-json": Route(PAGE, lambda w: f"/runs/train/{w.supernet.pk}.json", private=True),
+    "runs:metatrain-profile-device": Route(
+        PAGE,
+        lambda w: f"/runs/train/{w.supernet.pk}/profile/",
+        private=True,
+        get=None,
+        post=S(302),
+        post_body=lambda w: {"device": w.board.pk},
+    ),  # fmt: skip
     # Another user cannot pick the owner's super-net: the form refuses the choice (400).
     "runs:adaption-list": Route(
         PAGE,

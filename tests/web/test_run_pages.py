@@ -377,4 +377,9 @@ def test_a_board_is_profiled_for_a_super_net_s_own_search_space_from_its_page(cl
     MetaTrainingRun.objects.filter(pk=supernet.pk).update(status=JobStatus.RUNNING)
     response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": board.pk}, follow=True)
     assert "only a finished H-Meta-NAS super-net" in response.content.decode()
+    MetaTrainingRun.objects.filter(pk=supernet.pk).update(
+        status=JobStatus.SUCCEEDED, space={"num_classes": 5}
+    )
+    response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": board.pk}, follow=True)
+    assert "stored search space cannot be read" in response.content.decode()
     assert ProfilingJob.objects.filter(device=board).count() == 1
