@@ -88,11 +88,13 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     if not isinstance(threads, int) or threads < 1:
         raise MeasurementError(f"threads must be a positive int, got {threads!r}")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if previous != threads:  # a call per scored candidate or meta-step: skip the no-op resets
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _check_counts(repeats: int, warmup: int, batch_size: int = 1) -> None:

@@ -40,9 +40,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -53,6 +52,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from engine.forked import ForkedWorker, SpawnedWorker, close_workers, start_workers
+from engine.latency.measure import torch_threads
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
 
@@ -168,18 +168,6 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
 def _lslr_key(name: str) -> str:
     # ParameterDict keys may not contain dots.
     return name.replace(".", "__")
-
-
-@contextmanager
-def _intra_op_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if previous != count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 def _support_gradients(
@@ -298,7 +286,7 @@ class MamlLearner(nn.Module):
             return
         for worker in range(workers):  # create replicas here, not racing inside the threads
             self._replica(worker)
-        with _intra_op_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
             for future in [pool.submit(work, worker) for worker in range(workers)]:
                 future.result()
 
