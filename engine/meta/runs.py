@@ -283,17 +283,17 @@ def task_source(spec: RunSpec, split: str) -> tuple[TaskSource, Callable[[int, i
     return _dataset_source(spec, split, queries)
 
 
-def check_dataset(spec: RunSpec) -> None:
-    """Refuse, before any training, a run whose dataset files are missing or whose tasks have more
-    ways than one of the dataset's splits has classes (engine.data.registry.check_split_classes:
-    split files only, no images)."""
-    if spec.dataset == "synthetic":
+def check_dataset(dataset: str, ways: int) -> None:
+    """Refuse, before any training, a run (of any method) whose dataset files are missing or whose
+    ``ways``-way tasks need more classes than one of the dataset's splits has
+    (engine.data.registry.check_split_classes: split files only, no images)."""
+    if dataset == "synthetic":
         return
     from engine.data.errors import DatasetError
     from engine.data.registry import check_split_classes
 
     try:
-        check_split_classes(spec.dataset, spec.ways)
+        check_split_classes(dataset, ways)
     except DatasetError as error:
         raise RunSpecError(str(error)) from error
 

@@ -88,7 +88,8 @@ def execute_meta_training(
         stored = RunSpec.from_dict(json.loads(run_file.read_text())["spec"])
         if stored != spec:
             raise MetaTrainError(f"{run_file} describes a different run: {stored}")
-    check_dataset(spec)  # missing files or too few classes: refused before the run folder is written
+    # Missing files or too few classes: refused before the run folder is written.
+    check_dataset(spec.dataset, spec.ways)
     run = build_run(spec)
     atomic_write_json(run_file, {"spec": spec.to_dict(), "config": run.config.to_dict()})
     # Training and its evaluation at the run's thread count (conv results depend on it), restored

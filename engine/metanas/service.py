@@ -38,6 +38,8 @@ from engine.latency.measure import measure_module, torch_threads
 from engine.meta.evaluate import confidence_interval95
 from engine.meta.runs import DATASETS as RUN_DATASETS
 from engine.meta.runs import IMAGE_SHAPES as RUN_IMAGE_SHAPES
+from engine.meta.runs import RunSpecError
+from engine.meta.runs import check_dataset as check_run_dataset
 from engine.metanas.adapt import TaskModel, adapt_task, export_task_model
 from engine.metanas.config import PRESET_NAMES, MetaNasConfig
 from engine.metanas.tasks import SyntheticTaskSource, TaskSource, sampler_task_source
@@ -188,15 +190,11 @@ def _dataset(spec: MetaNasRunSpec, split: str) -> Any:
 
 
 def check_dataset(spec: MetaNasRunSpec) -> None:
-    """Missing files or a split with fewer classes than ``ways``: refused before a run starts."""
-    if spec.dataset == "synthetic":
-        return
-    from engine.data.errors import DatasetError
-    from engine.data.registry import check_split_classes
-
+    """Missing files or a split with fewer classes than ``ways``: refused before a run starts
+    (the rule of every method, engine.meta.runs.check_dataset, as this module's error)."""
     try:
-        check_split_classes(spec.dataset, spec.ways)
-    except DatasetError as error:
+        check_run_dataset(spec.dataset, spec.ways)
+    except RunSpecError as error:
         raise MetaNasRunError(str(error)) from error
 
 

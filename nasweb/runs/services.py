@@ -115,12 +115,7 @@ def metatrain_start(
                 device=settings.NASWEB_TRAIN_DEVICE,
                 strategy=default_strategy(settings.NASWEB_TRAIN_DEVICE),
             )
-        if method == Method.METANAS:
-            from engine.metanas.service import check_dataset as check_metanas_dataset
-
-            check_metanas_dataset(spec)  # a form error now, not a failed job later
-        else:
-            check_dataset(spec)
+        check_dataset(dataset, ways)  # a form error now, not a failed job later (any method)
     except ValueError as exc:  # RunSpecError, MetaNasRunError, MetaNasConfigError
         raise RunInputError(str(exc)) from exc
     spec_dict = spec.to_dict()
