@@ -58,10 +58,11 @@ SCORING_PATH = "auto"
 #: (support images x channels x pixels of its biggest layer output) stays at or below this; wider
 #: sub-nets are scored one task at a time. Batching saves PyTorch's per-operation overhead, which
 #: dominates for narrow layers; for wide ones the stacked activations fall out of the caches and
-#: the batched convolutions got slower. Measured on the 2-core AMD EPYC (1 thread, `cpu`-preset
-#: super-net, 20-way 1-shot, 30 random sub-nets, docs/BENCHMARKS.md): every sub-net up to 62,720
-#: elements was 1.1-1.8x faster batched, every one from 125,440 on but one was 1.05-1.8x faster
-#: one by one, 94,080 was even. On a GPU batching always pays, so "auto" always batches there.
+#: the batched convolutions got slower. Measured on the 2-core AMD EPYC with
+#: benchmarks/scoring_paths.py (1 thread, `cpu`-preset super-net, 20-way 1-shot, 30 random
+#: sub-nets, docs/BENCHMARKS.md): batching won for 7 of 9 sub-nets up to 62,720 elements, one by
+#: one won at 94,080 and for 20 of 21 from 125,440 on. On a GPU batching always pays, so "auto"
+#: always batches there.
 MAX_BATCHED_TASK_ACTIVATION = 100_000
 
 

@@ -1,0 +1,137 @@
+"""Which sub-nets does batching a slice's tasks speed up? The data behind the GA's scoring rule.
+
+``engine.search.adapt.SuperNetScorer.score`` ("auto") vmaps a slice's tasks only for sub-nets whose
+largest layer output per task is at most ``MAX_BATCHED_TASK_ACTIVATION`` elements and scores wider
+ones one task at a time on their sliced weights. This script times both ways on each of N random
+sub-nets of one super-net (alternately, best of ``--repeats``), sorted by that activation size, so
+the threshold can be checked on another machine:
+
+    python benchmarks/scoring_paths.py --supernet RUN/checkpoint.pt [--archs 30] [--queries 1]
+    python benchmarks/scoring_paths.py --quick   # a tiny super-net trained for seconds
+
+The last stdout line is one JSON object: mean ms per evaluation batched, one by one, on the
+production ("auto") choice and on the better of the two per sub-net, and the activation sizes
+where each way was faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine.search.adapt as adapt_module  # noqa: E402
+from benchmarks._validation import validation_tasks  # noqa: E402
+from engine.adaption import load_supernet  # noqa: E402
+from engine.meta.runs import RunSpec  # noqa: E402
+from engine.meta.service import execute_meta_training  # noqa: E402
+from engine.meta.train import CHECKPOINT_NAME  # noqa: E402
+from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, task_tensors  # noqa: E402
+from engine.search.package import arch_code  # noqa: E402
+from engine.seeding import derive_seed  # noqa: E402
+
+#: Seed stream of the architectures timed (the tasks come from benchmarks._validation's).
+ARCH_STREAM = 32
+
+
+def best_ms(score, arch, tasks, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        score(arch, tasks)
+        times.append(time.perf_counter() - started)
+    return 1000 * min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--supernet", type=Path, help="a super-net checkpoint (python -m engine meta-train)")
+    parser.add_argument("--archs", type=int, default=30, help="random sub-nets timed both ways")
+    parser.add_argument("--tasks", type=int, default=16, help="validation tasks per evaluation (a GA slice)")
+    parser.add_argument("--queries", type=int, default=1, help="query images per class (the GA's default)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (a search process has 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timings per sub-net and way (the best counts)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny super-net trained for seconds, 8 sub-nets")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.supernet
+        if checkpoint is None:
+            if not args.quick:
+                parser.error("--supernet is required without --quick")
+            spec = RunSpec(dataset="omniglot", ways=20, shots=1, backbone="vgg9", preset="tiny",
+                           iterations=24, seed=args.seed, threads=args.threads)  # fmt: skip
+            execute_meta_training(spec, Path(scratch), eval_tasks=0)
+            checkpoint = Path(scratch) / CHECKPOINT_NAME
+        spec, run, iteration = load_supernet(checkpoint)
+    scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
+    tasks = validation_tasks(spec.with_(queries=args.queries), args.tasks, args.seed)
+    support_x = task_tensors(tasks[0])[0]
+    rng = np.random.default_rng(derive_seed(args.seed, ARCH_STREAM))
+    archs = [run.space.sample(rng) for _ in range(8 if args.quick else args.archs)]
+
+    def score_with(path: str):
+        def score(arch, tasks):
+            adapt_module.SCORING_PATH = path
+            try:
+                return scorer.score(arch, tasks)
+            finally:
+                adapt_module.SCORING_PATH = "auto"
+
+        return score
+
+    ways = {path: score_with(path) for path in ("batched", "sliced")}
+    for score in ways.values():
+        score(archs[0], tasks[:2])  # warm-up
+    rows = []
+    for arch in archs:
+        row = {"activation": scorer.largest_activation(arch, support_x), "arch": arch_code(arch)}
+        for path, score in ways.items():
+            row[path] = best_ms(score, arch, tasks, args.repeats)
+        row["auto"] = (
+            row["batched"] if row["activation"] <= adapt_module.MAX_BATCHED_TASK_ACTIVATION else row["sliced"]
+        )
+        rows.append(row)
+    rows.sort(key=lambda row: row["activation"])
+    for row in rows:
+        ratio = row["batched"] / row["sliced"]
+        print(f"{row['activation']:>9} elements  batched {row['batched']:7.1f} ms  one by one {row['sliced']:7.1f} ms  "
+              f"batched/one-by-one {ratio:.2f}  {row['arch']}")  # fmt: skip
+    batched_faster = [row["activation"] for row in rows if row["batched"] < row["sliced"]]
+    sliced_faster = [row["activation"] for row in rows if row["sliced"] <= row["batched"]]
+    summary = {
+        "supernet": str(args.supernet) if args.supernet else "tiny (--quick)",
+        "preset": spec.preset,
+        "ways": spec.ways,
+        "meta_iterations": iteration,
+        "archs": len(archs),
+        "tasks": args.tasks,
+        "queries_per_class": args.queries,
+        "threads": args.threads,
+        "threshold": adapt_module.MAX_BATCHED_TASK_ACTIVATION,
+        "ms_batched": round(float(np.mean([row["batched"] for row in rows])), 1),
+        "ms_one_by_one": round(float(np.mean([row["sliced"] for row in rows])), 1),
+        "ms_auto": round(float(np.mean([row["auto"] for row in rows])), 1),
+        "ms_best_of_both": round(float(np.mean([min(row["batched"], row["sliced"]) for row in rows])), 1),
+        "largest_activation_batched_faster": max(batched_faster, default=None),
+        "smallest_activation_one_by_one_faster": min(sliced_faster, default=None),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
