@@ -13,6 +13,12 @@ class BoardRegistrationForm(forms.Form):
 
 
 class ProfilingForm(forms.Form):
+    space = forms.ChoiceField(
+        label="Search space",
+        choices=(),
+        required=False,
+        help_text="left out: the space of the newest table (the default space for a new device)",
+    )
     repeats = forms.IntegerField(min_value=1, max_value=1000, initial=20)
     warmup = forms.IntegerField(min_value=0, max_value=1000, initial=5)
     accuracy_subnets = forms.IntegerField(
@@ -21,3 +27,17 @@ class ProfilingForm(forms.Form):
         initial=20,
         help_text="random sub-nets timed end to end to check the table",
     )
+
+    def __init__(self, *args, space_choices: list[tuple[str, str, dict]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._spaces = {key: space for key, _, space in space_choices}
+        self.fields["space"].choices = [(key, label) for key, label, _ in space_choices]
+        if space_choices:
+            self.fields["space"].initial = space_choices[0][0]
+
+    def clean_space(self) -> str:
+        return self.cleaned_data["space"] or self.fields["space"].initial
+
+    def space_dict(self) -> dict:
+        """The chosen space's dict (only after is_valid())."""
+        return self._spaces[self.cleaned_data["space"]]

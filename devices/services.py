@@ -220,6 +220,19 @@ def profiling_start(
     return job
 
 
+def profiling_start_for_space(
+    *, device: Device, owner, space_dict: dict[str, Any], **job_settings
+) -> ProfilingJob:
+    """Re-profile ``device`` over a stored space (one of its tables'); ValueError if unreadable."""
+    from engine.space import SearchSpace
+
+    try:
+        space = SearchSpace.from_dict(space_dict)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"this search space cannot be read ({exc})") from exc
+    return profiling_start(device=device, owner=owner, space=space, **job_settings)
+
+
 def _enqueue_profiling(job_id: int) -> None:
     from devices.tasks import profile_device
 
@@ -444,6 +457,51 @@ def _refresh_device_status(device: Device) -> None:
         last = ProfilingJob.objects.filter(device=device).order_by("-created_at").first()
         status = DeviceStatus.FAILED if last and last.status == JobStatus.FAILED else DeviceStatus.NEW
     Device.objects.filter(pk=device.pk).update(status=status)
+
+
+@dataclass(frozen=True)
+class SpaceTables:
+    """A device's newest table for one search space, and how many older ones of that space exist."""
+
+    latest: LatencyTableRecord
+    older: int
+    description: str
+
+
+def describe_space(space_dict: dict[str, Any]) -> str:
+    from engine.space import SearchSpace
+
+    try:
+        return SearchSpace.from_dict(space_dict).describe()
+    except (TypeError, ValueError, KeyError):  # a row from an older version, or edited by hand
+        return "a search space this version cannot read"
+
+
+def tables_by_space(device: Device) -> list[SpaceTables]:
+    """One entry per search space the device has been profiled for, newest first. A table serves
+    one space only (a board profiled for Omniglot 20-way cannot price a Mini-ImageNet super-net),
+    so the device page lists every space, not only the latest table."""
+    found: dict[str, SpaceTables] = {}
+    for record in device.latency_tables.defer("table").order_by("-created_at", "-pk"):
+        seen = found.get(record.space_key)
+        if seen is None:
+            found[record.space_key] = SpaceTables(record, 0, describe_space(record.space))
+        else:
+            found[record.space_key] = SpaceTables(seen.latest, seen.older + 1, seen.description)
+    return list(found.values())
+
+
+def profiling_space_choices(device: Device) -> list[tuple[str, str, dict[str, Any]]]:
+    """(space key, label, space dict) a re-profiling may choose: every space the device has a
+    table for, newest first, then the dashboard's default space if it has none for it yet."""
+    choices = [
+        (entry.latest.space_key, entry.description, entry.latest.space) for entry in tables_by_space(device)
+    ]
+    default = default_profiling_space().to_dict()
+    default_key = space_key(default)
+    if all(key != default_key for key, _, _ in choices):
+        choices.append((default_key, f"{describe_space(default)} (the default)", default))
+    return choices
 
 
 def latest_table(device: Device, space=None) -> LatencyTableRecord | None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import JsonResponse
+from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from devices import services
 from devices.forms import BoardRegistrationForm, ProfilingForm
-from devices.models import Device, ProfilingJob
+from devices.models import Device, LatencyTableRecord, ProfilingJob
 
 
 def _visible_device(request, pk: int) -> Device:
@@ -47,19 +47,32 @@ def device_register(request):
     return render(request, "devices/register.html", {"form": form}, status=status)
 
 
+def _chosen_table(request, device: Device) -> LatencyTableRecord | None:
+    """The table named by ?table= (one of this device's; another id is a 404), else the newest."""
+    table_id = request.GET.get("table")
+    if table_id is None:
+        return device.latency_tables.first()
+    if not table_id.isdigit():
+        raise Http404("table must be the id of one of this device's latency tables")
+    return get_object_or_404(device.latency_tables, pk=int(table_id))
+
+
 @login_required
 def device_detail(request, pk: int):
     device = _visible_device(request, pk)
     job = ProfilingJob.objects.filter(device=device).order_by("-created_at").first()
+    table = _chosen_table(request, device)
     return render(
         request,
         "devices/detail.html",
         {
             "device": device,
             "job": job,
-            "table": device.latency_tables.first(),
+            "table": table,
+            "table_space": services.describe_space(table.space) if table else "",
+            "tables": services.tables_by_space(device),
             "may_profile": services.may_profile(request.user, device),
-            "profiling_form": ProfilingForm(),
+            "profiling_form": ProfilingForm(space_choices=services.profiling_space_choices(device)),
         },
     )
 
@@ -70,12 +83,15 @@ def device_profile(request, pk: int):
     device = _visible_device(request, pk)
     if not services.may_profile(request.user, device):
         raise PermissionDenied("only the board's owner (or staff for built-in devices) can re-profile it")
-    form = ProfilingForm(request.POST)
+    form = ProfilingForm(request.POST, space_choices=services.profiling_space_choices(device))
     if not form.is_valid():
         messages.error(request, f"Invalid profiling settings: {form.errors.as_text()}")
         return redirect("devices:detail", pk=pk)
+    settings_of_job = {name: value for name, value in form.cleaned_data.items() if name != "space"}
     try:
-        services.profiling_start(device=device, owner=request.user, **form.cleaned_data)
+        services.profiling_start_for_space(
+            device=device, owner=request.user, space_dict=form.space_dict(), **settings_of_job
+        )
     except ValueError as exc:
         messages.error(request, str(exc))
     else:
@@ -85,9 +101,9 @@ def device_profile(request, pk: int):
 
 @login_required
 def device_table_json(request, pk: int):
-    """Per-layer breakdown of the latest LUT and its predicted-vs-measured samples."""
+    """Per-layer breakdown of a LUT (?table=, else the newest) and its predicted-vs-measured samples."""
     device = _visible_device(request, pk)
-    table = device.latency_tables.first()
+    table = _chosen_table(request, device)
     if table is None:
         return JsonResponse({"error": "no latency table yet"}, status=404)
     entries = table.table.get("entries", {})
@@ -99,6 +115,8 @@ def device_table_json(request, pk: int):
     return JsonResponse(
         {
             "device": device.name,
+            "table": table.pk,
+            "search_space": services.describe_space(table.space),
             "overhead_ms": table.table.get("overhead_ms", 0.0),
             "per_layer_ms": table.table.get("per_layer_ms", 0.0),
             "metadata": table.table.get("metadata", {}),

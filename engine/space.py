@@ -682,6 +682,23 @@ class SearchSpace:
                 found.setdefault(spec.key, spec)
         return list(found.values())
 
+    def describe(self) -> str:
+        """One line telling spaces apart on a page: the fields that differ between the presets,
+        datasets and N-ways a device may be profiled for (a table serves one space only)."""
+        channel_text = "/".join(str(c) for c in sorted(set(self.base_channels)))
+        parts = [
+            self.backbone.upper(),
+            f"{self.in_channels}×{self.image_size}×{self.image_size} input",
+            f"{self.num_classes}-way",
+            f"{channel_text} base channels",
+            f"{self.pool_size}×{self.pool_size} pool",
+        ]
+        if not self.global_expansion:
+            parts.append("no global expansion")
+        if not self.adaptive_layers:
+            parts.append("fixed depth")
+        return ", ".join(parts)
+
     # ----------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
         return {

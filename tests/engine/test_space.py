@@ -316,3 +316,18 @@ def test_a_width_that_leaves_no_channel_is_refused():
             backbone="vgg9", in_channels=1, image_size=12, num_classes=3, pool_size=1,
             kernels=(3,), widths=(0.125, 0.25), activations=("relu",), base_channels=(4,) * 4, strides=(2,) * 4,
         )  # fmt: skip
+
+
+def test_describe_tells_the_spaces_a_device_may_be_profiled_for_apart():
+    assert SearchSpace.vgg9().describe() == "VGG9, 1×28×28 input, 20-way, 64 base channels, 5×5 pool"
+    assert SearchSpace.resnet12(in_channels=3, image_size=84, num_classes=5, pool_size=1).describe() == (
+        "RESNET12, 3×84×84 input, 5-way, 32/64/128/256 base channels, 1×1 pool"
+    )
+    plain = SearchSpace.vgg9(global_expansion=False, adaptive_layers=False)
+    assert plain.describe().endswith("no global expansion, fixed depth")
+    spaces = [
+        SearchSpace.vgg9(num_classes=5),
+        SearchSpace.vgg9(image_size=32, in_channels=3),
+        SearchSpace.vgg9(),
+    ]
+    assert len({space.describe() for space in spaces}) == 3

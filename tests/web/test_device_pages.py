@@ -154,3 +154,110 @@ def test_the_dashboard_lists_active_jobs_and_devices(client, board, users):
     client.force_login(users["other"])
     page = client.get("/").content.decode()
     assert f"Profiling #{job.pk}" not in page and "jetson" not in page
+
+
+def _store_table(device, space, *, ms: float, within: float) -> LatencyTableRecord:
+    """A finished table for ``space`` as profiling stores it (entries for every key of the space)."""
+    from engine.latency.lut import LatencyTable
+
+    space_dict = space.to_dict()
+    entries = {spec.key: ms for spec in space.all_layer_specs()}
+    table = LatencyTable(
+        device=device.name, entries=entries, overhead_ms=0.01, metadata={"search_space": space_dict}
+    )
+    accuracy = {"n": 4, "within_10pct": within, "mape": 3.5, "mse": 0.001, "samples": []}
+    return LatencyTableRecord.objects.create(
+        device=device, space=space_dict, space_key=services.space_key(space_dict), table=table.to_dict(),
+        entries_count=len(entries), accuracy=accuracy,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def board_with_two_spaces(board):
+    """The board's 5-way table, then a 20-way one at 32x32, then a newer 5-way table."""
+    device, _ = board
+    twenty_way = _store_table(device, tiny_space(num_classes=20, image_size=32), ms=0.2, within=0.5)
+    five_way = _store_table(device, tiny_space(), ms=0.3, within=0.75)
+    return device, five_way, twenty_way
+
+
+def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
+    client, board_with_two_spaces, users
+):
+    device, five_way, twenty_way = board_with_two_spaces
+    client.force_login(users["owner"])
+    response = client.get(f"/devices/{device.pk}/")
+    rows = [entry.latest.pk for entry in response.context["tables"]]
+    assert rows == [five_way.pk, twenty_way.pk]  # one row per space, newest first
+    page = response.content.decode()
+    assert "VGG9, 1×28×28 input, 5-way" in page and "VGG9, 1×32×32 input, 20-way" in page
+    assert "(replaces 1 older)" in page  # the fixture's first 5-way table
+    assert response.context["table"] == five_way and "75 % of 4" in page
+
+    chosen = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}")
+    assert chosen.context["table"] == twenty_way
+    assert f"#{twenty_way.pk}: VGG9, 1×32×32 input, 20-way" in chosen.content.decode()
+    assert f"table.json?table={twenty_way.pk}" in chosen.content.decode()  # the charts follow the choice
+
+    data = client.get(f"/devices/{device.pk}/table.json?table={twenty_way.pk}").json()
+    assert data["table"] == twenty_way.pk and data["search_space"].startswith("VGG9, 1×32×32 input, 20-way")
+    assert {row["ms"] for rows in data["layers"].values() for row in rows} == {0.2}
+    assert client.get(f"/devices/{device.pk}/table.json").json()["table"] == five_way.pk
+
+
+def test_a_table_of_another_device_or_a_bad_id_is_not_found(client, board_with_two_spaces, users):
+    device, _, _ = board_with_two_spaces
+    other_board = services.board_register(owner=users["owner"], name="coral").device
+    foreign = _store_table(other_board, tiny_space(), ms=0.4, within=1.0)
+    client.force_login(users["owner"])
+    for query in [f"table={foreign.pk}", "table=abc", "table=-1", "table=999999"]:
+        assert client.get(f"/devices/{device.pk}/?{query}").status_code == 404, query
+        assert client.get(f"/devices/{device.pk}/table.json?{query}").status_code == 404, query
+
+
+def test_reprofiling_chooses_among_the_devices_spaces(client, board_with_two_spaces, users):
+    device, five_way, twenty_way = board_with_two_spaces
+    client.force_login(users["owner"])
+    settings_of_job = {"repeats": 5, "warmup": 1, "accuracy_subnets": 0}
+    offered = [
+        key
+        for key, _ in client.get(f"/devices/{device.pk}/").context["profiling_form"].fields["space"].choices
+    ]
+    default_key = services.space_key(services.default_profiling_space().to_dict())
+    assert offered == [five_way.space_key, twenty_way.space_key, default_key]
+
+    response = client.post(
+        f"/devices/{device.pk}/profile/", {**settings_of_job, "space": twenty_way.space_key}
+    )
+    assert response.status_code == 302
+    job = ProfilingJob.objects.filter(device=device).latest("created_at")
+    assert job.space_key == twenty_way.space_key and job.space == twenty_way.space
+    assert job.total_layers == twenty_way.entries_count
+
+    client.post(f"/devices/{device.pk}/profile/", settings_of_job)  # no space: the newest table's
+    assert ProfilingJob.objects.filter(device=device).latest("created_at").space_key == five_way.space_key
+
+    before = ProfilingJob.objects.filter(device=device).count()
+    refused = client.post(
+        f"/devices/{device.pk}/profile/", {**settings_of_job, "space": "f" * 64}, follow=True
+    )
+    assert "Invalid profiling settings" in refused.content.decode()
+    assert ProfilingJob.objects.filter(device=device).count() == before
+
+
+def test_reprofiling_a_space_that_cannot_be_read_is_refused_with_a_message(client, board, users):
+    device, _ = board
+    broken = LatencyTableRecord.objects.create(
+        device=device, space={"backbone": "vgg9", "in_channels": 1, "image_size": 28, "num_classes": 5, "colour": 1},
+        space_key="b" * 64, table={"entries": {}}, entries_count=0,
+    )  # fmt: skip
+    client.force_login(users["owner"])
+    page = client.get(f"/devices/{device.pk}/?table={broken.pk}").content.decode()
+    assert "a search space this version cannot read" in page
+    before = ProfilingJob.objects.filter(device=device).count()
+    response = client.post(
+        f"/devices/{device.pk}/profile/", {"repeats": 5, "warmup": 1, "accuracy_subnets": 0, "space": "b" * 64},
+        follow=True,
+    )  # fmt: skip
+    assert "this search space cannot be read" in response.content.decode()
+    assert ProfilingJob.objects.filter(device=device).count() == before
