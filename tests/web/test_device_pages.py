@@ -261,3 +261,15 @@ def test_reprofiling_a_space_that_cannot_be_read_is_refused_with_a_message(clien
     )  # fmt: skip
     assert "this search space cannot be read" in response.content.decode()
     assert ProfilingJob.objects.filter(device=device).count() == before
+
+
+def test_a_device_without_tables_offers_the_default_space(client, users):
+    device = services.board_register(owner=users["owner"], name="new board").device
+    client.force_login(users["owner"])
+    response = client.get(f"/devices/{device.pk}/")
+    assert response.context["tables"] == [] and response.context["table"] is None
+    choices = response.context["profiling_form"].fields["space"].choices
+    default = services.default_profiling_space()
+    assert choices == [(services.space_key(default.to_dict()), f"{default.describe()} (the default)")]
+    client.post(f"/devices/{device.pk}/profile/", {"repeats": 5, "warmup": 1, "accuracy_subnets": 0})
+    assert ProfilingJob.objects.get(device=device).space == default.to_dict()
