@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.http import FileResponse, HttpResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import ParseError
 from rest_framework.response import Response
@@ -14,29 +14,56 @@ from rest_framework.views import APIView
 
 from devices import services
 from devices.auth import DeviceTokenAuthentication, IsDeviceAgent
-from devices.models import Device, DeviceKind, ProfilingJob
+from devices.models import Device, DeviceKind, LatencyTableRecord, ProfilingJob
 from nasweb.core.pagination import LIST_PARAMETERS, paginated_response
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "engine" / "agent" / "nasweb_agent.py"
 
 
+def _table_summary(table, description: str) -> dict:
+    return {
+        "id": table.id,
+        "space_key": table.space_key,
+        "search_space": description,
+        "entries": table.entries_count,
+        "created_at": table.created_at,
+        "accuracy": _summary(table.accuracy),
+    }
+
+
 class DeviceOutput(serializers.ModelSerializer):
     latest_table = serializers.SerializerMethodField()
+    tables = serializers.SerializerMethodField(
+        help_text="the newest table of each search space, newest first"
+    )
 
     class Meta:
         model = Device
-        fields = ["id", "name", "kind", "status", "description", "config", "created_at", "latest_table"]
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "status",
+            "description",
+            "config",
+            "created_at",
+            "latest_table",
+            "tables",
+        ]
+
+    def _tables(self, device) -> list:
+        # Both fields read the same list; DRF calls the two getters on one instance in turn.
+        cached = getattr(device, "_space_tables", None)
+        if cached is None:
+            cached = device._space_tables = services.tables_by_space(device)
+        return cached
 
     def get_latest_table(self, device) -> dict | None:
-        table = device.latency_tables.first()
-        if table is None:
-            return None
-        return {
-            "id": table.id,
-            "entries": table.entries_count,
-            "created_at": table.created_at,
-            "accuracy": _summary(table.accuracy),
-        }
+        tables = self._tables(device)
+        return _table_summary(tables[0].latest, tables[0].description) if tables else None
+
+    def get_tables(self, device) -> list[dict]:
+        return [_table_summary(entry.latest, entry.description) for entry in self._tables(device)]
 
 
 def _summary(accuracy: dict | None) -> dict | None:
@@ -129,6 +156,11 @@ class DeviceProfileApi(APIView):
         )
         accuracy_subnets = serializers.IntegerField(min_value=0, max_value=1000, default=0)
         overhead_subnets = serializers.IntegerField(min_value=0, max_value=100, default=5)
+        space_key = serializers.CharField(
+            required=False,
+            help_text="one of the device's tables' space_key (or the default space's); "
+            "left out: the newest table's space, or the default space for a device without tables",
+        )
 
     @extend_schema(
         request=Input, responses={201: ProfilingJobOutput}, summary="Start (re-)profiling a device"
@@ -142,8 +174,16 @@ class DeviceProfileApi(APIView):
 
             raise PermissionDenied("only staff can re-profile built-in devices")
         data = _validated(self.Input, request.data)
+        spaces = {key: space for key, _, space in services.profiling_space_choices(device)}
+        chosen_key = data.pop("space_key", None) or next(iter(spaces))
+        if chosen_key not in spaces:
+            raise serializers.ValidationError(
+                {"space_key": [f"not a search space of this device; choose one of {sorted(spaces)}"]}
+            )
         try:
-            job = services.profiling_start(device=device, owner=request.user, **data)
+            job = services.profiling_start_for_space(
+                device=device, owner=request.user, space_dict=spaces[chosen_key], **data
+            )
         except ValueError as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(ProfilingJobOutput(job).data, status=status.HTTP_201_CREATED)
@@ -179,15 +219,37 @@ class DeviceRotateTokenApi(APIView):
 
 
 class DeviceTableApi(APIView):
-    @extend_schema(responses={200: dict}, summary="The device's latest latency lookup table (JSON)")
+    @extend_schema(
+        responses={200: dict},
+        parameters=[
+            OpenApiParameter(
+                "table", int, description="a table id from the device's `tables` (default: the newest)"
+            )
+        ],
+        summary="One of the device's latency lookup tables (JSON)",
+    )
     def get(self, request, pk: int):
-        table = _device_for(request, pk).latency_tables.first()
+        device = _device_for(request, pk)
+        try:
+            table = services.chosen_table(device, request.query_params.get("table"))
+        except LatencyTableRecord.DoesNotExist:
+            return Response(
+                {"error": "table must be the id of one of this device's latency tables"},
+                status=status.HTTP_404_NOT_FOUND,
+            )
         if table is None:
             return Response(
                 {"error": "this device has no latency table yet"}, status=status.HTTP_404_NOT_FOUND
             )
         return Response(
-            {"id": table.id, "space": table.space, "table": table.table, "accuracy": table.accuracy}
+            {
+                "id": table.id,
+                "space_key": table.space_key,
+                "search_space": services.describe_space(table.space),
+                "space": table.space,
+                "table": table.table,
+                "accuracy": table.accuracy,
+            }
         )
 
 

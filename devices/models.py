@@ -40,8 +40,8 @@ class DeviceQuerySet(models.QuerySet):
 
     def with_table_summaries(self):
         """Prefetch each device's latency tables without their entries (thousands per table):
-        lists show only a table's size, date and accuracy."""
-        tables = LatencyTableRecord.objects.defer("table", "space")
+        lists show only a table's space, size, date and accuracy."""
+        tables = LatencyTableRecord.objects.defer("table")
         return self.prefetch_related(models.Prefetch("latency_tables", queryset=tables))
 
 

@@ -480,9 +480,13 @@ def describe_space(space_dict: dict[str, Any]) -> str:
 def tables_by_space(device: Device) -> list[SpaceTables]:
     """One entry per search space the device has been profiled for, newest first. A table serves
     one space only (a board profiled for Omniglot 20-way cannot price a Mini-ImageNet super-net),
-    so the device page lists every space, not only the latest table."""
+    so the device page lists every space, not only the latest table. Uses the tables prefetched by
+    ``Device.objects.with_table_summaries()`` where a list did so (no query per device)."""
+    prefetched = getattr(device, "_prefetched_objects_cache", {}).get("latency_tables")
+    records = prefetched if prefetched is not None else device.latency_tables.defer("table")
+    records = sorted(records, key=lambda record: (record.created_at, record.pk), reverse=True)
     found: dict[str, SpaceTables] = {}
-    for record in device.latency_tables.defer("table").order_by("-created_at", "-pk"):
+    for record in records:
         seen = found.get(record.space_key)
         if seen is None:
             found[record.space_key] = SpaceTables(record, 0, describe_space(record.space))
@@ -502,6 +506,16 @@ def profiling_space_choices(device: Device) -> list[tuple[str, str, dict[str, An
     if all(key != default_key for key, _, _ in choices):
         choices.append((default_key, f"{describe_space(default)} (the default)", default))
     return choices
+
+
+def chosen_table(device: Device, table_id: str | None) -> LatencyTableRecord | None:
+    """The table ``table_id`` names among ``device``'s (DoesNotExist for anything else, a
+    malformed id included), or the newest one when no id is given."""
+    if table_id is None:
+        return device.latency_tables.first()
+    if not str(table_id).isdigit():
+        raise LatencyTableRecord.DoesNotExist(f"{table_id!r} is not a latency table id")
+    return device.latency_tables.get(pk=int(table_id))
 
 
 def latest_table(device: Device, space=None) -> LatencyTableRecord | None:

@@ -49,12 +49,10 @@ def device_register(request):
 
 def _chosen_table(request, device: Device) -> LatencyTableRecord | None:
     """The table named by ?table= (one of this device's; another id is a 404), else the newest."""
-    table_id = request.GET.get("table")
-    if table_id is None:
-        return device.latency_tables.first()
-    if not table_id.isdigit():
-        raise Http404("table must be the id of one of this device's latency tables")
-    return get_object_or_404(device.latency_tables, pk=int(table_id))
+    try:
+        return services.chosen_table(device, request.GET.get("table"))
+    except LatencyTableRecord.DoesNotExist as exc:
+        raise Http404("table must be the id of one of this device's latency tables") from exc
 
 
 @login_required
