@@ -518,13 +518,6 @@ def chosen_table(device: Device, table_id: str | None) -> LatencyTableRecord | N
     return device.latency_tables.get(pk=int(table_id))
 
 
-def latest_table(device: Device, space=None) -> LatencyTableRecord | None:
-    tables = device.latency_tables.all()
-    if space is not None:
-        tables = tables.filter(space_key=space_key(space.to_dict()))
-    return tables.first()
-
-
 # --- the agent protocol ---------------------------------------------------------------------
 
 
