@@ -42,19 +42,18 @@ one search process and with ``--search-workers`` processes (the ratio is a figur
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import engine.search.adapt as adapt_module
+from benchmarks._scoring import scoring_path
 from engine.adaption import AdaptionRequest, load_supernet, run_adaption
 from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
@@ -320,17 +319,6 @@ def time_levers(run, spec: RunSpec, archs: list, search_queries: int) -> list[di
                 )
     torch.set_num_threads(previous)
     return rows
-
-
-@contextlib.contextmanager
-def scoring_path(path: str) -> Iterator[None]:
-    """Score with ``path`` (engine.search.adapt.SCORING_PATH) for the duration; forked search
-    processes inherit it."""
-    adapt_module.SCORING_PATH = path
-    try:
-        yield
-    finally:
-        adapt_module.SCORING_PATH = "auto"
 
 
 def production_speedup(levers: list[dict], queries: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,14 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine.search.adapt as adapt_module  # noqa: E402
-from benchmarks._validation import validation_tasks  # noqa: E402
-from engine.adaption import load_supernet  # noqa: E402
-from engine.meta.runs import RunSpec  # noqa: E402
-from engine.meta.service import execute_meta_training  # noqa: E402
-from engine.meta.train import CHECKPOINT_NAME  # noqa: E402
-from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, task_tensors  # noqa: E402
+from benchmarks._scoring import add_scoring_arguments, scoring_bench, scoring_path  # noqa: E402
+from engine.search.adapt import task_tensors  # noqa: E402
 from engine.search.package import arch_code  # noqa: E402
-from engine.seeding import derive_seed  # noqa: E402
 
 #: Seed stream of the architectures timed (the tasks come from benchmarks._validation's).
 ARCH_STREAM = 32
@@ -55,42 +49,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--supernet", type=Path, help="a super-net checkpoint (python -m engine meta-train)")
-    parser.add_argument("--archs", type=int, default=30, help="random sub-nets timed both ways")
-    parser.add_argument("--tasks", type=int, default=16, help="validation tasks per evaluation (a GA slice)")
-    parser.add_argument("--queries", type=int, default=1, help="query images per class (the GA's default)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (a search process has 1)")
+    add_scoring_arguments(
+        parser,
+        archs=30,
+        archs_help="random sub-nets timed both ways",
+        quick_help="tiny super-net trained for seconds, 8 sub-nets",
+    )
     parser.add_argument(
         "--repeats", type=int, default=2, help="timings per sub-net and way (the best counts)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny super-net trained for seconds, 8 sub-nets")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = args.supernet
-        if checkpoint is None:
-            if not args.quick:
-                parser.error("--supernet is required without --quick")
-            spec = RunSpec(dataset="omniglot", ways=20, shots=1, backbone="vgg9", preset="tiny",
-                           iterations=24, seed=args.seed, threads=args.threads)  # fmt: skip
-            execute_meta_training(spec, Path(scratch), eval_tasks=0)
-            checkpoint = Path(scratch) / CHECKPOINT_NAME
-        spec, run, iteration = load_supernet(checkpoint)
-    scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
-    tasks = validation_tasks(spec.with_(queries=args.queries), args.tasks, args.seed)
+    bench = scoring_bench(args, parser, quick_iterations=24, quick_archs=8, arch_stream=ARCH_STREAM)
+    scorer, tasks, archs = bench.scorer, bench.tasks, bench.archs
     support_x = task_tensors(tasks[0])[0]
-    rng = np.random.default_rng(derive_seed(args.seed, ARCH_STREAM))
-    archs = [run.space.sample(rng) for _ in range(8 if args.quick else args.archs)]
 
     def score_with(path: str):
         def score(arch, tasks):
-            adapt_module.SCORING_PATH = path
-            try:
+            with scoring_path(path):
                 return scorer.score(arch, tasks)
-            finally:
-                adapt_module.SCORING_PATH = "auto"
 
         return score
 
@@ -114,14 +91,7 @@ def main() -> None:
     batched_faster = [row["activation"] for row in rows if row["batched"] < row["sliced"]]
     sliced_faster = [row["activation"] for row in rows if row["sliced"] <= row["batched"]]
     summary = {
-        "supernet": str(args.supernet) if args.supernet else "tiny (--quick)",
-        "preset": spec.preset,
-        "ways": spec.ways,
-        "meta_iterations": iteration,
-        "archs": len(archs),
-        "tasks": args.tasks,
-        "queries_per_class": args.queries,
-        "threads": args.threads,
+        **bench.summary_head(args),
         "threshold": adapt_module.MAX_BATCHED_TASK_ACTIVATION,
         "ms_batched": round(float(np.mean([row["batched"] for row in rows])), 1),
         "ms_one_by_one": round(float(np.mean([row["sliced"] for row in rows])), 1),

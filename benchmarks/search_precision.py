@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._validation import validation_tasks  # noqa: E402
-from engine.adaption import load_supernet  # noqa: E402
-from engine.meta.runs import RunSpec  # noqa: E402
-from engine.meta.service import execute_meta_training  # noqa: E402
-from engine.meta.train import CHECKPOINT_NAME  # noqa: E402
-from engine.search.adapt import SuperNetScorer, inner_loop_from_learner  # noqa: E402
-from engine.seeding import derive_seed  # noqa: E402
+from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
+from engine.search.adapt import SuperNetScorer  # noqa: E402
 
 #: Seed stream of the architectures scored (the tasks come from benchmarks._validation's).
 ARCH_STREAM = 31
@@ -98,32 +92,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--supernet", type=Path, help="a super-net checkpoint (python -m engine meta-train)")
-    parser.add_argument("--archs", type=int, default=60, help="random architectures scored both ways")
-    parser.add_argument("--tasks", type=int, default=16, help="validation tasks per evaluation (a GA slice)")
-    parser.add_argument("--queries", type=int, default=1, help="query images per class (the GA's default)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (a search process has 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny super-net trained for seconds, 12 archs")
+    add_scoring_arguments(
+        parser,
+        archs=60,
+        archs_help="random architectures scored both ways",
+        quick_help="tiny super-net trained for seconds, 12 archs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = args.supernet
-        if checkpoint is None:
-            if not args.quick:
-                parser.error("--supernet is required without --quick")
-            spec = RunSpec(dataset="omniglot", ways=20, shots=1, backbone="vgg9", preset="tiny",
-                           iterations=60, seed=args.seed, threads=args.threads)  # fmt: skip
-            execute_meta_training(spec, Path(scratch), eval_tasks=0)
-            checkpoint = Path(scratch) / CHECKPOINT_NAME
-        archs_count = 12 if args.quick else args.archs
-        spec, run, iteration = load_supernet(checkpoint)
-        scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
-        tasks = validation_tasks(spec.with_(queries=args.queries), args.tasks, args.seed)
-        rng = np.random.default_rng(derive_seed(args.seed, ARCH_STREAM))
-        archs = [run.space.sample(rng) for _ in range(archs_count)]
-        results = score_paths(scorer, archs, tasks)
+    bench = scoring_bench(args, parser, quick_iterations=60, quick_archs=12, arch_stream=ARCH_STREAM)
+    archs = bench.archs
+    results = score_paths(bench.scorer, archs, bench.tasks)
 
     fp32, bf16 = np.asarray(results["loss_fp32"]), np.asarray(results["loss_bf16_each"])
     top = max(1, len(archs) // 10)
@@ -132,14 +111,7 @@ def main() -> None:
     ms_fp32_each = 1000 * float(np.mean(results["s_fp32_each"]))
     ms_bf16 = 1000 * float(np.mean(results["s_bf16_each"]))
     summary = {
-        "supernet": str(args.supernet) if args.supernet else "tiny (--quick)",
-        "preset": spec.preset,
-        "ways": spec.ways,
-        "meta_iterations": iteration,
-        "archs": archs_count,
-        "tasks": args.tasks,
-        "queries_per_class": args.queries,
-        "threads": args.threads,
+        **bench.summary_head(args),
         "ms_per_evaluation_fp32": round(ms_fp32, 1),
         "ms_per_evaluation_fp32_each": round(ms_fp32_each, 1),
         "ms_per_evaluation_bf16": round(ms_bf16, 1),
