@@ -495,12 +495,15 @@ def tables_by_space(device: Device) -> list[SpaceTables]:
     return list(found.values())
 
 
-def profiling_space_choices(device: Device) -> list[tuple[str, str, dict[str, Any]]]:
+def profiling_space_choices(
+    device: Device, tables: list[SpaceTables] | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
     """(space key, label, space dict) a re-profiling may choose: every space the device has a
-    table for, newest first, then the dashboard's default space if it has none for it yet."""
-    choices = [
-        (entry.latest.space_key, entry.description, entry.latest.space) for entry in tables_by_space(device)
-    ]
+    table for, newest first, then the dashboard's default space if it has none for it yet.
+    ``tables``: the device's ``tables_by_space``, where the caller has it already."""
+    if tables is None:
+        tables = tables_by_space(device)
+    choices = [(entry.latest.space_key, entry.description, entry.latest.space) for entry in tables]
     default = default_profiling_space().to_dict()
     default_key = space_key(default)
     if all(key != default_key for key, _, _ in choices):

@@ -60,6 +60,7 @@ def device_detail(request, pk: int):
     device = _visible_device(request, pk)
     job = ProfilingJob.objects.filter(device=device).order_by("-created_at").first()
     table = _chosen_table(request, device)
+    tables = services.tables_by_space(device)
     return render(
         request,
         "devices/detail.html",
@@ -68,9 +69,9 @@ def device_detail(request, pk: int):
             "job": job,
             "table": table,
             "table_space": services.describe_space(table.space) if table else "",
-            "tables": services.tables_by_space(device),
+            "tables": tables,
             "may_profile": services.may_profile(request.user, device),
-            "profiling_form": ProfilingForm(space_choices=services.profiling_space_choices(device)),
+            "profiling_form": ProfilingForm(space_choices=services.profiling_space_choices(device, tables)),
         },
     )
 
