@@ -439,6 +439,44 @@ def time_paper_ga(
     return rows
 
 
+class PrintedProgress:
+    """run_adaption's progress as a few plain lines: a long run on a slow CPU shows where it is.
+
+    One line per tenth of each budget's GA generations and per quarter of each later stage,
+    with the seconds since the request began (plain lines, not a bar, so a log file stays readable).
+    """
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+        self._printed: set[tuple] = set()
+
+    def _print(self, key: tuple, text: str) -> None:
+        if key not in self._printed:
+            self._printed.add(key)
+            print(f"  [{time.perf_counter() - self._started:7.1f} s] {text}", flush=True)
+
+    def __call__(self, event: dict) -> None:
+        if event["kind"] == "adapt":
+            generations, done = event["generations"], event["generation"] + 1
+            tenth = max(1, generations // 10)
+            if done % tenth == 0 or done == generations:
+                best = event["best_fitness"]
+                self._print(
+                    ("adapt", event["budget_index"], done),
+                    f"GA budget {event['budget_index'] + 1}/{event['budgets']}, generations done "
+                    f"{done}/{generations}: best loss {'none feasible' if best is None else f'{best:.4f}'}, "
+                    f"{event['evaluations']} evaluations, {event['cache_hits']} cache hits",
+                )
+        elif event["kind"] == "adapt_stage":
+            total, current = max(1, event["total"]), event["current"]
+            quarter = min(4, 4 * current // total)
+            if quarter > 0:
+                self._print(
+                    ("stage", event["stage"], event.get("budget_index"), quarter),
+                    f"{event['stage'].replace('_', ' ')}: {current}/{event['total']}",
+                )
+
+
 def real_main(args: argparse.Namespace) -> None:
     quick = args.quick
     threads = args.threads
@@ -536,7 +574,7 @@ def real_main(args: argparse.Namespace) -> None:
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}"
     )
     started = time.perf_counter()
-    result = run_adaption(request, out_dir=folder / "packages")
+    result = run_adaption(request, out_dir=folder / "packages", progress=PrintedProgress())
     total_s = time.perf_counter() - started
     rows = []
     for outcome in result.outcomes:
