@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from engine.meta.runs import RunSpec, build_run, task_source
+from engine.meta.service import execute_meta_training, load_run
 from engine.meta.tasks import batch_on
-from engine.meta.train import CHECKPOINT_NAME, meta_train, read_metrics
+from engine.meta.train import CHECKPOINT_NAME, read_metrics
 from engine.progress import JobCancelled
 
 #: Sampled sub-nets timed per derivative order (their cost varies with width, depth and kernels).
@@ -137,35 +138,26 @@ class BudgetedRun:
 def meta_train_within(spec: RunSpec, budget_s: float, out: Path) -> BudgetedRun:
     """Meta-train ``spec`` planned to fill ``budget_s``; cut at 1.25x the budget if the plan was off.
 
-    The checkpoint in ``out`` carries the run spec, so adaption (``engine.adaption``) can load it."""
+    The run goes through the product's own service (``execute_meta_training``, no evaluation), so
+    ``out`` is a run folder adaption (``engine.adaption``) and ``load_run`` can read; a run cut at
+    the deadline leaves a checkpoint at the iteration it stopped (``meta_train``)."""
     plan = plan_iterations(spec, budget_s)
     spec = spec.with_(iterations=plan.iterations)
-    run = build_run(spec)
-    source, _ = task_source(spec, "train")
     started = time.perf_counter()
     completed = True
     try:
-        result = meta_train(
-            run.learner,
-            source,
-            run.config,
-            out_dir=out,
-            space=run.space,
-            progress=cancel_after(budget_s),
-            run_info=run.info,
-        )
-        done = result.iterations
+        execute_meta_training(spec, out, progress=cancel_after(budget_s), eval_tasks=0)
     except JobCancelled:
         completed = False
-        done = read_metrics(out)["iteration"]
     train_s = time.perf_counter() - started
+    run, _ = load_run(out)
     report = {
         "backbone": spec.backbone,
         "algorithm": spec.algorithm,
         "ways": spec.ways,
         "shots": spec.shots,
         "iterations_planned": run.config.total_iterations,
-        "iterations_done": done,
+        "iterations_done": read_metrics(out)["iteration"],
         "completed": completed,
         "train_minutes": round(train_s / 60, 2),
         "plan": plan.to_dict(),
