@@ -489,3 +489,25 @@ def test_after_a_barrage_of_garbage_the_table_holds_exactly_the_accepted_timings
     assert all(math.isfinite(ms) and ms > 0 for ms in record.table["entries"].values())
     assert math.isfinite(record.table["overhead_ms"]) and record.table["overhead_ms"] >= 0
     assert LayerTiming.objects.filter(job=job).count() == len(job.layers)
+
+
+@pytest.mark.parametrize("fit,check", [(5, 3), (3, 5), (10, 30), (1, 1), (0, 4), (4, 0), (7, 1)])
+def test_fit_and_check_networks_are_interleaved_in_timing_order(fit, check):
+    """Drift during a board's run must hit the fit and the check networks alike: at every point of
+    the timing order, the check networks done so far are their fair share, to within one."""
+    purposes = services.interleaved_purposes(fit, check)
+    assert purposes.count("fit") == fit and purposes.count("check") == check
+    for done in range(1, fit + check + 1):
+        fair_share = done * check / (fit + check)
+        assert abs(purposes[:done].count("check") - fair_share) < 1
+
+
+def test_a_retried_job_times_the_same_interleaved_networks(owner):
+    registration = services.board_register(owner=owner, name="rpi-3")
+    job = services.profiling_start(
+        device=registration.device, owner=owner, space=tiny_space(), overhead_subnets=4, accuracy_subnets=2
+    )
+    first = services._validation_archs(job, tiny_space())
+    again = services._validation_archs(job, tiny_space())
+    assert [purpose for purpose, _ in first] == ["fit", "fit", "check", "fit", "fit", "check"]
+    assert [(p, a.to_dict()) for p, a in first] == [(p, a.to_dict()) for p, a in again]
