@@ -39,10 +39,13 @@ class DeviceQuerySet(models.QuerySet):
         return self.filter(Q(owner__isnull=True) | Q(owner=user))
 
     def with_table_summaries(self):
-        """Prefetch each device's latency tables without their entries (thousands per table):
-        lists show only a table's space, size, date and accuracy."""
-        tables = LatencyTableRecord.objects.defer("table")
-        return self.prefetch_related(models.Prefetch("latency_tables", queryset=tables))
+        """Prefetch each device's latency tables, newest first, without their entries (thousands
+        per table) into ``device.table_summaries``: lists show only a table's space, size, date
+        and accuracy."""
+        tables = LatencyTableRecord.objects.defer("table").order_by("-created_at", "-pk")
+        return self.prefetch_related(
+            models.Prefetch("latency_tables", queryset=tables, to_attr="table_summaries")
+        )
 
 
 class Device(models.Model):

@@ -492,7 +492,7 @@ def tables_by_space(device: Device) -> list[SpaceTables]:
     one space only (a board profiled for Omniglot 20-way cannot price a Mini-ImageNet super-net),
     so the device page lists every space, not only the latest table. Uses the tables prefetched by
     ``Device.objects.with_table_summaries()`` where a list did so (no query per device)."""
-    prefetched = getattr(device, "_prefetched_objects_cache", {}).get("latency_tables")
+    prefetched = getattr(device, "table_summaries", None)
     records = prefetched if prefetched is not None else device.latency_tables.defer("table")
     records = sorted(records, key=lambda record: (record.created_at, record.pk), reverse=True)
     found: dict[str, SpaceTables] = {}

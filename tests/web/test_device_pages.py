@@ -205,6 +205,22 @@ def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
     assert client.get(f"/devices/{device.pk}/table.json").json()["table"] == five_way.pk
 
 
+def test_the_device_list_and_dashboard_show_each_devices_newest_table_without_a_query_per_device(
+    client, board_with_two_spaces, users, django_assert_max_num_queries
+):
+    device, five_way, _ = board_with_two_spaces
+    for name in ("rpi-a", "rpi-b", "rpi-c"):
+        other = services.board_register(owner=users["owner"], name=name).device
+        _store_table(other, tiny_space(), ms=0.4, within=0.5)
+    client.force_login(users["owner"])
+    with django_assert_max_num_queries(5):  # 4 here; a query per device would add 4
+        listing = client.get("/devices/").content.decode()
+    row = listing[listing.index("jetson") :].split("</tr>")[0]
+    assert f"{five_way.entries_count} layers, " in row and "(newest of 3)" in row
+    with django_assert_max_num_queries(9):  # 8 here
+        assert "jetson" in client.get("/").content.decode()
+
+
 def test_a_table_of_another_device_or_a_bad_id_is_not_found(client, board_with_two_spaces, users):
     device, _, _ = board_with_two_spaces
     other_board = services.board_register(owner=users["owner"], name="coral").device
