@@ -464,7 +464,8 @@ class PrintedProgress:
                 self._print(
                     ("adapt", event["budget_index"], done),
                     f"GA budget {event['budget_index'] + 1}/{event['budgets']}, generations done "
-                    f"{done}/{generations}: best loss {'none feasible' if best is None else f'{best:.4f}'}, "
+                    f"{done}/{generations}: best loss {'none feasible' if best is None else f'{best:.4f}'} "
+                    f"(on this generation's slice {event['slice'] + 1}; slices rotate), "
                     f"{event['evaluations']} evaluations, {event['cache_hits']} cache hits",
                 )
         elif event["kind"] == "adapt_stage":
