@@ -42,7 +42,7 @@ class DeviceQuerySet(models.QuerySet):
         """Prefetch each device's latency tables, newest first, without their entries (thousands
         per table) into ``device.table_summaries``: lists show only a table's space, size, date
         and accuracy."""
-        tables = LatencyTableRecord.objects.defer("table").order_by("-created_at", "-pk")
+        tables = LatencyTableRecord.objects.defer("table")
         return self.prefetch_related(
             models.Prefetch("latency_tables", queryset=tables, to_attr="table_summaries")
         )
@@ -122,7 +122,9 @@ class LatencyTableRecord(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["-created_at"]
+        # Newest first, and the later row first where two share a timestamp, so "the latest
+        # table" is one row everywhere (lists, the device page, a run's pricing).
+        ordering = ["-created_at", "-pk"]
         verbose_name = "latency table"
 
     def __str__(self) -> str:

@@ -494,7 +494,6 @@ def tables_by_space(device: Device) -> list[SpaceTables]:
     ``Device.objects.with_table_summaries()`` where a list did so (no query per device)."""
     prefetched = getattr(device, "table_summaries", None)
     records = prefetched if prefetched is not None else device.latency_tables.defer("table")
-    records = sorted(records, key=lambda record: (record.created_at, record.pk), reverse=True)
     found: dict[str, SpaceTables] = {}
     for record in records:
         seen = found.get(record.space_key)
