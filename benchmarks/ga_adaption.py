@@ -488,7 +488,16 @@ def real_main(args: argparse.Namespace) -> None:
     slices = args.slices or (2 if quick else 4)
     test_tasks = args.test_tasks or (150 if quick else 600)
     search_queries = args.search_queries
-    folder = Path(tempfile.mkdtemp(prefix="ga_adaption_"))
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="ga_adaption_"))
+    # With --out the sweep's adaption state lives there: a run stopped at a time limit (a lent GPU
+    # machine's 10-minute calls) continues where it stopped when started again with the same
+    # arguments and --lut (run_adaption refuses a state that belongs to another request).
+    sweep_state = folder / "sweep_state.json" if args.out else None
+    resumed = sweep_state is not None and sweep_state.exists()
     if args.supernet:
         # A super-net meta-trained elsewhere (e.g. ``python -m engine meta-train --preset cpu``):
         # the quality comparison needs one trained for longer than this script can afford.
@@ -569,13 +578,18 @@ def real_main(args: argparse.Namespace) -> None:
         weights="meta",
         export_onnx=False,
         threads=threads,
+        device=args.sweep_device,
     )
     print(
-        f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, "
+        f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}"
     )
     started = time.perf_counter()
-    result = run_adaption(request, out_dir=folder / "packages", progress=PrintedProgress())
+    if resumed:
+        print(f"resuming the sweep from {sweep_state}: its times below cover this process only")
+    result = run_adaption(
+        request, out_dir=folder / "packages", progress=PrintedProgress(), state_path=sweep_state
+    )
     total_s = time.perf_counter() - started
     rows = []
     for outcome in result.outcomes:
@@ -662,6 +676,8 @@ def real_main(args: argparse.Namespace) -> None:
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
+            "sweep_device": args.sweep_device,
+            "resumed": resumed,
         },
     }
     print(json.dumps(summary))
@@ -733,6 +749,17 @@ def main() -> None:
         "--paper-devices",
         default="cpu",
         help="where the timed P=100 adaption runs: cpu, cuda or cpu,cuda (the GPU way: 1 process, batched)",
+    )
+    real.add_argument(
+        "--out",
+        default=None,
+        help="folder for the LUT, packages and the sweep's resumable state (default: a new temporary one)",
+    )
+    real.add_argument(
+        "--sweep-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the GA-vs-random sweep scores and tests its sub-nets (cuda: one process, batched)",
     )
     real.add_argument(
         "--supernet",
