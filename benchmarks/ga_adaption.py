@@ -34,7 +34,10 @@ an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200
 Then the issue's own request is timed: P=100, M=200 (quick: 2), 16-task slices, one budget, with
 one search process and with ``--search-workers`` processes (the ratio is a figure);
 ``--paper-production-only`` times the production way alone (at M=200 each way takes minutes);
-``--paper-devices cpu,cuda`` also times it on this machine's GPU.
+``--paper-devices cpu,cuda`` also times it on this machine's GPU; ``--sweep-device cuda`` scores
+and tests the GA-vs-random sweep there. ``--out DIR`` keeps the folder (LUT, packages, the sweep's
+state): started again with the same arguments and ``--lut DIR/lut.json``, a sweep stopped at a
+time limit continues where it stopped.
 
 ``--quick`` finishes in under a minute on 2 shared CPU cores.
 """
