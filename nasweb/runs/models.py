@@ -136,3 +136,24 @@ class AdaptedModel(models.Model):
     @property
     def owner_id(self):
         return self.run.owner_id
+
+    @property
+    def latency(self) -> dict:
+        """The card's latency figures under one set of names, whichever package wrote it.
+
+        A super-net package nests them (``latency_ms``: ``lut_predicted``, ``lut_device`` and
+        ``measured_here``, a timing summary whose median is the figure); a MetaNAS package also
+        has them flat (``predicted_latency_ms``, ``measured_latency_ms``). ``predicted_ms`` is the
+        device's lookup-table sum, ``measured_ms`` the median end-to-end time on this server."""
+        card = self.card if isinstance(self.card, dict) else {}
+        nested = card.get("latency_ms") if isinstance(card.get("latency_ms"), dict) else {}
+        predicted = nested.get("lut_predicted", card.get("predicted_latency_ms"))
+        measured = nested.get("measured_here", card.get("measured_latency_ms"))
+        if isinstance(measured, dict):
+            measured = measured.get("median_ms")
+        return {
+            "predicted_ms": predicted if isinstance(predicted, int | float) else None,
+            "lut_device": nested.get("lut_device"),
+            "measured_ms": measured if isinstance(measured, int | float) else None,
+            "note": nested.get("measured_note"),
+        }

@@ -192,6 +192,7 @@ def adaption_payload(run: AdaptionRun) -> dict:
                 "id": m.pk,
                 "budget": m.budget,
                 "card": {k: m.card.get(k) for k in ("params", "macs", "arch_code", "measured_latency_ms")},
+                "latency": m.latency,
             }
             for m in run.models.all()
         ],

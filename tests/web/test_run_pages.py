@@ -383,3 +383,30 @@ def test_a_board_is_profiled_for_a_super_net_s_own_search_space_from_its_page(cl
     response = client.post(f"/runs/train/{supernet.pk}/profile/", {"device": board.pk}, follow=True)
     assert "stored search space cannot be read" in response.content.decode()
     assert ProfilingJob.objects.filter(device=board).count() == 1
+
+
+@pytest.mark.parametrize(
+    "value, kind, expected",
+    [
+        (3000.0, "params", "3,000"),
+        (9816320, "macs", "9,816,320"),
+        (0.10031, "latency_ms", "0.1003 ms"),
+        (1000, "latency_ms", "1000 ms"),
+        (12.5, "params", "12.5"),
+        (None, "params", "—"),
+        (float("nan"), "latency_ms", "—"),
+        (True, "params", "—"),
+    ],
+)
+def test_costs_are_written_in_their_unit(value, kind, expected):
+    from nasweb.runs.templatetags.run_format import cost
+
+    assert cost(value, kind) == expected
+
+
+def test_budget_lists_and_accuracies_are_written_for_people():
+    from nasweb.runs.templatetags.run_format import costs, percent
+
+    assert costs([3000.0, 8000.0], "params") == "3,000, 8,000"
+    assert costs([0.05, 0.2], "latency_ms") == "0.05 ms, 0.2 ms"
+    assert percent(0.4351) == "43.5" and percent(None) == "—"

@@ -10,6 +10,7 @@ import sys
 import pytest
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
+from django.test import Client
 
 from devices import services as device_services
 from devices.models import Device
@@ -102,6 +103,35 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
         )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"shape": [1, 5], "engine_imported": False}
+
+    # The page shows what the real cards hold: budgets in their unit, the end-to-end latency the
+    # worker measured (this server is the device), accuracy in percent; no LUT for a params budget.
+    client = Client()
+    client.force_login(user)
+    page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
+    assert "params ≤ 3,000, 8,000" in page
+    for model in models:
+        measured = model.card["latency_ms"]["measured_here"]["median_ms"]
+        assert model.latency["measured_ms"] == measured > 0 and model.latency["predicted_ms"] is None
+        assert f"{measured:.4g} ms measured on this server" in page
+        assert f"{100 * model.card['accuracy']['mean']:.1f} ± " in page
+    assert "latency-predicted" not in page
+
+    # A latency budget: the CPU is profiled on demand, the card carries the LUT's prediction too.
+    timed = services.adaption_start(
+        owner=user, supernet=run, device=cpu, constraint="latency_ms", budgets=[1000]
+    )
+    timed = _wait(timed, celery_worker_process, timeout=400)
+    assert timed.status == JobStatus.SUCCEEDED, timed.error
+    model = AdaptedModel.objects.get(run=timed)
+    latency = model.latency
+    assert 0 < latency["predicted_ms"] <= 1000 and latency["measured_ms"] > 0
+    assert latency["lut_device"] == model.card["latency_ms"]["lut_device"] is not None
+    page = client.get(f"/runs/adapt/{timed.pk}/").content.decode()
+    assert "latency_ms ≤ 1000 ms" in page
+    assert f"{latency['predicted_ms']:.4g} ms predicted" in page
+    assert f"{latency['measured_ms']:.4g} ms measured on this server" in page
+    assert client.get(f"/runs/adapt/{timed.pk}.json").json()["models"][0]["latency"] == latency
 
 
 def test_adaption_requests_are_validated(tmp_path):
