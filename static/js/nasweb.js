@@ -126,6 +126,12 @@
     };
   };
 
+  /* A cost as the run pages write it: grouped whole numbers, latency to 4 significant digits. */
+  function formatCost(value, constraint) {
+    if (constraint === "latency_ms") return Number(value.toPrecision(4)) + " ms";
+    return Math.round(value).toLocaleString("en-US") + ({ params: " params", macs: " MACs" }[constraint] || "");
+  }
+
   function costOf(point, constraint) {
     var costs = point.costs || point;
     return costs[constraint];
@@ -158,18 +164,33 @@
     var chosen = { type: "scatter", mode: "markers", name: "chosen per budget", marker: { size: 13, symbol: "star", color: "#15803d" },
                    x: (data.outcomes || []).map(function (o) { return costOf(o.costs || {}, constraint); }),
                    y: (data.outcomes || []).map(function (o) { return o.search_loss; }) };
-    /* MAML / MAML++ have a cost but no search loss: drawn as labelled vertical lines at their cost. */
+    /* The search's own extent sets the x range: every candidate fits a budget, so the largest
+       budget bounds the population for the whole run. A reference net far beyond it (MAML++ has
+       ~40x the parameters of a small budget) would otherwise squeeze the search into a sliver. */
+    var extent = [].concat(population.x, front.x, chosen.x, data.budgets || []).filter(function (x) {
+      return typeof x === "number" && isFinite(x);
+    });
+    var xMax = extent.length ? 1.08 * Math.max.apply(null, extent) : null;
+    /* MAML / MAML++ have a cost but no search loss: drawn as labelled vertical lines at their cost,
+       or, beyond the range, named at its right edge with their cost. */
     var annotations = [];
     (data.baselines || []).forEach(function (b, i) {
       var x = costOf(b.costs || b, constraint);
       if (x == null) return;
-      shapes.push({ type: "line", xref: "x", yref: "paper", x0: x, x1: x, y0: 0, y1: 1, line: { dash: "dot", color: "#7c3aed", width: 1 } });
       var acc = b.accuracy && b.accuracy.mean != null ? " " + (100 * b.accuracy.mean).toFixed(1) + " %" : "";
-      annotations.push({ x: x, xref: "x", yref: "paper", y: 1 - 0.07 * i, text: b.name + acc, showarrow: false, font: { color: "#7c3aed", size: 11 }, xanchor: "left" });
+      var label = { xref: "x", yref: "paper", y: 1 - 0.07 * i, showarrow: false, font: { color: "#7c3aed", size: 11 } };
+      if (xMax != null && x > xMax) {
+        annotations.push(Object.assign(label, { x: xMax, xanchor: "right", text: b.name + acc + " at " + formatCost(x, constraint) + " →" }));
+        return;
+      }
+      shapes.push({ type: "line", xref: "x", yref: "paper", x0: x, x1: x, y0: 0, y1: 1, line: { dash: "dot", color: "#7c3aed", width: 1 } });
+      annotations.push(Object.assign(label, { x: x, xanchor: "left", text: b.name + acc }));
     });
+    var extra = { shapes: shapes, annotations: annotations };
+    if (xMax != null) extra.xaxis = { title: { text: constraint }, range: [0, xMax] };
     var traces = [population, front, chosen];
     Plotly.newPlot(element, traces, layout("Search: " + constraint + " vs few-shot loss on " + data.device, constraint,
-                   "mean query loss (lower is better)", { shapes: shapes, annotations: annotations }), { responsive: true });
+                   "mean query loss (lower is better)", extra), { responsive: true });
     element.dataset.generations = String(history.length);
     return function (message) {
       if (message.type !== "progress" || message.kind !== "adapt") return;

@@ -68,7 +68,9 @@ def browser_page(chromium_path, tmp_path, monkeypatch):
 
 def screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    # "disabled" fast-forwards finished CSS transitions: a progress bar caught mid-way after a
+    # reload looked like an unfinished job in the docs.
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True, animations="disabled")
 
 
 def login(page, base_url: str, username: str, password: str) -> None:

@@ -63,6 +63,17 @@ def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_pag
     page.wait_for_selector("#pareto-chart .main-svg")
     points = page.evaluate("document.getElementById('pareto-chart').data.map(t => (t.x || []).length)")
     assert points[0] > 0 and points[1] > 0  # population and front are drawn
+    # The x axis spans the search (budgets up to 8,000 params), not the ~113k-parameter MAML++
+    # reference, which is named at the right edge instead of squeezing the front into a sliver.
+    chart = page.evaluate(
+        "(() => { const l = document.getElementById('pareto-chart').layout;"
+        " return {range: l.xaxis.range, notes: (l.annotations || []).map(a => a.text)}; })()"
+    )
+    assert chart["range"][1] <= 1.08 * 8000 + 1, chart
+    assert any(note.startswith("MAML++ 4-conv") and note.endswith("params →") for note in chart["notes"]), (
+        chart
+    )
+    assert page.locator("#models .latency-measured").count() == 2  # this server is the device
     screenshot(page, "adaption")
     assert page.js_errors == []
 
