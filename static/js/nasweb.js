@@ -113,7 +113,9 @@
     Plotly.newPlot(element, [
       { type: "scatter", mode: "lines", name: "query loss", x: pick("current"), y: pick("loss") },
       { type: "scatter", mode: "lines", name: "query accuracy", x: pick("current"), y: pick("accuracy"), yaxis: "y2" },
-    ], layout("Meta-training", "iteration", "loss", { yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1] } }),
+    ], layout("Meta-training", "iteration", "loss", { yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1],
+              tickmode: "linear", tick0: 0, dtick: 0.2, tickformat: ".0%", showgrid: false },
+              margin: { t: 40, r: 70, b: 50, l: 60 } }),  // room for the accuracy axis' ticks and title
     { responsive: true });
     return function (message) {
       if (message.type !== "progress" || message.kind !== "meta_train") return;

@@ -410,3 +410,11 @@ def test_budget_lists_and_accuracies_are_written_for_people():
     assert costs([3000.0, 8000.0], "params") == "3,000, 8,000"
     assert costs([0.05, 0.2], "latency_ms") == "0.05 ms, 0.2 ms"
     assert percent(0.4351) == "43.5" and percent(None) == "—"
+
+
+def test_the_training_page_writes_accuracies_to_one_decimal(client, users, runs):
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    page = client.get(f"/runs/train/{supernet.pk}/").content.decode()
+    assert "50.0 ± 2.0 % over 60 tasks" in page
+    assert "50.0 %" in client.get("/runs/train/").content.decode()
