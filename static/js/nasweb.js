@@ -203,9 +203,13 @@
   };
 
   charts.compare = function (element, data) {
-    var traces = data.series.map(function (s) {
+    /* Fronts under a params or MACs budget do not depend on the device, so two of them can coincide:
+       a dash, a marker symbol and a wider line for the ones drawn first keep them visible underneath. */
+    var dashes = ["solid", "dash", "dot", "dashdot"], symbols = ["circle", "square", "diamond", "triangle-up"];
+    var traces = data.series.map(function (s, i) {
       var f = s.front.slice().sort(function (a, b) { return costOf(a, s.constraint) - costOf(b, s.constraint); });
-      return { type: "scatter", mode: "lines+markers", line: { shape: "hv" }, name: s.device + " (" + s.constraint + ", run " + s.run + ")",
+      return { type: "scatter", mode: "lines+markers", line: { shape: "hv", dash: dashes[i % 4], width: Math.min(8, 2 + 2 * (data.series.length - 1 - i)) },
+               marker: { symbol: symbols[i % 4], size: 7 }, name: s.device + " (" + s.constraint + ", run " + s.run + ")",
                x: f.map(function (p) { return costOf(p, s.constraint); }), y: f.map(function (p) { return p.loss != null ? p.loss : p.fitness; }) };
     });
     if (!traces.length) { element.textContent = "No finished adaption of this super-net yet."; return; }

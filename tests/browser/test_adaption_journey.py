@@ -102,5 +102,8 @@ def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_pag
     page.wait_for_selector("#compare-chart .main-svg")
     names = page.evaluate("document.getElementById('compare-chart').data.map(t => t.name)")
     assert len(names) == 2 and any("CPU" in n for n in names) and any("Eyeriss" in n for n in names), names
+    # Both runs searched under params budgets, so their fronts coincide: each keeps its own dash.
+    dashes = page.evaluate("document.getElementById('compare-chart').data.map(t => t.line.dash)")
+    assert len(set(dashes)) == 2, dashes
     screenshot(page, "compare-devices")
     assert page.js_errors == []
