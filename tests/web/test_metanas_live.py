@@ -103,7 +103,10 @@ def test_metanas_run_and_adaption_through_a_worker(celery_worker_process, settin
     (outcome,) = payload["outcomes"]
     assert outcome["costs"]["params"] == card["params"] and outcome["search_loss"] > 0
     page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
-    assert "(measured)" in page and "MetaNAS" in page
+    assert f"{card['measured_latency_ms']:.4g} ms measured on this server" in page and "MetaNAS" in page
+    assert (
+        model.latency["measured_ms"] == card["measured_latency_ms"] and model.latency["predicted_ms"] is None
+    )
     download = client.get(f"/models/{model.pk}/torchscript")
     assert download.status_code == 200
 
