@@ -10,6 +10,7 @@ import sys
 import pytest
 from django.contrib.auth import get_user_model
 
+from devices.services import seed_builtin_devices
 from tests.browser.conftest import login, screenshot
 from tests.conftest import REPO_ROOT
 
@@ -23,6 +24,7 @@ pytestmark = [
 
 
 def test_register_a_board_run_its_agent_and_watch_profiling(daphne_server, browser_page, tmp_path):
+    seed_builtin_devices()  # as `make run` does: the dashboard lists this server's devices
     get_user_model().objects.create_user("engineer", password="engineer-pw-123")
     page = browser_page
     login(page, daphne_server, "engineer", "engineer-pw-123")
