@@ -77,7 +77,14 @@
       xaxis: { title: { text: xTitle } }, yaxis: { title: { text: yTitle } },
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "#fff", legend: { orientation: "h", y: -0.2 },
     };
-    return Object.assign(base, extra || {});
+    /* A chart names only what it changes: the base's margin and axes are merged one level deep
+       (a range or a wider right margin keeps the axis title and the other margins). */
+    Object.keys(extra || {}).forEach(function (key) {
+      var value = extra[key], own = base[key];
+      var nested = own && value && typeof own === "object" && typeof value === "object" && !Array.isArray(value);
+      base[key] = nested ? Object.assign({}, own, value) : value;
+    });
+    return base;
   };
 
   var charts = {
@@ -115,7 +122,7 @@
       { type: "scatter", mode: "lines", name: "query accuracy", x: pick("current"), y: pick("accuracy"), yaxis: "y2" },
     ], layout("Meta-training", "iteration", "loss", { yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1],
               tickmode: "linear", tick0: 0, dtick: 0.2, tickformat: ".0%", showgrid: false },
-              margin: { t: 40, r: 70, b: 50, l: 60 } }),  // room for the accuracy axis' ticks and title
+              margin: { r: 70 } }),  // room for the accuracy axis' ticks and title
     { responsive: true });
     return function (message) {
       if (message.type !== "progress" || message.kind !== "meta_train") return;
@@ -189,7 +196,7 @@
       annotations.push(Object.assign(label, { x: x, xanchor: "left", text: b.name + acc }));
     });
     var extra = { shapes: shapes, annotations: annotations };
-    if (xMax != null) extra.xaxis = { title: { text: constraint }, range: [0, xMax] };
+    if (xMax != null) extra.xaxis = { range: [0, xMax] };
     var traces = [population, front, chosen];
     Plotly.newPlot(element, traces, layout("Search: " + constraint + " vs few-shot loss on " + data.device, constraint,
                    "mean query loss (lower is better)", extra), { responsive: true });
