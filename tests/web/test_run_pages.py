@@ -405,11 +405,13 @@ def test_costs_are_written_in_their_unit(value, kind, expected):
 
 
 def test_budget_lists_and_accuracies_are_written_for_people():
-    from nasweb.runs.templatetags.run_format import costs, percent
+    from nasweb.runs.templatetags.run_format import accuracy, costs, percent
 
     assert costs([3000.0, 8000.0], "params") == "3,000, 8,000"
     assert costs([0.05, 0.2], "latency_ms") == "0.05 ms, 0.2 ms"
     assert percent(0.4351) == "43.5" and percent(None) == "—"
+    assert accuracy({"mean": 0.4351, "ci95": 0.0404}) == "43.5 ± 4.0 %"
+    assert accuracy({"mean": 0.5}) == "50.0 ± — %"
 
 
 def test_the_training_page_writes_accuracies_to_one_decimal(client, users, runs):

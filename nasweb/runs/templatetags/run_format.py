@@ -40,3 +40,10 @@ def percent(fraction) -> str:
     """A fraction (0.435) as a percentage with one decimal (43.5)."""
     number = _number(fraction)
     return MISSING if number is None else f"{100 * number:.1f}"
+
+
+@register.filter
+def accuracy(summary) -> str:
+    """An accuracy summary (``mean``, ``ci95`` as fractions) as ``43.5 ± 4.0 %``."""
+    summary = summary if isinstance(summary, dict) else {}
+    return f"{percent(summary.get('mean'))} ± {percent(summary.get('ci95'))} %"
