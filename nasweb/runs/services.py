@@ -445,13 +445,17 @@ def _table_for(device: Device, supernet: MetaTrainingRun):
 
 
 def _ensure_table(run: AdaptionRun, progress) -> Path | None:
-    """The device's LUT for the super-net's space as a file; local devices are profiled on demand."""
-    if run.constraint != "latency_ms":
-        return None
+    """The device's LUT for the super-net's space as a file, or None.
+
+    A latency budget needs one: local devices are profiled on demand. Under a params or MACs budget
+    a table the device already has still gives every chosen model its predicted latency on that
+    device (the engine costs each candidate on it), but none is profiled just for that."""
     from devices import services as device_services
     from engine.space import SearchSpace
 
     table = _table_for(run.device, run.supernet)
+    if table is None and run.constraint != "latency_ms":
+        return None
     if table is None:
         if run.device.kind == DeviceKind.REMOTE:
             raise RunInputError(

@@ -34,6 +34,7 @@ from engine.adaption import (
     retrain_subnet,
     run_adaption,
 )
+from engine.cost import arch_params
 from engine.export import onnx_roundtrip_error
 from engine.latency.lut import LatencyTable
 from engine.meta.runs import RunSpec, build_run, task_source
@@ -430,10 +431,14 @@ def test_search_on_the_gpu_chooses_what_the_cpu_chooses(world, adapted):
 
 # --------------------------------------------------------------------------- other paths
 def test_meta_weight_package_and_support_tasks(world, tmp_path):
-    """Inherited meta-weights (task-agnostic card) and GA fitness on tasks cut from the support set."""
+    """Inherited meta-weights (task-agnostic card) and GA fitness on tasks cut from the support set.
+
+    Under a params budget, the device's table still prices the chosen sub-net's latency."""
+    space = world["space"]
     request = request_for(
         world,
-        budgets=(world["budgets"][1],),
+        constraint="params",
+        budgets=(float(arch_params(space, space.largest())),),
         weights="meta",
         task_source="support",
         pool_size=4,
@@ -448,6 +453,9 @@ def test_meta_weight_package_and_support_tasks(world, tmp_path):
     card = outcome.model_card
     assert card["classes"] == "task-agnostic" and card["weights"] == "meta"
     assert card["accuracy"] is None and outcome.random is None and "onnx" not in card["files"]
+    assert card["budget"]["kind"] == "params" and card["params"] <= request.budgets[0]
+    predicted = LatencyTable.load(world["lut"]).predict(space, Arch.from_dict(outcome.arch))
+    assert card["latency_ms"]["lut_predicted"] == pytest.approx(predicted) and predicted > 0
     assert card["search"]["task_source"] == "support" and "support" in card["bn_statistics"]["source"]
     rates = json.loads((Path(outcome.package) / "inner_loop.json").read_text())
     assert rates["steps"] == 2 and "head.2.weight" in rates["learning_rates"]

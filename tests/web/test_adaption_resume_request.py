@@ -12,12 +12,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from devices import services as device_services
-from devices.models import Device
+from devices.models import Device, LatencyTableRecord, ProfilingJob
 from engine.adaption import AdaptionRequest
+from engine.latency.lut import LatencyTable
 from engine.meta.train import CHECKPOINT_NAME
 from nasweb.core.models import JobStatus
 from nasweb.runs import services
 from nasweb.runs.models import AdaptionRun, MetaTrainingRun, Method
+from tests.conftest import tiny_space
 
 pytestmark = pytest.mark.django_db
 
@@ -88,3 +90,27 @@ def test_a_gpu_worker_asks_for_the_gpu_and_a_resumed_attempt_keeps_the_first_one
     settings.NASWEB_ADAPT_DEVICE = "cpu"  # resumed by a worker without a GPU: same request
     resumed = services._adaption_request(adaption, state, progress=None)
     assert resumed.identity() == on_gpu.identity() and resumed.search_workers == 1
+
+
+def test_a_size_budget_uses_the_devices_existing_table_for_predicted_latency_but_never_profiles(
+    adaption, tmp_path
+):
+    """Under a params budget the cards still show the device's predicted latency when it has a table."""
+    space = tiny_space()
+    MetaTrainingRun.objects.filter(pk=adaption.supernet_id).update(space=space.to_dict())
+    adaption.refresh_from_db()
+    request = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    assert request.lut is None  # Eyeriss has no table for this space: nothing is simulated for it
+    assert not ProfilingJob.objects.exists()
+
+    space_dict = space.to_dict()
+    entries = {spec.key: 0.25 for spec in space.all_layer_specs()}
+    table = LatencyTable(device=adaption.device.name, entries=entries, metadata={"search_space": space_dict})
+    LatencyTableRecord.objects.create(
+        device=adaption.device, space=space_dict, space_key=device_services.space_key(space_dict),
+        table=table.to_dict(), entries_count=len(entries),
+    )  # fmt: skip
+    (tmp_path / "run").mkdir(parents=True)
+    request = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    assert request.constraint == "params" and request.lut is not None
+    assert LatencyTable.load(request.lut).entries == entries
