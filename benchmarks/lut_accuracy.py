@@ -8,6 +8,10 @@
    on the same N test sub-networks; its build time = collecting its samples + training.
 
 End-to-end timings on a shared machine are noisy; every figure is a median of repeated calls.
+On the CPU every timed call follows a call of a fixed reference convolution
+(``engine.latency.measure.SpeedReference``), and the headline figures compare table and sub-nets
+at one reference speed; the same timings' raw medians are scored too (``raw_*`` keys), so the
+effect of the correction is measured in the same run. ``--no-speed-reference`` times without it.
 The last stdout line is one JSON object.
 
     python benchmarks/lut_accuracy.py [--quick] [--threads 1] [--subnets 1000] [--device cuda]
@@ -31,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.latency.lut import LatencyTable, accuracy_report, build_lut, error_metrics, fit_overhead  # noqa: E402
-from engine.latency.measure import ArchTimer, LayerTimer  # noqa: E402
+from engine.latency.measure import ArchTimer, LayerTimer, SpeedReference  # noqa: E402
 from engine.latency.predictor import train_predictor  # noqa: E402
 from engine.seeding import seed_everything  # noqa: E402
 from engine.space import Arch, SearchSpace  # noqa: E402
@@ -56,7 +60,13 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where layers and sub-nets run"
     )
+    parser.add_argument(
+        "--no-speed-reference",
+        action="store_true",
+        help="time without the interleaved reference call (always off on cuda)",
+    )
     args = parser.parse_args()
+    use_reference = args.device == "cpu" and not args.no_speed_reference
     subnets = args.subnets or (60 if args.quick else 1000)
     train_subnets = args.train_subnets or (150 if args.quick else 2000)
     layer_repeats = args.layer_repeats or 10
@@ -66,6 +76,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
     supernet = SuperNet(space).eval()
+    reference = SpeedReference() if use_reference else None
+    layer_timer = LayerTimer(
+        repeats=layer_repeats, warmup=3, threads=args.threads, device=args.device, speed_reference=reference
+    )
     arch_timer = ArchTimer(
         space,
         network_fn=lambda arch: extract_subnet(supernet, arch),
@@ -73,7 +87,22 @@ def main() -> None:
         warmup=5,
         threads=args.threads,
         device=args.device,
+        speed_reference=reference,
+        reference_base_ms=layer_timer.base_ms() if reference is not None else None,
     )
+    # The raw medians of the same timings, keyed like the table and by sub-net, for the raw_* figures.
+    raw_entries: dict[str, float] = {}
+    raw_networks: dict[str, list[float]] = {}
+
+    def measure_layer(spec) -> float:
+        stats = layer_timer.stats(spec)
+        raw_entries[spec.key] = max(stats.median_ms, layer_timer.min_ms)
+        return layer_timer.entry_ms(stats)
+
+    def measure_network(arch: Arch) -> float:
+        stats = arch_timer.stats(arch)
+        raw_networks.setdefault(arch.to_json(), []).append(stats.median_ms)
+        return arch_timer.figure_ms(stats)
 
     print(f"VGG9 Omniglot space: {space.size():.3g} archs, {len(space.all_layer_specs())} distinct layers")
     print(
@@ -82,14 +111,17 @@ def main() -> None:
     )
 
     # 1. LUT build (layers + overhead fit).
-    layer_timer = LayerTimer(repeats=layer_repeats, warmup=3, threads=args.threads, device=args.device)
     started = time.perf_counter()
-    table = build_lut(space, layer_timer, device=args.device, metadata=layer_timer.metadata())
+    table = build_lut(space, measure_layer, device=args.device, metadata=layer_timer.metadata())
     layers_s = time.perf_counter() - started
     fit_rngs = rngs.child(1)
     fit_archs = [space.sample(fit_rngs.numpy) for _ in range(10)]
-    fit_overhead(space, table, [(arch, arch_timer(arch)) for arch in fit_archs])
+    fit_overhead(space, table, [(arch, measure_network(arch)) for arch in fit_archs])
     lut_build_s = time.perf_counter() - started
+    raw_table = LatencyTable(device=args.device, entries=raw_entries)
+    fit_overhead(space, raw_table, [(arch, raw_networks[arch.to_json()][0]) for arch in fit_archs])
+    if reference is not None:
+        print(f"speed reference: {reference.description}, base {layer_timer.base_ms():.4f} ms")
     print(
         f"LUT: {len(table)} entries, layers {layers_s:.2f} s (+ overhead fit = {lut_build_s:.2f} s), "
         f"overhead {table.overhead_ms * 1e3:.2f} us, fresh TorchScript compiles {layer_timer.fresh_compiles}"
@@ -97,13 +129,27 @@ def main() -> None:
 
     # 2. LUT accuracy on random sub-nets.
     started = time.perf_counter()
-    report = accuracy_report(space, table, arch_timer, subnets, rngs.child(2))
+    report = accuracy_report(space, table, measure_network, subnets, rngs.child(2))
     accuracy_s = time.perf_counter() - started
     measured = [s["measured_ms"] for s in report["samples"]]
     # Noise floor: the same sub-nets timed a second time. The LUT cannot agree with one timing of a
     # sub-net better than two timings of it agree with each other.
-    remeasured = [arch_timer(Arch.from_dict(s["arch"])) for s in report["samples"]]
+    remeasured = [measure_network(Arch.from_dict(s["arch"])) for s in report["samples"]]
     noise = error_metrics(remeasured, measured)
+    # The same timings' raw medians (a key timed twice keeps both, in order: first, then again).
+    test_keys = [Arch.from_dict(s["arch"]).to_json() for s in report["samples"]]
+    raw_measured = [raw_networks[key][-2] for key in test_keys]
+    raw_remeasured = [raw_networks[key][-1] for key in test_keys]
+    raw = error_metrics(
+        [raw_table.predict(space, Arch.from_dict(s["arch"])) for s in report["samples"]], raw_measured
+    )
+    raw_noise = error_metrics(raw_remeasured, raw_measured)
+    if reference is not None:
+        print(
+            f"raw medians of the same timings: LUT within ±10 % {100 * raw['within_10pct']:.1f} %, "
+            f"MAPE {raw['mape']:.2f} %; noise floor within ±10 % {100 * raw_noise['within_10pct']:.1f} %, "
+            f"MAPE {raw_noise['mape']:.2f} %"
+        )
     print(
         f"LUT vs {subnets} measured sub-nets ({accuracy_s:.1f} s): within ±10 % {100 * report['within_10pct']:.1f} %, "
         f"MAPE {report['mape']:.2f} %, MSE {report['mse']:.3g} ms² "
@@ -132,7 +178,7 @@ def main() -> None:
     started = time.perf_counter()
     train_rngs = rngs.child(3)
     train_archs = [space.sample(train_rngs.numpy) for _ in range(train_subnets)]
-    train_ms = [arch_timer(arch) for arch in train_archs]
+    train_ms = [measure_network(arch) for arch in train_archs]
     collect_s = time.perf_counter() - started
     predictor = train_predictor(
         space, train_archs, train_ms, rngs=rngs.child(4), epochs=150 if args.quick else 200
@@ -171,6 +217,12 @@ def main() -> None:
         "noise_mape": noise["mape"],
         "constant_fit_within_10pct": constant_metrics["within_10pct"],
         "constant_fit_mape": constant_metrics["mape"],
+        "speed_reference": reference is not None,
+        "reference_base_ms": layer_timer.base_ms() if reference is not None else None,
+        "raw_within_10pct": raw["within_10pct"],
+        "raw_mape": raw["mape"],
+        "raw_noise_within_10pct": raw_noise["within_10pct"],
+        "raw_noise_mape": raw_noise["mape"],
         "threads": args.threads,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "layer_repeats": layer_repeats,

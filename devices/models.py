@@ -153,6 +153,12 @@ class ProfilingJob(Job):
     )
     total_layers = models.PositiveIntegerField(default=0)
     done_layers = models.PositiveIntegerField(default=0)
+    reference_ms = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="local CPU: the speed reference's calibrated time; every timing is expressed at it, "
+        "kept so a resumed job continues in the same unit",
+    )
     result = models.ForeignKey(
         LatencyTableRecord, null=True, blank=True, on_delete=models.SET_NULL, related_name="profiling_jobs"
     )

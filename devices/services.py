@@ -336,10 +336,28 @@ def _measure_fn_for(device: Device, job: ProfilingJob):
         simulator = EyerissSimulator(config, cache_path=cache_dir() / "eyeriss" / f"{config.dataflow}.json")
         return simulator.latency_ms, {"runtime": "scalesim-compute-model", **config.to_dict()}, simulator
     target = "cuda" if device.kind == DeviceKind.LOCAL_GPU else "cpu"
+    reference = _speed_reference(job) if target == "cpu" else None  # sets job.reference_ms
     timer = LayerTimer(
-        batch_size=job.batch_size, repeats=job.repeats, warmup=job.warmup, threads=job.threads, device=target
-    )
+        batch_size=job.batch_size, repeats=job.repeats, warmup=job.warmup, threads=job.threads, device=target,
+        speed_reference=reference, reference_base_ms=job.reference_ms,
+    )  # fmt: skip
     return timer, timer.metadata(), None
+
+
+def _speed_reference(job: ProfilingJob):
+    """This server's CPU changes speed with its neighbours' load: every timing follows a call of a
+    fixed reference and is expressed at the reference time calibrated when the job first ran
+    (engine.latency.measure.SpeedReference), stored on the job so a resumed job keeps it."""
+    from engine.latency.measure import SpeedReference
+
+    reference = SpeedReference()
+    if job.reference_ms is None:
+        job.reference_ms = reference.calibrate(threads=job.threads)
+        ProfilingJob.objects.filter(pk=job.pk, reference_ms__isnull=True).update(
+            reference_ms=job.reference_ms
+        )
+        job.reference_ms = ProfilingJob.objects.values_list("reference_ms", flat=True).get(pk=job.pk)
+    return reference
 
 
 def profiling_execute(*, job_id: int) -> ProfilingJob:
@@ -414,25 +432,24 @@ def _finish_profiling(job: ProfilingJob, lease, status: JobStatus, error: str = 
 
 
 def _local_validation(job, space, table, progress) -> None:
-    """Time the job's fit and check sub-nets end to end on this machine (see _fit_and_check)."""
-    from engine.latency.measure import measure_module
+    """Time the job's fit and check sub-nets end to end on this machine (see _fit_and_check).
+
+    On the CPU at the same reference speed as the table's entries."""
+    from engine.latency.measure import ArchTimer
     from engine.supernet import SuperNet, extract_subnet
 
     supernet = SuperNet(space).eval()
     target = "cuda" if job.device.kind == DeviceKind.LOCAL_GPU else "cpu"
-    shape = (job.batch_size, space.in_channels, space.image_size, space.image_size)
+    reference = _speed_reference(job) if target == "cpu" else None  # sets job.reference_ms
+    timer = ArchTimer(
+        space, network_fn=lambda arch: extract_subnet(supernet, arch).eval(), batch_size=job.batch_size,
+        repeats=max(job.repeats, 20), warmup=job.warmup, threads=job.threads, device=target,
+        speed_reference=reference, reference_base_ms=job.reference_ms,
+    )  # fmt: skip
     networks = _validation_archs(job, space)
     measured = []
     for done, (purpose, arch) in enumerate(networks, start=1):
-        stats = measure_module(
-            extract_subnet(supernet, arch).eval(),
-            shape,
-            repeats=max(job.repeats, 20),
-            warmup=job.warmup,
-            threads=job.threads,
-            device=target,
-        )
-        measured.append((purpose, arch, stats.median_ms))
+        measured.append((purpose, arch, timer(arch)))
         progress({"kind": "profile", "phase": "validation", "current": done, "total": len(networks),
                   "message": f"end-to-end sub-net {done}/{len(networks)}"})  # fmt: skip
     _fit_and_check(space, table, measured)

@@ -12,6 +12,14 @@ costs 15-25 ms, more than timing it. :class:`LayerTimer` therefore compiles one 
 per *structure* (op, kernel, stride, activation, pooling) and loads each layer's own tensors into it
 -- the compiled forward only reads ``self.weight`` etc., never the channel counts -- and checks the
 result against the freshly built eager module before timing it.
+
+A shared virtual machine changes speed in phases: on the developers' 2-core VM a fixed convolution
+took 0.104 ms for ten seconds, then 0.145 ms for the next twenty (its host's other tenants), so the
+same sub-network timed a minute apart differed by 25-30 %, and a table whose entries were timed in
+different phases disagreed with the network it sums. With a :class:`SpeedReference` every timed
+call is preceded by one call of a fixed reference convolution, and the result is also expressed at
+a fixed reference speed: ``median(t_i / r_i) * base_ms`` (``TimingStats.at_reference``), which
+cancels what the machine's phase does to both. The raw median stays the ``median_ms``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +58,16 @@ class TimingStats:
     max_ms: float
     samples: int
     kept: int
+    #: With a SpeedReference: the reference call's median (ms) during these samples and the median
+    #: of the per-sample ratios (this call / the reference call just before it).
+    reference_ms: float | None = None
+    relative: float | None = None
+
+    def at_reference(self, base_ms: float) -> float:
+        """The latency at the speed where the reference call takes ``base_ms`` (see the module doc)."""
+        if self.relative is None:
+            raise MeasurementError("these timings were taken without a speed reference")
+        return self.relative * base_ms
 
     @property
     def spread(self) -> float:
@@ -107,22 +125,81 @@ def _check_counts(repeats: int, warmup: int, batch_size: int = 1) -> None:
 
 
 def time_callable(
-    fn: Callable[[], object], *, repeats: int, warmup: int, synchronize: Callable[[], None] | None = None
+    fn: Callable[[], object],
+    *,
+    repeats: int,
+    warmup: int,
+    synchronize: Callable[[], None] | None = None,
+    reference: Callable[[], object] | None = None,
 ) -> TimingStats:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls (``synchronize`` for CUDA)."""
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls (``synchronize`` for CUDA).
+
+    With ``reference`` (a CPU callable of fixed work) each timed call of ``fn`` directly follows a
+    timed call of ``reference``, and the stats carry both the reference's median and the median
+    of the per-sample ratios: the two calls run in the same phase of the machine's speed."""
     _check_counts(repeats, warmup)
+    if reference is not None and synchronize is not None:
+        raise MeasurementError("a speed reference runs on the CPU: it cannot track a GPU's speed")
     for _ in range(warmup):
         fn()
+        if reference is not None:
+            reference()
     if synchronize is not None:
         synchronize()
     samples: list[int] = []
+    reference_samples: list[int] = []
+    clock = time.perf_counter_ns
     for _ in range(repeats):
-        start = time.perf_counter_ns()
+        if reference is not None:
+            before = clock()
+            reference()
+            reference_samples.append(clock() - before)
+        start = clock()
         fn()
         if synchronize is not None:
             synchronize()
-        samples.append(time.perf_counter_ns() - start)
-    return robust_stats(samples)
+        samples.append(clock() - start)
+    stats = robust_stats(samples)
+    if reference is None:
+        return stats
+    ratios = [sample / max(ref, 1) for sample, ref in zip(samples, reference_samples, strict=True)]
+    return replace(
+        stats,
+        reference_ms=statistics.median(reference_samples) / 1e6,
+        relative=statistics.median(ratios),
+    )
+
+
+class SpeedReference:
+    """A fixed CPU workload timed next to every measurement to track the machine's current speed.
+
+    A 3x3 convolution with 32 channels on 14x14 and a ReLU (about 0.1 ms on one core), scripted,
+    with seeded weights and input: the same work in every process, so tables and the networks
+    checked against them are expressed at one reference speed, ``base_ms`` (the reference's
+    median in a calibration, kept in the table's metadata so a resumed build and a later check
+    use the same one)."""
+
+    description = "conv3x3 32->32 on 1x32x14x14 + ReLU, TorchScript"
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        conv = nn.Conv2d(32, 32, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+            conv.bias.zero_()
+        self._module = script_module(nn.Sequential(conv, nn.ReLU()))
+        self._input = torch.randn((1, 32, 14, 14), generator=generator)
+
+    def __call__(self) -> torch.Tensor:
+        return self._module(self._input)
+
+    def calibrate(self, calls: int = 300, threads: int | None = None) -> float:
+        """The reference's median over ``calls`` calls (ms): the base of a new table."""
+        with torch_threads(threads), torch.inference_mode():
+            return time_callable(self, repeats=calls, warmup=20).median_ms
+
+    def metadata(self, base_ms: float) -> dict[str, Any]:
+        return {"workload": self.description, "base_ms": base_ms}
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None] | None:
@@ -159,8 +236,11 @@ def measure_module(
     threads: int | None = None,
     device: str | torch.device = "cpu",
     script: bool = True,
+    reference: SpeedReference | None = None,
 ) -> TimingStats:
-    """End-to-end latency of a whole network for an input of ``input_shape`` (batch dim included)."""
+    """End-to-end latency of a whole network for an input of ``input_shape`` (batch dim included).
+
+    With ``reference`` the stats also carry ``relative`` (see :func:`time_callable`)."""
     _check_counts(repeats, warmup)
     device = torch.device(device)
     with torch_threads(threads), torch.inference_mode():
@@ -168,7 +248,11 @@ def measure_module(
         runnable = runnable.to(device)
         example = _example(input_shape, device)
         return time_callable(
-            lambda: runnable(example), repeats=repeats, warmup=warmup, synchronize=_synchronizer(device)
+            lambda: runnable(example),
+            repeats=repeats,
+            warmup=warmup,
+            synchronize=_synchronizer(device),
+            reference=reference,
         )
 
 
@@ -229,6 +313,10 @@ class LayerTimer:
     from every entry, so that a network of L layers, timed as one call, is predicted by
     ``overhead + sum(entries)`` rather than paying the call cost L times; entries never drop below
     ``min_ms``.
+
+    With ``speed_reference`` every entry is the layer's latency at the reference speed
+    ``reference_base_ms`` (calibrated on first use unless given: a resumed build passes the base
+    its first part used), so entries timed in different phases of a shared machine agree.
     """
 
     def __init__(
@@ -242,6 +330,8 @@ class LayerTimer:
         subtract_call_overhead: bool = False,
         min_ms: float = 1e-4,
         reuse_compiled: bool = True,
+        speed_reference: SpeedReference | None = None,
+        reference_base_ms: float | None = None,
     ) -> None:
         _check_counts(repeats, warmup, batch_size)
         self.batch_size = batch_size
@@ -249,6 +339,9 @@ class LayerTimer:
         self.warmup = warmup
         self.threads = threads
         self.device = torch.device(device)
+        self.speed_reference, self.reference_base_ms = _checked_reference(
+            speed_reference, reference_base_ms, self.device
+        )
         self.subtract_call_overhead = subtract_call_overhead
         self.min_ms = min_ms
         self.reuse_compiled = reuse_compiled
@@ -267,7 +360,14 @@ class LayerTimer:
             "batch_size": self.batch_size,
             "subtract_call_overhead": self.subtract_call_overhead,
             "call_overhead_ms": self._call_overhead_ms,
+            "speed_reference": self.speed_reference.metadata(self.base_ms())
+            if self.speed_reference is not None
+            else None,
         }
+
+    def base_ms(self) -> float:
+        """The reference speed entries are expressed at (calibrated on first use)."""
+        return _calibrated_base(self)
 
     def call_overhead_ms(self) -> float:
         if self._call_overhead_ms is None:
@@ -304,13 +404,36 @@ class LayerTimer:
                 repeats=self.repeats,
                 warmup=self.warmup,
                 synchronize=_synchronizer(self.device),
+                reference=self.speed_reference,
             )
 
-    def __call__(self, spec: LayerSpec) -> float:
-        ms = self.stats(spec).median_ms
+    def entry_ms(self, stats: TimingStats) -> float:
+        """The table entry of a layer's timings: at the reference speed when there is one."""
+        ms = stats.at_reference(self.base_ms()) if self.speed_reference is not None else stats.median_ms
         if self.subtract_call_overhead:
             ms -= self.call_overhead_ms()
         return max(ms, self.min_ms) if math.isfinite(ms) else ms
+
+    def __call__(self, spec: LayerSpec) -> float:
+        return self.entry_ms(self.stats(spec))
+
+
+def _checked_reference(
+    reference: SpeedReference | None, base_ms: float | None, device: torch.device
+) -> tuple[SpeedReference | None, float | None]:
+    if reference is not None and device.type != "cpu":
+        raise MeasurementError("a speed reference runs on the CPU: it cannot track a GPU's speed")
+    if base_ms is not None and not (math.isfinite(base_ms) and base_ms > 0):
+        raise MeasurementError(f"reference_base_ms must be a finite positive ms, got {base_ms!r}")
+    return reference, base_ms
+
+
+def _calibrated_base(timer: LayerTimer | ArchTimer) -> float:
+    if timer.speed_reference is None:
+        raise MeasurementError("this timer has no speed reference")
+    if timer.reference_base_ms is None:
+        timer.reference_base_ms = timer.speed_reference.calibrate(threads=timer.threads)
+    return timer.reference_base_ms
 
 
 def sequential_network(space: SearchSpace, arch: Arch) -> nn.Sequential:
@@ -329,7 +452,10 @@ def sequential_network(space: SearchSpace, arch: Arch) -> nn.Sequential:
 
 
 class ArchTimer:
-    """``timer(arch) -> median ms`` of the whole sub-network, scripted and timed end to end."""
+    """``timer(arch) -> median ms`` of the whole sub-network, scripted and timed end to end.
+
+    With ``speed_reference`` the figure is at the reference speed ``reference_base_ms`` (pass the
+    table's ``metadata["speed_reference"]["base_ms"]`` to check a table built with one)."""
 
     def __init__(
         self,
@@ -341,6 +467,8 @@ class ArchTimer:
         warmup: int = 5,
         threads: int | None = None,
         device: str | torch.device = "cpu",
+        speed_reference: SpeedReference | None = None,
+        reference_base_ms: float | None = None,
     ) -> None:
         _check_counts(repeats, warmup, batch_size)
         self.space = space
@@ -350,6 +478,9 @@ class ArchTimer:
         self.warmup = warmup
         self.threads = threads
         self.device = device
+        self.speed_reference, self.reference_base_ms = _checked_reference(
+            speed_reference, reference_base_ms, torch.device(device)
+        )
 
     def stats(self, arch: Arch) -> TimingStats:
         shape = (self.batch_size, self.space.in_channels, self.space.image_size, self.space.image_size)
@@ -360,7 +491,16 @@ class ArchTimer:
             warmup=self.warmup,
             threads=self.threads,
             device=self.device,
+            reference=self.speed_reference,
         )
 
+    def base_ms(self) -> float:
+        """The reference speed figures are expressed at (calibrated on first use unless given)."""
+        return _calibrated_base(self)
+
+    def figure_ms(self, stats: TimingStats) -> float:
+        """The figure of one sub-net's timings: at the reference speed when there is one."""
+        return stats.at_reference(self.base_ms()) if self.speed_reference is not None else stats.median_ms
+
     def __call__(self, arch: Arch) -> float:
-        return self.stats(arch).median_ms
+        return self.figure_ms(self.stats(arch))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from engine.latency.measure import (
     ArchTimer,
     LayerTimer,
     MeasurementError,
+    SpeedReference,
     measure_call_overhead,
     measure_layer,
     measure_module,
@@ -109,3 +112,60 @@ def test_sequential_network_and_arch_timer():
     assert ArchTimer(space, repeats=3, warmup=1, threads=1)(arch) > 0
     with pytest.raises(MeasurementError, match="extract_subnet"):
         sequential_network(SearchSpace.resnet12(), SearchSpace.resnet12().largest())
+
+
+def _busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_speed_reference_cancels_a_change_of_the_machines_speed_mid_measurement():
+    """Busy-wait callables on a machine that "slows down" 3x halfway: the raw median is thrown off,
+    the ratio to the reference timed just before each call is not."""
+    state = {"calls": 0, "unit": 0.0002}
+
+    def reference() -> None:
+        _busy_wait(state["unit"])
+
+    def work() -> None:
+        state["calls"] += 1
+        if state["calls"] == 12:  # call 1 warms up; 10 timed calls run fast, the other 11 slow
+            state["unit"] = 0.0006
+        _busy_wait(2 * state["unit"])
+
+    stats = time_callable(work, repeats=21, warmup=1, reference=reference)
+    assert stats.relative == pytest.approx(2.0, rel=0.15)
+    assert stats.at_reference(0.2) == pytest.approx(0.4, rel=0.15)  # the fast phase's speed
+    assert 0.15 <= stats.reference_ms <= 0.65 and stats.median_ms > 0.7  # raw: the slow phase, 1.2 ms
+    plain = time_callable(lambda: None, repeats=3, warmup=0)
+    assert plain.relative is None and plain.reference_ms is None
+    with pytest.raises(MeasurementError, match="without a speed reference"):
+        plain.at_reference(0.1)
+
+
+def test_speed_reference_timers_record_their_base_and_refuse_a_gpu():
+    space = SearchSpace.vgg9(image_size=16, num_classes=5)
+    spec = space.all_layer_specs()[0]
+    reference = SpeedReference()
+    timer = LayerTimer(repeats=5, warmup=1, threads=1, speed_reference=reference)
+    entry = timer(spec)
+    base = timer.base_ms()
+    assert entry > 0 and 0.005 < base < 50  # calibrated on first use: a ~0.1 ms convolution
+    assert timer.metadata()["speed_reference"] == {"workload": SpeedReference.description, "base_ms": base}
+    resumed = LayerTimer(repeats=5, warmup=1, threads=1, speed_reference=reference, reference_base_ms=0.5)
+    assert resumed.base_ms() == 0.5  # a resumed build keeps its first part's unit, no new calibration
+    # A network timed at the same base: its figure is the ratio to the reference times that base.
+    arch_timer = ArchTimer(
+        space, repeats=5, warmup=1, threads=1, speed_reference=reference, reference_base_ms=0.5
+    )
+    arch = space.largest()
+    stats = arch_timer.stats(arch)
+    assert stats.relative > 0 and arch_timer.figure_ms(stats) == pytest.approx(stats.relative * 0.5)
+    assert LayerTimer(repeats=5, warmup=1).metadata()["speed_reference"] is None
+    with pytest.raises(MeasurementError, match="GPU"):
+        LayerTimer(device="cuda", speed_reference=reference)
+    with pytest.raises(MeasurementError, match="reference_base_ms"):
+        ArchTimer(space, speed_reference=reference, reference_base_ms=float("nan"))
+    with pytest.raises(MeasurementError, match="no speed reference"):
+        LayerTimer().base_ms()

@@ -194,7 +194,13 @@ def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
     assert "(replaces 1 older)" in page  # the fixture's first 5-way table
     assert response.context["table"] == five_way and "75 % of 4" in page
 
+    assert "lut-speed-reference" not in page  # a board's table: timed by its agent, no reference
+
+    # A table of this server's CPU says at which reference speed its entries and checks are.
+    twenty_way.table["metadata"]["speed_reference"] = {"workload": "conv3x3 32->32", "base_ms": 0.10421}
+    twenty_way.save()
     chosen = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}")
+    assert "where the reference takes 0.1042 ms" in chosen.content.decode()
     assert chosen.context["table"] == twenty_way
     assert f"#{twenty_way.pk}: VGG9, 1×32×32 input, 20-way" in chosen.content.decode()
     assert f"table.json?table={twenty_way.pk}" in chosen.content.decode()  # the charts follow the choice

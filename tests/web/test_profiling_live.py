@@ -144,6 +144,11 @@ def test_builtin_cpu_and_eyeriss_are_profiled_by_a_worker(celery_worker_process)
         )
     cpu_table = LatencyTableRecord.objects.get(device=cpu)
     assert cpu_table.accuracy["n"] == 3
+    # Entries and check networks at one reference speed of this CPU, the one stored on the job.
+    cpu_job.refresh_from_db()
+    eyeriss_job.refresh_from_db()
+    assert cpu_job.reference_ms > 0 and eyeriss_job.reference_ms is None
+    assert cpu_table.table["metadata"]["speed_reference"]["base_ms"] == cpu_job.reference_ms
     assert set(cpu_table.accuracy) >= {"within_10pct", "mape", "mse"}
     assert cpu_table.accuracy["overhead_fit_networks"] == 5
     # Held out from the fit, each prediction has the right order of magnitude (a wrong unit, a
