@@ -65,6 +65,12 @@ def main() -> None:
         action="store_true",
         help="time without the interleaved reference call (always off on cuda)",
     )
+    parser.add_argument(
+        "--reference-channels",
+        type=int,
+        default=32,
+        help="channels of the reference convolution (cost vs tracking)",
+    )
     args = parser.parse_args()
     use_reference = args.device == "cpu" and not args.no_speed_reference
     subnets = args.subnets or (60 if args.quick else 1000)
@@ -76,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
     supernet = SuperNet(space).eval()
-    reference = SpeedReference() if use_reference else None
+    reference = SpeedReference(args.reference_channels) if use_reference else None
     layer_timer = LayerTimer(
         repeats=layer_repeats, warmup=3, threads=args.threads, device=args.device, speed_reference=reference
     )
@@ -219,6 +225,7 @@ def main() -> None:
         "constant_fit_mape": constant_metrics["mape"],
         "speed_reference": reference is not None,
         "reference_base_ms": layer_timer.base_ms() if reference is not None else None,
+        "reference_channels": args.reference_channels if reference is not None else None,
         "raw_within_10pct": raw["within_10pct"],
         "raw_mape": raw["mape"],
         "raw_noise_within_10pct": raw_noise["within_10pct"],

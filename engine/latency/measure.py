@@ -142,8 +142,6 @@ def time_callable(
         raise MeasurementError("a speed reference runs on the CPU: it cannot track a GPU's speed")
     for _ in range(warmup):
         fn()
-        if reference is not None:
-            reference()
     if synchronize is not None:
         synchronize()
     samples: list[int] = []
@@ -173,22 +171,23 @@ def time_callable(
 class SpeedReference:
     """A fixed CPU workload timed next to every measurement to track the machine's current speed.
 
-    A 3x3 convolution with 32 channels on 14x14 and a ReLU (about 0.1 ms on one core), scripted,
-    with seeded weights and input: the same work in every process, so tables and the networks
-    checked against them are expressed at one reference speed, ``base_ms`` (the reference's
-    median in a calibration, kept in the table's metadata so a resumed build and a later check
-    use the same one)."""
+    A 3x3 convolution (``channels`` in and out, default 32) on 14x14 and a ReLU (about 0.1 ms on
+    one core at 32 channels), scripted, with seeded weights and input: the same work in every
+    process, so tables and the networks checked against them are expressed at one reference speed,
+    ``base_ms`` (the reference's median in a calibration, kept in the table's metadata so a resumed
+    build and a later check use the same one)."""
 
-    description = "conv3x3 32->32 on 1x32x14x14 + ReLU, TorchScript"
-
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 32) -> None:
+        if not isinstance(channels, int) or channels < 1:
+            raise MeasurementError(f"channels must be a positive int, got {channels!r}")
         generator = torch.Generator().manual_seed(0)
-        conv = nn.Conv2d(32, 32, 3, padding=1)
+        conv = nn.Conv2d(channels, channels, 3, padding=1)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
             conv.bias.zero_()
+        self.description = f"conv3x3 {channels}->{channels} on 1x{channels}x14x14 + ReLU, TorchScript"
         self._module = script_module(nn.Sequential(conv, nn.ReLU()))
-        self._input = torch.randn((1, 32, 14, 14), generator=generator)
+        self._input = torch.randn((1, channels, 14, 14), generator=generator)
 
     def __call__(self) -> torch.Tensor:
         return self._module(self._input)

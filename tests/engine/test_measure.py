@@ -152,7 +152,7 @@ def test_speed_reference_timers_record_their_base_and_refuse_a_gpu():
     entry = timer(spec)
     base = timer.base_ms()
     assert entry > 0 and 0.005 < base < 50  # calibrated on first use: a ~0.1 ms convolution
-    assert timer.metadata()["speed_reference"] == {"workload": SpeedReference.description, "base_ms": base}
+    assert timer.metadata()["speed_reference"] == {"workload": reference.description, "base_ms": base}
     resumed = LayerTimer(repeats=5, warmup=1, threads=1, speed_reference=reference, reference_base_ms=0.5)
     assert resumed.base_ms() == 0.5  # a resumed build keeps its first part's unit, no new calibration
     # A network timed at the same base: its figure is the ratio to the reference times that base.
