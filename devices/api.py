@@ -316,6 +316,18 @@ class AgentResultsApi(AgentApi):
         )
 
 
+class AgentReferenceApi(AgentApi):
+    @extend_schema(
+        request=dict,
+        responses={200: dict},
+        summary="Post the board's speed-reference time; the first is kept (agent)",
+    )
+    def post(self, request, job_id: str):
+        return Response(
+            services.agent_post_reference(token=request.auth, job_id=job_id, payload=self.body(request))
+        )
+
+
 class AgentModelFileApi(AgentApi):
     @extend_schema(
         responses={(200, "application/octet-stream"): bytes},

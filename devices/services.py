@@ -586,6 +586,7 @@ def agent_current_job(*, token: DeviceToken) -> dict[str, Any] | None:
         "repeats": job.repeats,
         "warmup": job.warmup,
         "threads": job.threads or 1,
+        "reference_ms": job.reference_ms,
         "layers": job.layers,
         "done_keys": list(job.timings.values_list("key", flat=True)),
         "models": [
@@ -686,6 +687,26 @@ def _model_of(job: ProfilingJob, model_id: str) -> ModelMeasurement:
     return measurement
 
 
+def agent_post_reference(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str, Any]:
+    """The board's calibrated speed-reference time; the first one posted for a job is kept.
+
+    Every timing of the job is expressed at it, so a restarted agent that calibrates again (and
+    gets another figure) must not change it: the answer is always the stored one."""
+    job = _job_for_token(token, job_id)
+    if (
+        not isinstance(payload, dict)
+        or set(payload) != {"reference_ms"}
+        or not _valid_ms(payload["reference_ms"])
+    ):
+        raise AgentProtocolError(400, 'body must be {"reference_ms": <finite positive number>}')
+    if job.is_finished:
+        raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
+    ProfilingJob.objects.filter(pk=job.pk, reference_ms__isnull=True).update(
+        reference_ms=float(payload["reference_ms"])
+    )
+    return {"reference_ms": ProfilingJob.objects.values_list("reference_ms", flat=True).get(pk=job.pk)}
+
+
 def agent_post_model_result(
     *, token: DeviceToken, job_id: str, model_id: str, payload: Any
 ) -> dict[str, Any]:
@@ -702,6 +723,7 @@ def agent_post_model_result(
 
 def agent_complete(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str, Any]:
     from engine.latency.lut import LatencyTable
+    from engine.latency.measure import reference_description
     from engine.space import Arch, SearchSpace
 
     job = _job_for_token(token, job_id)
@@ -742,6 +764,9 @@ def agent_complete(*, token: DeviceToken, job_id: str, payload: Any) -> dict[str
             "warmup": job.warmup,
             "date": timezone.now().isoformat(),
             "source": "agent",
+            "speed_reference": {"workload": reference_description(), "base_ms": job.reference_ms}
+            if job.reference_ms is not None
+            else None,
         },
     )
     measured = [m for m in job.model_measurements.all() if m.measured_ms is not None]

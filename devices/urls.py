@@ -34,6 +34,7 @@ urlpatterns = [
         api.AgentModelResultApi.as_view(),
         name="agent-model-result",
     ),
+    path("api/agent/jobs/<str:job_id>/reference", api.AgentReferenceApi.as_view(), name="agent-reference"),
     path("api/agent/jobs/<str:job_id>/complete", api.AgentCompleteApi.as_view(), name="agent-complete"),
     path("agent/nasweb_agent.py", api.AgentDownloadApi.as_view(), name="agent-download"),
 ]

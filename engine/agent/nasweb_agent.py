@@ -9,7 +9,10 @@ PyTorch and the standard library. Usage::
 It fetches its profiling job (``GET /api/agent/job``), rebuilds every layer from its spec, times it
 as TorchScript (eval mode, warm-up, repeated ``perf_counter_ns`` timings, median after dropping
 samples outside median ± 3·MAD), posts the results in batches, measures any whole exported models
-of the job, and reports completion. Layers the server already has (``done_keys``) are skipped, so
+of the job, and reports completion. Each timed call follows one call of a fixed reference
+convolution, and every figure is expressed at one reference speed of the board (the job's
+``reference_ms``, calibrated by the first agent run and kept by the server), so a board that
+throttles or shares its cores gives entries that agree with each other. Layers the server already has (``done_keys``) are skipped, so
 an agent that was stopped simply continues where it left off. Network errors are retried with
 exponential backoff; a batch is re-sent with the same ``batch_id`` so the server stores it once.
 The protocol is documented in docs/AGENT_PROTOCOL.md of the nasweb repository.
@@ -152,16 +155,50 @@ def robust_median_ms(samples_ns: list) -> tuple:
     return statistics.median(kept), mad
 
 
-def time_runnable(runnable, example, repeats: int, warmup: int) -> tuple:
+def time_runnable(runnable, example, repeats: int, warmup: int, reference=None, base_ms=None) -> tuple:
+    """(ms, scaled MAD): the robust median, or with ``reference`` the latency at the speed where
+    the reference takes ``base_ms`` (median of this call's time / the reference call's just before)."""
+    clock = time.perf_counter_ns
     with torch.inference_mode():
         for _ in range(warmup):
             runnable(example)
-        samples = []
+        samples, ratios = [], []
         for _ in range(repeats):
-            start = time.perf_counter_ns()
+            if reference is not None:
+                before = clock()
+                reference()
+                reference_ns = clock() - before
+            start = clock()
             runnable(example)
-            samples.append(time.perf_counter_ns() - start)
-    return robust_median_ms(samples)
+            samples.append(clock() - start)
+            if reference is not None:
+                ratios.append(samples[-1] / max(reference_ns, 1))
+    median_ms, mad = robust_median_ms(samples)
+    if reference is None:
+        return median_ms, mad
+    return statistics.median(ratios) * base_ms, mad
+
+
+class SpeedReference:
+    """Exactly engine.latency.measure.SpeedReference: a seeded 3x3 conv (32 channels, 14x14) + ReLU."""
+
+    description = "conv3x3 32->32 on 1x32x14x14 + ReLU, TorchScript"
+
+    def __init__(self) -> None:
+        channels = 32
+        generator = torch.Generator().manual_seed(0)
+        conv = nn.utils.skip_init(nn.Conv2d, channels, channels, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+            conv.bias.zero_()
+        self.module = script(nn.Sequential(conv, nn.ReLU()).eval())
+        self.input = torch.randn((1, channels, 14, 14), generator=generator)
+
+    def __call__(self):
+        return self.module(self.input)
+
+    def calibrate(self, calls: int = 300) -> float:
+        return time_runnable(lambda _: self(), None, calls, 20)[0]
 
 
 def example_input(shape) -> torch.Tensor:
@@ -171,10 +208,12 @@ def example_input(shape) -> torch.Tensor:
 class LayerProfiler:
     """Times layer specs; compiles one TorchScript module per layer structure and reloads tensors."""
 
-    def __init__(self, batch_size: int, repeats: int, warmup: int) -> None:
+    def __init__(self, batch_size: int, repeats: int, warmup: int, reference=None, base_ms=None) -> None:
         self.batch_size = batch_size
         self.repeats = repeats
         self.warmup = warmup
+        self.reference = reference
+        self.base_ms = base_ms
         self._compiled: dict = {}
 
     @staticmethod
@@ -214,8 +253,8 @@ class LayerProfiler:
             if runnable is None:
                 runnable = script(module)
                 self._compiled[key] = runnable
-        median_ms, _ = time_runnable(runnable, example, self.repeats, self.warmup)
-        return median_ms
+        ms, _ = time_runnable(runnable, example, self.repeats, self.warmup, self.reference, self.base_ms)
+        return ms
 
 
 def script(module: nn.Module):
@@ -347,7 +386,8 @@ def run_job(client: Client, job: dict, *, threads_override, batch_size_post: int
         f"job {job_id}: {len(job.get('layers', []))} layers, {len(done)} done, {len(todo)} to measure, "
         f"threads={threads}"
     )
-    profiler = LayerProfiler(batch_size, repeats, warmup)
+    reference, base_ms = speed_reference(client, job, log)
+    profiler = LayerProfiler(batch_size, repeats, warmup, reference, base_ms)
     pending: list = []
 
     def flush() -> None:
@@ -373,7 +413,14 @@ def run_job(client: Client, job: dict, *, threads_override, batch_size_post: int
     for model in job.get("models", []):
         if model["model_id"] in done_models:
             continue
-        ms = measure_model_file(client, model, repeats=max(repeats, 20), warmup=max(warmup, 5))
+        ms = measure_model_file(
+            client,
+            model,
+            repeats=max(repeats, 20),
+            warmup=max(warmup, 5),
+            reference=reference,
+            base_ms=base_ms,
+        )
         client.json("POST", f"/api/agent/jobs/{job_id}/models/{model['model_id']}/result", {"ms": ms})
         log(f"model {model['model_id']}: {ms:.4f} ms")
 
@@ -385,7 +432,34 @@ def run_job(client: Client, job: dict, *, threads_override, batch_size_post: int
     return True
 
 
-def measure_model_file(client: Client, model: dict, *, repeats: int, warmup: int) -> float:
+def speed_reference(client: Client, job: dict, log) -> tuple:
+    """(reference, base ms) for this job, or (None, None) from a server that predates them.
+
+    The first agent run calibrates the base and posts it; the server keeps the first one it gets
+    and hands it to every later run of the job, so a resumed profile stays in one unit."""
+    if "reference_ms" not in job:
+        return None, None
+    reference = SpeedReference()
+    base_ms = job["reference_ms"]
+    if base_ms is None:
+        calibrated = reference.calibrate()
+        _, answer = client.json(
+            "POST", f"/api/agent/jobs/{job['job_id']}/reference", {"reference_ms": calibrated}
+        )
+        base_ms = (answer or {}).get("reference_ms")
+    if (
+        not isinstance(base_ms, (int, float))
+        or isinstance(base_ms, bool)
+        or not (math.isfinite(base_ms) and base_ms > 0)
+    ):
+        raise ProtocolError(f"reference_ms must be a finite positive number, got {base_ms!r}")
+    log(f"speed reference: {reference.description}, timings at {base_ms:.4f} ms per reference call")
+    return reference, float(base_ms)
+
+
+def measure_model_file(
+    client: Client, model: dict, *, repeats: int, warmup: int, reference=None, base_ms=None
+) -> float:
     _, raw = client.request("GET", model["url"])
     handle, path = tempfile.mkstemp(prefix="nasweb-model-", suffix=".pt")
     try:
@@ -394,8 +468,8 @@ def measure_model_file(client: Client, model: dict, *, repeats: int, warmup: int
         runnable = torch.jit.load(path, map_location="cpu").eval()
     finally:
         os.unlink(path)
-    median_ms, _ = time_runnable(runnable, example_input(model["input_shape"]), repeats, warmup)
-    return median_ms
+    ms, _ = time_runnable(runnable, example_input(model["input_shape"]), repeats, warmup, reference, base_ms)
+    return ms
 
 
 def main(argv=None) -> int:

@@ -168,6 +168,11 @@ def time_callable(
     )
 
 
+def reference_description(channels: int = 32) -> str:
+    """What :class:`SpeedReference` runs (the board agent's reference is the 32-channel one)."""
+    return f"conv3x3 {channels}->{channels} on 1x{channels}x14x14 + ReLU, TorchScript"
+
+
 class SpeedReference:
     """A fixed CPU workload timed next to every measurement to track the machine's current speed.
 
@@ -181,11 +186,12 @@ class SpeedReference:
         if not isinstance(channels, int) or channels < 1:
             raise MeasurementError(f"channels must be a positive int, got {channels!r}")
         generator = torch.Generator().manual_seed(0)
-        conv = nn.Conv2d(channels, channels, 3, padding=1)
+        # skip_init: the default initialisation would draw from the global torch RNG.
+        conv = nn.utils.skip_init(nn.Conv2d, channels, channels, 3, padding=1)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
             conv.bias.zero_()
-        self.description = f"conv3x3 {channels}->{channels} on 1x{channels}x14x14 + ReLU, TorchScript"
+        self.description = reference_description(channels)
         self._module = script_module(nn.Sequential(conv, nn.ReLU()))
         self._input = torch.randn((1, channels, 14, 14), generator=generator)
 

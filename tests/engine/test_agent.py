@@ -37,7 +37,10 @@ def tiny_layers(count):
 class ProtocolServer:
     """A minimal in-memory implementation of the server side of the agent protocol."""
 
-    def __init__(self, layers, *, model_path=None, hold_on_batch=None, lose_batch=None):
+    def __init__(self, layers, *, model_path=None, hold_on_batch=None, lose_batch=None, legacy=False):
+        self.legacy = legacy  # a server from before speed references: no reference_ms, no endpoint
+        self.reference_ms = None
+        self.reference_posts: list[float] = []
         self.layers = {layer["key"]: layer for layer in layers}
         self.order = [layer["key"] for layer in layers]
         self.results: dict[str, float] = {}
@@ -73,7 +76,7 @@ class ProtocolServer:
         models = []
         if self.model_path is not None:
             models.append({"model_id": "m1", "url": "/files/m1.pt", "input_shape": [1, 1, 8, 8]})
-        return {
+        job = {
             "job_id": "job-1",
             "batch_size": 1,
             "repeats": 3,
@@ -84,6 +87,9 @@ class ProtocolServer:
             "models": models,
             "done_models": sorted(self.model_results),
         }
+        if not self.legacy:
+            job["reference_ms"] = self.reference_ms
+        return job
 
     def _handler(self):
         server = self
@@ -132,6 +138,11 @@ class ProtocolServer:
                         return self._send(HTTPStatus.BAD_REQUEST, {"error": "bad ms"})
                     server.model_results["m1"] = ms
                     return self._send(HTTPStatus.OK, {"stored": True})
+                if self.path == "/api/agent/jobs/job-1/reference" and not server.legacy:
+                    server.reference_posts.append(body["reference_ms"])
+                    if server.reference_ms is None:  # the first one is kept
+                        server.reference_ms = body["reference_ms"]
+                    return self._send(HTTPStatus.OK, {"reference_ms": server.reference_ms})
                 if self.path == "/api/agent/jobs/job-1/complete":
                     missing = [key for key in server.order if key not in server.results]
                     if missing:
@@ -240,6 +251,35 @@ def test_agent_killed_halfway_resumes_and_completes(tmp_path):
         body = server.complete_body
         assert body["call_overhead_ms"] > 0 and body["metadata"]["threads"] == 1
         assert body["metadata"]["torch"] == torch.__version__
+        # The first run calibrated the speed reference; the resumed one took the stored base.
+        assert len(server.reference_posts) == 1 and server.reference_ms > 0
+        assert "timings at" in second.stdout
+
+
+def test_agent_against_a_server_without_speed_references_times_raw(tmp_path):
+    layers = tiny_layers(3)
+    with ProtocolServer(layers, legacy=True) as server:
+        done = subprocess.run(
+            agent_command(server.url), capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(server.results) == {layer["key"] for layer in layers} and not server.reference_posts
+    assert "speed reference" not in done.stdout
+
+
+def test_agent_speed_reference_is_the_engines_and_scales_timings_to_the_base():
+    from engine.latency.measure import SpeedReference
+
+    engine_reference, agent_reference = SpeedReference(), nasweb_agent.SpeedReference()
+    assert agent_reference.description == engine_reference.description
+    with torch.inference_mode():
+        assert torch.equal(agent_reference(), engine_reference())  # same seeded weights and input
+    layer = tiny_layers(1)[0]
+    profiler = nasweb_agent.LayerProfiler(1, repeats=20, warmup=2, reference=agent_reference, base_ms=1.0)
+    at_one = profiler.measure(layer["spec"])
+    profiler.base_ms = 3.0
+    at_three = profiler.measure(layer["spec"])
+    assert at_one > 0 and at_three == pytest.approx(3 * at_one, rel=0.5)  # a unit, two timings
 
 
 def test_agent_retries_until_server_comes_up(tmp_path):

@@ -86,7 +86,7 @@ def test_the_agent_gets_its_job_and_the_job_starts(board):
     body = response.json()
     assert body["job_id"] == str(job.pk)
     assert len(body["layers"]) == job.total_layers == 36
-    assert body["done_keys"] == []
+    assert body["done_keys"] == [] and body["reference_ms"] is None  # the agent calibrates it
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING
 
@@ -292,6 +292,7 @@ def stored_state(job) -> tuple:
         AgentBatch.objects.filter(job=job).count(),
         sorted(ModelMeasurement.objects.filter(job=job).values_list("index", "measured_ms")),
         LatencyTableRecord.objects.count(),
+        type(job).objects.values_list("reference_ms", flat=True).get(pk=job.pk),
     )
 
 
@@ -374,7 +375,7 @@ def test_a_bad_completion_is_refused_and_builds_no_table(board_with_model, body)
     assert job.status == JobStatus.RUNNING or job.status == JobStatus.QUEUED
 
 
-@pytest.mark.parametrize("endpoint", ["results", "model-file", "model-result", "complete"])
+@pytest.mark.parametrize("endpoint", ["results", "model-file", "model-result", "reference", "complete"])
 def test_another_devices_job_is_refused_on_every_endpoint(board_with_model, owner, endpoint):
     registration, job = board_with_model
     other = services.board_register(owner=owner, name="another board of the same owner")
@@ -386,6 +387,8 @@ def test_another_devices_job_is_refused_on_every_endpoint(board_with_model, owne
         response = client.get(f"/api/agent/jobs/{job.pk}/models/0/file")
     elif endpoint == "model-result":
         response = post(client, model_result_url(job), {"ms": 1.0})
+    elif endpoint == "reference":
+        response = post(client, f"/api/agent/jobs/{job.pk}/reference", {"reference_ms": 0.1})
     else:
         response = post(client, complete_url(job), {"call_overhead_ms": 0.0})
     assert response.status_code == 404
@@ -511,3 +514,35 @@ def test_a_retried_job_times_the_same_interleaved_networks(owner):
     again = services._validation_archs(job, tiny_space())
     assert [purpose for purpose, _ in first] == ["fit", "fit", "check", "fit", "fit", "check"]
     assert [(p, a.to_dict()) for p, a in first] == [(p, a.to_dict()) for p, a in again]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"reference_ms": "NaN"}, {"reference_ms": -0.1}, {"reference_ms": 0}, {"reference_ms": True},
+     {"reference_ms": "0.1"}, {"reference_ms": 1e9}, {"reference_ms": 0.1, "extra": 1}, [0.1]],
+    ids=repr,
+)  # fmt: skip
+def test_a_bad_speed_reference_is_refused_with_nothing_stored(board, body):
+    registration, job = board
+    before = stored_state(job)
+    response = post(agent(registration.token), f"/api/agent/jobs/{job.pk}/reference", body)
+    assert response.status_code == 400, response.content
+    assert stored_state(job) == before
+
+
+def test_the_first_speed_reference_is_kept_and_goes_into_the_table(board):
+    """A restarted agent calibrates again; the job keeps the unit its first timings are in."""
+    registration, job = board
+    client = agent(registration.token)
+    url = f"/api/agent/jobs/{job.pk}/reference"
+    assert post(client, url, {"reference_ms": 0.104}).json() == {"reference_ms": 0.104}
+    assert post(client, url, {"reference_ms": 0.151}).json() == {"reference_ms": 0.104}
+    fetched = client.get("/api/agent/job").json()
+    assert fetched["reference_ms"] == 0.104
+    post(client, results_url(job), batch(job, [{"key": layer["key"], "ms": 0.2} for layer in job.layers]))
+    for model in fetched["models"]:  # the overhead-fit networks the job asks the board to time
+        post(client, f"/api/agent/jobs/{job.pk}/models/{model['model_id']}/result", {"ms": 1.0})
+    assert post(client, complete_url(job), {"call_overhead_ms": 0.01}).status_code == 200
+    record = LatencyTableRecord.objects.get()
+    assert record.table["metadata"]["speed_reference"]["base_ms"] == 0.104
+    assert post(client, url, {"reference_ms": 0.2}).status_code == 409  # the job is over

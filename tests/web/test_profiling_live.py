@@ -112,6 +112,8 @@ def test_agent_subprocess_killed_halfway_resumes_and_builds_the_table(tmp_path):
     record = LatencyTableRecord.objects.get(device=registration.device)
     assert record.entries_count == job.total_layers
     assert record.table["metadata"]["source"] == "agent"
+    # The agent calibrated its speed reference once; every timing of the job is at that base.
+    assert job.reference_ms > 0 and record.table["metadata"]["speed_reference"]["base_ms"] == job.reference_ms
     assert record.accuracy["n"] == 2  # the held-out check models were timed on the "board"
     assert record.accuracy["overhead_fit_networks"] == 2
     assert record.table["metadata"]["overhead_fit"]["networks"] == 2
