@@ -45,7 +45,7 @@ from engine.atomic import atomic_write_json
 from engine.cost import count_macs, count_params
 from engine.data.dataset import CIFAR100_NORMALIZATION, IMAGENET_NORMALIZATION, UNIT_RANGE, Normalization
 from engine.data.errors import DatasetError
-from engine.latency.measure import measure_module, torch_threads
+from engine.latency.measure import SpeedReference, measure_module, torch_threads
 from engine.meta.evaluate import confidence_interval95
 from engine.meta.runs import DEVICES, RunSpec, build_run, spec_on_device, task_source
 from engine.meta.train import load_checkpoint, meta_train
@@ -1080,6 +1080,19 @@ def _package_module(context: _Context, arch: Any, weights: str) -> tuple[Any, An
     return module, inner_loop, card, calibration[0][:8]
 
 
+def _speed_reference_of(context: _Context) -> tuple[SpeedReference | None, float | None]:
+    """A reference for timing packages here when the table was built at a reference speed.
+
+    Only when this machine measures (``measure_latency``: the table's device is this server's CPU)
+    and the table records its base: then the card can state the measured latency in the table's
+    unit next to the raw one (docs/PROFILING.md, "Speed reference")."""
+    recorded = (context.lut.metadata.get("speed_reference") or {}) if context.lut is not None else {}
+    base = recorded.get("base_ms")
+    if not context.request.measure_latency or not isinstance(base, int | float) or base <= 0:
+        return None, None
+    return SpeedReference(), float(base)
+
+
 def _write_packages(
     context: _Context,
     out: Path,
@@ -1094,6 +1107,7 @@ def _write_packages(
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".staging-{uuid.uuid4().hex[:12]}"
     outcomes = []
+    reference, reference_base = _speed_reference_of(context)
     try:
         staging.mkdir()
         for index, (constraint, ga, rs) in enumerate(
@@ -1104,10 +1118,14 @@ def _write_packages(
             module, inner_loop, extra, example = _package_module(context, arch, weights)
             shape = (1, context.space.in_channels, context.space.image_size, context.space.image_size)
             measured = None
+            at_reference = None
             if request.measure_latency:
-                measured = measure_module(
-                    module, shape, repeats=30, warmup=5, threads=request.threads
-                ).to_dict()
+                stats = measure_module(
+                    module, shape, repeats=30, warmup=5, threads=request.threads, reference=reference
+                )
+                measured = stats.to_dict()
+                if reference is not None:
+                    at_reference = stats.at_reference(reference_base)
             accuracy = accuracies.get(arch.canonical().to_json())
             random_summary = None
             if rs is not None:
@@ -1134,6 +1152,8 @@ def _write_packages(
                     "lut_predicted": ga.best_costs.get("latency_ms"),
                     "lut_device": context.lut.device if context.lut is not None else None,
                     "measured_here": measured,
+                    # The same timings at the table's reference speed, comparable with lut_predicted.
+                    "measured_at_reference": at_reference,
                     "measured_note": None
                     if measured is not None
                     else "not measured (request.measure_latency is false)",

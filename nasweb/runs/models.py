@@ -151,9 +151,12 @@ class AdaptedModel(models.Model):
         measured = nested.get("measured_here", card.get("measured_latency_ms"))
         if isinstance(measured, dict):
             measured = measured.get("median_ms")
+        at_reference = nested.get("measured_at_reference")
         return {
             "predicted_ms": predicted if isinstance(predicted, int | float) else None,
             "lut_device": nested.get("lut_device"),
             "measured_ms": measured if isinstance(measured, int | float) else None,
+            # The same timing at the table's reference speed (a table with a speed reference only).
+            "measured_at_reference_ms": at_reference if isinstance(at_reference, int | float) else None,
             "note": nested.get("measured_note"),
         }

@@ -226,6 +226,7 @@ def test_every_budget_gets_a_feasible_package_with_a_model_card(world, adapted):
         assert card["budget"]["limit"] == budget and card["constraint_met"] is True
         assert card["latency_ms"]["lut_predicted"] == pytest.approx(outcome.costs["latency_ms"])
         assert card["latency_ms"]["measured_here"]["median_ms"] > 0
+        assert card["latency_ms"]["measured_at_reference"] is None  # the table has no speed reference
         assert card["params"] == outcome.costs["params"] and card["macs"] == outcome.costs["macs"]
         assert (
             0 <= card["accuracy"]["mean"] <= 1
@@ -433,12 +434,18 @@ def test_search_on_the_gpu_chooses_what_the_cpu_chooses(world, adapted):
 def test_meta_weight_package_and_support_tasks(world, tmp_path):
     """Inherited meta-weights (task-agnostic card) and GA fitness on tasks cut from the support set.
 
-    Under a params budget, the device's table still prices the chosen sub-net's latency."""
+    Under a params budget, the device's table still prices the chosen sub-net's latency; a table
+    built at a speed reference gets the package's timing at that reference speed too."""
     space = world["space"]
+    referenced = LatencyTable.load(world["lut"])
+    referenced.metadata["speed_reference"] = {"workload": "conv3x3 32->32", "base_ms": 0.1}
+    referenced.save(tmp_path / "referenced_lut.json")
     request = request_for(
         world,
         constraint="params",
         budgets=(float(arch_params(space, space.largest())),),
+        lut=str(tmp_path / "referenced_lut.json"),
+        measure_latency=True,
         weights="meta",
         task_source="support",
         pool_size=4,
@@ -456,6 +463,10 @@ def test_meta_weight_package_and_support_tasks(world, tmp_path):
     assert card["budget"]["kind"] == "params" and card["params"] <= request.budgets[0]
     predicted = LatencyTable.load(world["lut"]).predict(space, Arch.from_dict(outcome.arch))
     assert card["latency_ms"]["lut_predicted"] == pytest.approx(predicted) and predicted > 0
+    measured = card["latency_ms"]["measured_here"]
+    assert measured["relative"] > 0 and card["latency_ms"]["measured_at_reference"] == pytest.approx(
+        measured["relative"] * 0.1
+    )
     assert card["search"]["task_source"] == "support" and "support" in card["bn_statistics"]["source"]
     rates = json.loads((Path(outcome.package) / "inner_loop.json").read_text())
     assert rates["steps"] == 2 and "head.2.weight" in rates["learning_rates"]

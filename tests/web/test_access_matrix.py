@@ -278,6 +278,9 @@ ROUTES: dict[str, Route] = {
     "devices:agent-job": Route(AGENT, lambda w: "/api/agent/job", device_get=S(200), foreign=S(200, 204)),
     "devices:agent-results": Route(AGENT, _job_url("results"), device_post=S(200), post_body=_results_body),
     "devices:agent-model-file": Route(AGENT, _job_url("models/0/file"), device_get=S(200)),
+    "devices:agent-reference": Route(
+        AGENT, _job_url("reference"), device_post=S(200), post_body=lambda w: {"reference_ms": 0.1}
+    ),
     "devices:agent-model-result": Route(
         AGENT, _job_url("models/0/result"), device_post=S(200), post_body=lambda w: {"ms": 1.5}
     ),

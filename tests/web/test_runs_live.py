@@ -115,7 +115,7 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
         assert model.latency["measured_ms"] == measured > 0 and model.latency["predicted_ms"] is None
         assert f"{measured:.4g} ms measured on this server" in page
         assert f"{100 * model.card['accuracy']['mean']:.1f} ± " in page
-    assert "latency-predicted" not in page
+    assert "latency-predicted" not in page and "reference speed" not in page  # no table, no reference
 
     # A latency budget: the CPU is profiled on demand, the card carries the LUT's prediction too.
     timed = services.adaption_start(
@@ -131,6 +131,9 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
     assert "latency_ms ≤ 1000 ms" in page
     assert f"{latency['predicted_ms']:.4g} ms predicted" in page
     assert f"{latency['measured_ms']:.4g} ms measured on this server" in page
+    # The on-demand table was timed at a speed reference: the card restates the measurement in it.
+    assert latency["measured_at_reference_ms"] > 0
+    assert f"({latency['measured_at_reference_ms']:.4g} ms at the table's reference speed)" in page
     assert client.get(f"/runs/adapt/{timed.pk}.json").json()["models"][0]["latency"] == latency
 
 
