@@ -293,10 +293,17 @@ def measure_call_overhead(
     warmup: int = 20,
     threads: int | None = None,
     device: str | torch.device = "cpu",
+    reference: SpeedReference | None = None,
 ) -> TimingStats:
     """Latency of calling an empty scripted module: the fixed cost every timed call includes."""
     return measure_module(
-        _Identity(), input_shape, repeats=repeats, warmup=warmup, threads=threads, device=device
+        _Identity(),
+        input_shape,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        device=device,
+        reference=reference,
     )
 
 
@@ -378,10 +385,15 @@ class LayerTimer:
         return _calibrated_base(self)
 
     def call_overhead_ms(self) -> float:
+        """The empty call's cost, in the unit of the entries it is subtracted from."""
         if self._call_overhead_ms is None:
-            self._call_overhead_ms = measure_call_overhead(
-                (self.batch_size, 1, 8, 8), threads=self.threads, device=self.device
-            ).median_ms
+            stats = measure_call_overhead(
+                (self.batch_size, 1, 8, 8),
+                threads=self.threads,
+                device=self.device,
+                reference=self.speed_reference,
+            )
+            self._call_overhead_ms = _in_timer_unit(self, stats)
         return self._call_overhead_ms
 
     def _runnable(self, spec: LayerSpec, module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -417,7 +429,7 @@ class LayerTimer:
 
     def entry_ms(self, stats: TimingStats) -> float:
         """The table entry of a layer's timings: at the reference speed when there is one."""
-        ms = stats.at_reference(self.base_ms()) if self.speed_reference is not None else stats.median_ms
+        ms = _in_timer_unit(self, stats)
         if self.subtract_call_overhead:
             ms -= self.call_overhead_ms()
         return max(ms, self.min_ms) if math.isfinite(ms) else ms
@@ -442,6 +454,13 @@ def _calibrated_base(timer: LayerTimer | ArchTimer) -> float:
     if timer.reference_base_ms is None:
         timer.reference_base_ms = timer.speed_reference.calibrate(threads=timer.threads)
     return timer.reference_base_ms
+
+
+def _in_timer_unit(timer: LayerTimer | ArchTimer, stats: TimingStats) -> float:
+    """``stats`` in the unit of ``timer``'s figures: at its reference speed when it has one."""
+    return (
+        stats.at_reference(_calibrated_base(timer)) if timer.speed_reference is not None else stats.median_ms
+    )
 
 
 def sequential_network(space: SearchSpace, arch: Arch) -> nn.Sequential:
@@ -508,7 +527,7 @@ class ArchTimer:
 
     def figure_ms(self, stats: TimingStats) -> float:
         """The figure of one sub-net's timings: at the reference speed when there is one."""
-        return stats.at_reference(self.base_ms()) if self.speed_reference is not None else stats.median_ms
+        return _in_timer_unit(self, stats)
 
     def __call__(self, arch: Arch) -> float:
         return self.figure_ms(self.stats(arch))

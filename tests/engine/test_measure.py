@@ -169,3 +169,19 @@ def test_speed_reference_timers_record_their_base_and_refuse_a_gpu():
         ArchTimer(space, speed_reference=reference, reference_base_ms=float("nan"))
     with pytest.raises(MeasurementError, match="no speed reference"):
         LayerTimer().base_ms()
+
+
+def test_the_call_overhead_subtracted_from_entries_is_in_their_unit():
+    """With a speed reference the entries are at the reference speed; so is the overhead."""
+    raw = LayerTimer(repeats=5, warmup=1, threads=1, subtract_call_overhead=True)
+    # A base of 1000 ms per reference call: the empty call (a small fraction of a 0.1 ms
+    # convolution) becomes tens of ms in that unit, while raw it is a few microseconds.
+    scaled = LayerTimer(
+        repeats=5,
+        warmup=1,
+        threads=1,
+        subtract_call_overhead=True,
+        speed_reference=SpeedReference(),
+        reference_base_ms=1000.0,
+    )
+    assert 0 < raw.call_overhead_ms() < 1 < scaled.call_overhead_ms() < 1000
