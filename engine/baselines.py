@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import max_pool2d_2x2
 from engine.ops import BN_EPS, BN_MOMENTUM, ElasticBatchNorm2d
 
 N_CONV_LAYERS = 4
@@ -67,7 +68,7 @@ class MamlConvNet(nn.Module):
         if not -self.bn_steps <= step < self.bn_steps:
             raise IndexError(f"BN step {step} out of range for bn_steps={self.bn_steps}")
         for conv, bn in zip(self.convs, self.bns, strict=True):
-            x = F.max_pool2d(F.relu(bn(conv(x), step, track_stats)), 2)
+            x = max_pool2d_2x2(F.relu(bn(conv(x), step, track_stats)))
         return self.head(x.flatten(-3))
 
     def extract(self, step: int = -1) -> nn.Module:

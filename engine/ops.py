@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import batch_norm_train, is_functorch_wrapped
+
 ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -138,13 +140,6 @@ class ElasticConv2d(nn.Module):
         return f"max_in={self.max_in_channels}, max_out={self.max_out_channels}, max_kernel={self.max_kernel}"
 
 
-def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``torch.func`` input (batched by ``vmap`` or tracked by ``grad``),
-    not a plain buffer captured from outside. torch has no public test for this."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(tensor))
-
-
 class ElasticBatchNorm2d(nn.Module):
     """BatchNorm over the leading channels, with MAML++ per-step statistics and affine params.
 
@@ -173,21 +168,20 @@ class ElasticBatchNorm2d(nn.Module):
         weight = self.weight[step, :channels]
         bias = self.bias[step, :channels]
         if self.training:
-            if track_stats and _is_functorch_wrapped(self.running_mean):
+            if track_stats and is_functorch_wrapped(self.running_mean):
                 self._update_running_stats(x, step, channels)
             elif track_stats:
                 # Row views of the buffers: batch_norm updates them in place.
-                return F.batch_norm(
+                return batch_norm_train(
                     x,
-                    self.running_mean[step, :channels],
-                    self.running_var[step, :channels],
                     weight,
                     bias,
-                    True,
+                    self.running_mean[step, :channels],
+                    self.running_var[step, :channels],
                     BN_MOMENTUM,
                     BN_EPS,
                 )
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, BN_EPS)
+            return batch_norm_train(x, weight, bias, None, None, 0.0, BN_EPS)
         return F.batch_norm(
             x,
             self.running_mean[step, :channels],

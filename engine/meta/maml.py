@@ -8,7 +8,10 @@ model itself knows nothing about meta-learning (the learn2learn split).
 Two ways to compute the same meta-gradient:
 
 * ``strategy="loop"`` -- the reference: tasks one after another, the sum of their query losses,
-  one ``backward()`` (how the MAML++ reference code works);
+  one ``backward()`` (how the MAML++ reference code works; benchmarks/maml_speed.py runs it
+  under :func:`engine.kernels.reference_kernels`, i.e. with ATen's BatchNorm and max-pool instead
+  of the hand-written kernels every strategy uses by default: second-order inner loops run under
+  :func:`engine.kernels.double_backward_kernels`);
 * ``strategy="threads"`` -- tasks are independent until their gradients are summed, so
   ``workers`` threads each adapt a share of the tasks (one intra-op thread each, so the core
   count is respected) and take their own task's meta-gradient with ``torch.autograd.grad``; the
@@ -37,6 +40,7 @@ selectable on the CPU (tests run it there) but is meant for CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -52,6 +56,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from engine.forked import ForkedWorker, SpawnedWorker, close_workers, start_workers
+from engine.kernels import double_backward_kernels
 from engine.latency.measure import torch_threads
 from engine.meta.schedule import per_step_loss_weights, use_second_order
 from engine.meta.tasks import TaskBatch
@@ -315,6 +320,27 @@ class MamlLearner(nn.Module):
         Query step ``s`` is evaluated with the fast weights after ``s + 1`` updates and BN row
         ``s`` (as in the MAML++ reference code).
         """
+        # A second-order step differentiates this graph twice: BatchNorm's closed-form double backward.
+        with double_backward_kernels() if create_graph else contextlib.nullcontext():
+            return self._adapt_task_steps(
+                module,
+                params,
+                task,
+                weights=weights,
+                create_graph=create_graph,
+                forward_kwargs=forward_kwargs,
+            )
+
+    def _adapt_task_steps(
+        self,
+        module: nn.Module,
+        params: dict[str, torch.Tensor],
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        weights: np.ndarray,
+        create_graph: bool,
+        forward_kwargs: Mapping[str, Any],
+    ) -> _TaskOutcome:
         support_x, support_y, query_x, query_y = task
         support_x, query_x = self._prepare(support_x), self._prepare(query_x)
         buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
