@@ -3,15 +3,19 @@
 Same network, configuration, data and machine in one process; the two implementations are
 timed in alternation (so background load hits both alike) and the medians are compared. The
 meta-gradients of both are checked to agree first (same math; in float32 only rounding differs,
-in float64 they agree to 1e-16, see tests/engine/test_maml.py).
+in float64 they agree to 1e-16 / 1e-10 with the kernels, see tests/engine/test_maml.py and
+tests/engine/test_kernels.py).
 
 Configurations (MAML++ reference settings, second order, multi-step loss on, 5 inner steps):
 - Omniglot 20-way 1-shot, 1 query per class, 28x28x1, 64 filters, meta-batch 8;
 - Mini-ImageNet-shaped 5-way 1-shot, 15 queries per class, 84x84x3, 48 filters, meta-batch 2;
 images are synthetic (speed does not depend on pixel values).
 
-Ours on the CPU, two ways: the ``threads`` strategy (tasks in worker threads) and the
-``processes`` strategy (tasks in worker processes, the production default). ``speedup_*`` is the
+The reference is the per-task loop with ATen's BatchNorm and max-pool (engine.kernels.reference_kernels);
+ours uses engine.kernels' hand-written ones (closed-form BatchNorm double backward, faster max-pool
+forward; same math), and on the CPU splits the tasks two ways: the ``threads`` strategy (tasks in
+worker threads) and the ``processes`` strategy (tasks in worker processes, the production default).
+``kernels_only_speedup_*`` is the 1-thread loop with our kernels against the 1-thread reference. ``speedup_*`` is the
 production path's; ``speedup_threads_*`` the threads strategy's. With ``--device cuda`` both run
 on the GPU and ours is the ``vmap`` strategy (all tasks of a meta-batch as one batched kernel per
 layer), the production path there; the reference is the same per-task loop.
@@ -24,6 +28,7 @@ Last line: JSON with speedup_omniglot, speedup_miniimagenet, it_per_s_omniglot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -39,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.baselines import MamlConvNet  # noqa: E402
+from engine.kernels import reference_kernels  # noqa: E402
 from engine.meta.maml import MamlConfig, MamlLearner  # noqa: E402
 from engine.meta.runs import DEVICES, default_strategy  # noqa: E402
 from engine.meta.synthetic import SyntheticTasks  # noqa: E402
@@ -76,14 +82,17 @@ def build(setting: Setting, threads: int, strategy: str, channels_last: bool, de
     return MamlLearner(net, config).to(device)
 
 
-def one_iteration(learner: MamlLearner, batch, intra_op_threads: int) -> float:
+def one_iteration(learner: MamlLearner, batch, intra_op_threads: int, aten: bool = False) -> float:
+    """Seconds for one meta-iteration; ``aten``: with ATen's BatchNorm and max-pool instead of
+    engine.kernels' (how the reference runs)."""
     torch.set_num_threads(intra_op_threads)
     learner.zero_grad(set_to_none=True)
     cuda = batch.support_x.is_cuda
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    learner.meta_step(batch, epoch=0)
+    with reference_kernels() if aten else contextlib.nullcontext():
+        learner.meta_step(batch, epoch=0)
     if cuda:
         torch.cuda.synchronize()  # the meta-gradient is done, not only queued
     return time.perf_counter() - start
@@ -119,24 +128,27 @@ def measure(
     }
     for learner in ours.values():
         learner.load_state_dict(reference.state_dict())
-    # On the CPU the reference as the MAML++ code runs it (all cores intra-op) and with one
-    # intra-op thread (sometimes faster for such small ops): we compare against the faster.
-    variants = {"reference": (reference, threads)}
+    # On the CPU the reference as the MAML++ code runs it (all cores intra-op, ATen's kernels) and
+    # with one intra-op thread (sometimes faster for such small ops): we compare against the
+    # faster. "loop_kernels_1thread" is the 1-thread reference with engine.kernels' BatchNorm and
+    # max-pool, which every strategy uses: what the kernels alone save.
+    variants = {"reference": (reference, threads, True)}
     if device == "cpu":
-        variants["reference_1thread"] = (reference, 1)
-    variants.update({strategy: (learner, threads) for strategy, learner in ours.items()})
+        variants["reference_1thread"] = (reference, 1, True)
+        variants["loop_kernels_1thread"] = (reference, 1, False)
+    variants.update({strategy: (learner, threads, False) for strategy, learner in ours.items()})
     try:
-        one_iteration(reference, batch, threads)  # warm-up, and gradients to compare
+        one_iteration(reference, batch, threads, aten=True)  # warm-up, and gradients to compare
         difference = {}
         for strategy, learner in ours.items():
             one_iteration(learner, batch, threads)
             difference[strategy] = relative_gradient_difference(reference, learner)
-        for learner, intra_op in variants.values():  # a second warm-up (CUDA kernels, caches)
-            one_iteration(learner, batch, intra_op)
+        for learner, intra_op, aten in variants.values():  # a second warm-up (CUDA kernels, caches)
+            one_iteration(learner, batch, intra_op, aten)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(rounds):
-            for name, (learner, intra_op) in variants.items():
-                times[name].append(one_iteration(learner, batch, intra_op))
+            for name, (learner, intra_op, aten) in variants.items():
+                times[name].append(one_iteration(learner, batch, intra_op, aten))
     finally:
         for learner in ours.values():
             learner.close_workers()
@@ -151,7 +163,9 @@ def measure(
             f"{median['reference_1thread']:.3f} s/it (1 thread); threads strategy {median['threads']:.3f} s/it "
             f"({speedup['threads']:.2f}x); processes strategy {median['processes']:.3f} s/it "
             f"({speedup['processes']:.2f}x vs the faster reference); relative gradient difference "
-            f"{difference['threads']:.1e} / {difference['processes']:.1e}"
+            f"{difference['threads']:.1e} / {difference['processes']:.1e}; engine.kernels alone: loop "
+            f"{median['loop_kernels_1thread']:.3f} s/it (1 thread), "
+            f"{median['reference_1thread'] / median['loop_kernels_1thread']:.2f}x the 1-thread reference"
         )
     else:
         print(
@@ -164,6 +178,8 @@ def measure(
     return {
         "reference_s": median["reference"],
         "reference_1thread_s": median.get("reference_1thread", math.nan),
+        "kernels_only_speedup": median.get("reference_1thread", math.nan)
+        / median.get("loop_kernels_1thread", math.nan),
         "ours_s": median[production],
         "speedup": speedup[production],
         "speedup_threads": speedup.get("threads", math.nan),
@@ -218,6 +234,10 @@ def main() -> None:
                 "it_per_s_omniglot": round(1 / results["omniglot"]["ours_s"], 4),
                 "s_per_it_reference_omniglot": round(results["omniglot"]["reference_s"], 4),
                 "s_per_it_reference_1thread_omniglot": _rounded(results["omniglot"]["reference_1thread_s"]),
+                "kernels_only_speedup_omniglot": _rounded(results["omniglot"]["kernels_only_speedup"], 3),
+                "kernels_only_speedup_miniimagenet": _rounded(
+                    results["miniimagenet"]["kernels_only_speedup"], 3
+                ),
                 "grad_rel_diff_max": max(r["grad_rel_diff"] for r in results.values()),
                 "threads": args.threads,
                 "cudnn_benchmark": args.cudnn_benchmark,
