@@ -84,7 +84,6 @@ def test_layer_timer_matches_reference_measurement_order_of_magnitude():
     spec = next(
         s for s in space.all_layer_specs() if s.in_size == 14 and s.in_channels == 144 and s.kernel == 5
     )
-    reference = measure_layer(spec, repeats=15, warmup=3, threads=1).median_ms
     timer = LayerTimer(repeats=15, warmup=3, threads=1)
     timer(
         next(
@@ -93,7 +92,15 @@ def test_layer_timer_matches_reference_measurement_order_of_magnitude():
             if s.in_size == 14 and s.kernel == 5 and s.activation == spec.activation
         )
     )
-    assert 0.5 * reference < timer(spec) < 2.0 * reference
+    # Two separate timings on a VM whose CPU changes speed in phases of seconds (docs/PROFILING.md)
+    # can land in different phases; a timer that is really off fails all three tries.
+    ratios = []
+    for _ in range(3):
+        reference = measure_layer(spec, repeats=15, warmup=3, threads=1).median_ms
+        ratios.append(timer(spec) / reference)
+        if 0.5 < ratios[-1] < 2.0:
+            return
+    raise AssertionError(f"LayerTimer / measure_layer ratios {ratios} are all outside 0.5-2")
 
 
 def test_batch_size_is_honoured():
