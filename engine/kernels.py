@@ -105,7 +105,10 @@ class _BatchNormTrainBackward(Function):
             grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
         )
         ctx.save_for_backward(grad_out, x, weight)
-        ctx.mean, ctx.invstd, ctx.sum_gy, ctx.sum_gy_xhat = mean, invstd, grad_bias, grad_weight
+        # Detached: an output kept on its own node's context is a reference cycle through C++ that
+        # nothing frees, and it kept every meta-iteration's graph alive (gigabytes per minute).
+        ctx.mean, ctx.invstd = mean, invstd
+        ctx.sum_gy, ctx.sum_gy_xhat = grad_bias.detach(), grad_weight.detach()
         return grad_in, grad_weight, grad_bias
 
     @staticmethod
