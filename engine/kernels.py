@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +38,28 @@ _state = threading.local()
 
 
 @contextmanager
-def reference_kernels() -> Iterator[None]:
-    """Within the block (in this thread), BatchNorm and max-pool run as plain ATen ops, whatever
-    :func:`double_backward_kernels` says."""
-    previous = getattr(_state, "reference", False)
-    _state.reference = True
+def _switched_on(name: str) -> Iterator[None]:
+    """Set this thread's switch ``name`` for the duration of the block."""
+    previous = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.reference = previous
+        setattr(_state, name, previous)
 
 
-@contextmanager
-def double_backward_kernels() -> Iterator[None]:
+def reference_kernels() -> AbstractContextManager[None]:
+    """Within the block (in this thread), BatchNorm and max-pool run as plain ATen ops, whatever
+    :func:`double_backward_kernels` says."""
+    return _switched_on("reference")
+
+
+def double_backward_kernels() -> AbstractContextManager[None]:
     """Within the block (in this thread), BatchNorm in training mode gets the closed-form double
     backward. Entered around work that will be differentiated twice (second-order MAML): where
     only a first backward follows, the extra autograd node costs more than it saves (about 9 %
     of a first-order GA fitness evaluation, measured)."""
-    previous = getattr(_state, "double_backward", False)
-    _state.double_backward = True
-    try:
-        yield
-    finally:
-        _state.double_backward = previous
+    return _switched_on("double_backward")
 
 
 def using_reference_kernels() -> bool:

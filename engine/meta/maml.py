@@ -322,52 +322,43 @@ class MamlLearner(nn.Module):
         """
         # A second-order step differentiates this graph twice: BatchNorm's closed-form double backward.
         with double_backward_kernels() if create_graph else contextlib.nullcontext():
-            return self._adapt_task_steps(
-                module,
-                params,
-                task,
-                weights=weights,
-                create_graph=create_graph,
-                forward_kwargs=forward_kwargs,
-            )
-
-    def _adapt_task_steps(
-        self,
-        module: nn.Module,
-        params: dict[str, torch.Tensor],
-        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        *,
-        weights: np.ndarray,
-        create_graph: bool,
-        forward_kwargs: Mapping[str, Any],
-    ) -> _TaskOutcome:
-        support_x, support_y, query_x, query_y = task
-        support_x, query_x = self._prepare(support_x), self._prepare(query_x)
-        buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
-        fast = dict(params)
-        steps = len(weights)
-        total: torch.Tensor | None = None
-        accuracy = 0.0
-        for step in range(steps):
-            bn_step = self.bn_step(step)
-            logits = functional_call(
-                module, {**fast, **buffers}, (support_x,), {**forward_kwargs, "step": bn_step}, strict=False
-            )
-            support_loss = F.cross_entropy(logits, support_y)
-            adapted = [fast[name] for name in self.inner_names]
-            grads = torch.autograd.grad(support_loss, adapted, create_graph=create_graph, allow_unused=True)
-            for name, grad in zip(self.inner_names, grads, strict=True):
-                if grad is not None:  # unused by this sub-net: nothing to adapt
-                    fast[name] = fast[name] - self.inner_lr(name)[step] * grad
-            last = step == steps - 1
-            if weights[step] > 0 or last:
-                query_logits = functional_call(
-                    module, {**fast, **buffers}, (query_x,), {**forward_kwargs, "step": bn_step}, strict=False
+            support_x, support_y, query_x, query_y = task
+            support_x, query_x = self._prepare(support_x), self._prepare(query_x)
+            buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+            fast = dict(params)
+            steps = len(weights)
+            total: torch.Tensor | None = None
+            accuracy = 0.0
+            for step in range(steps):
+                bn_step = self.bn_step(step)
+                logits = functional_call(
+                    module,
+                    {**fast, **buffers},
+                    (support_x,),
+                    {**forward_kwargs, "step": bn_step},
+                    strict=False,
                 )
-                weighted = float(weights[step]) * F.cross_entropy(query_logits, query_y)
-                total = weighted if total is None else total + weighted
-                if last:
-                    accuracy = (query_logits.detach().argmax(dim=1) == query_y).float().mean().item()
+                support_loss = F.cross_entropy(logits, support_y)
+                adapted = [fast[name] for name in self.inner_names]
+                grads = torch.autograd.grad(
+                    support_loss, adapted, create_graph=create_graph, allow_unused=True
+                )
+                for name, grad in zip(self.inner_names, grads, strict=True):
+                    if grad is not None:  # unused by this sub-net: nothing to adapt
+                        fast[name] = fast[name] - self.inner_lr(name)[step] * grad
+                last = step == steps - 1
+                if weights[step] > 0 or last:
+                    query_logits = functional_call(
+                        module,
+                        {**fast, **buffers},
+                        (query_x,),
+                        {**forward_kwargs, "step": bn_step},
+                        strict=False,
+                    )
+                    weighted = float(weights[step]) * F.cross_entropy(query_logits, query_y)
+                    total = weighted if total is None else total + weighted
+                    if last:
+                        accuracy = (query_logits.detach().argmax(dim=1) == query_y).float().mean().item()
         return _TaskOutcome(loss=total, accuracy=accuracy, buffers=buffers)
 
     def _merge_buffers(self, outcomes: list[_TaskOutcome]) -> None:
