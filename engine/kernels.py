@@ -177,8 +177,8 @@ class _BatchNormTrain(Function):
 
 def batch_norm_train(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     momentum: float,
@@ -189,6 +189,8 @@ def batch_norm_train(
     double backward (ATen's op otherwise)."""
     if (
         not _use_double_backward_kernel()
+        or weight is None
+        or bias is None
         or x.dim() != 4
         or x.device.type != "cpu"
         or any(is_functorch_wrapped(t) for t in (x, weight, bias))
@@ -231,6 +233,12 @@ class _MaxPool2x2(Function):
 def max_pool2d_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` (floor mode) for ``[N, C, H, W]`` input: the same values, indices,
     gradient and second derivative (NaN inputs aside), with a faster forward on the CPU."""
-    if using_reference_kernels() or x.dim() != 4 or x.device.type != "cpu" or is_functorch_wrapped(x):
+    if (
+        using_reference_kernels()
+        or x.dim() != 4
+        or min(x.shape[-2:]) < 2  # ATen's error for an empty output
+        or x.device.type != "cpu"
+        or is_functorch_wrapped(x)
+    ):
         return F.max_pool2d(x, 2)
     return _MaxPool2x2.apply(x)

@@ -128,6 +128,16 @@ def test_max_pool_equals_aten_up_to_second_derivatives(shape, ties: bool) -> Non
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same selections: bit for bit
 
 
+def test_inputs_the_kernels_do_not_cover_get_atens_behaviour() -> None:
+    with pytest.raises(RuntimeError):  # ATen refuses a pool whose output would be empty
+        max_pool2d_2x2(torch.ones(1, 1, 1, 4))
+    x = _random((3, 2, 4, 4), 0)
+    with double_backward_kernels():  # no affine parameters: ATen's op
+        out = batch_norm_train(x, None, None, None, None, 0.0, 1e-5)
+    assert type(out.grad_fn).__name__.startswith("NativeBatchNormBackward")
+    torch.testing.assert_close(out, F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5))
+
+
 def test_max_pool_passes_gradcheck_and_gradgradcheck() -> None:
     x = _random((2, 3, 6, 5), 0)
     assert torch.autograd.gradcheck(max_pool2d_2x2, (x,))
