@@ -66,7 +66,8 @@ def using_reference_kernels() -> bool:
     return getattr(_state, "reference", False)
 
 
-def _use_double_backward_kernel() -> bool:
+def using_double_backward_kernels() -> bool:
+    """Whether BatchNorm gets the closed-form double backward here (this thread, right now)."""
     return getattr(_state, "double_backward", False) and not using_reference_kernels()
 
 
@@ -75,6 +76,15 @@ def is_functorch_wrapped(tensor: torch.Tensor) -> bool:
     torch has no public test for this."""
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check is not None and check(tensor))
+
+
+def _under_functorch(*tensors: torch.Tensor | None) -> bool:
+    """Inside a ``torch.func`` transform (even for a captured, unwrapped tensor), where these
+    autograd functions, which have no batching rules, must not run."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        return True
+    return any(t is not None and is_functorch_wrapped(t) for t in tensors)
 
 
 def _channel(values: torch.Tensor) -> torch.Tensor:
@@ -104,10 +114,14 @@ class _BatchNormTrainBackward(Function):
             grad_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
         )
         ctx.save_for_backward(grad_out, x, weight)
-        # Detached: an output kept on its own node's context is a reference cycle through C++ that
-        # nothing frees, and it kept every meta-iteration's graph alive (gigabytes per minute).
+        # Unused outputs (ggγ, ggβ when BatchNorm is outside the inner loop) arrive as None, not as
+        # zero tensors to multiply.
+        ctx.set_materialize_grads(False)
+        # Copies: an output kept on its own node's context is a reference cycle through C++ that
+        # nothing frees (it kept every meta-iteration's graph alive, gigabytes per minute), and a
+        # detached alias would change with an in-place edit of the returned gradient.
         ctx.mean, ctx.invstd = mean, invstd
-        ctx.sum_gy, ctx.sum_gy_xhat = grad_bias.detach(), grad_weight.detach()
+        ctx.sum_gy, ctx.sum_gy_xhat = grad_bias.detach().clone(), grad_weight.detach().clone()
         return grad_in, grad_weight, grad_bias
 
     @staticmethod
@@ -188,13 +202,13 @@ def batch_norm_train(
     ``[N, C, H, W]`` input on the CPU inside :func:`double_backward_kernels`, with a closed-form
     double backward (ATen's op otherwise)."""
     if (
-        not _use_double_backward_kernel()
+        not using_double_backward_kernels()
         or weight is None
         or bias is None
         or x.dim() != 4
+        or x.numel() < 2 * x.shape[1]  # one value per channel (or none): ATen's error
         or x.device.type != "cpu"
-        or any(is_functorch_wrapped(t) for t in (x, weight, bias))
-        or (running_mean is not None and is_functorch_wrapped(running_mean))
+        or _under_functorch(x, weight, bias, running_mean)
     ):
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
@@ -218,7 +232,11 @@ class _MaxPool2x2(Function):
         corner = torch.arange(height, dtype=torch.int32, device=x.device).view(-1, 1) * (2 * in_width)
         corner = corner + torch.arange(width, dtype=torch.int32, device=x.device).view(1, -1) * 2
         ctx.save_for_backward(x)
-        ctx.indices = (offset + corner).to(torch.int64)
+        # Contiguous, or channels-last like the input: ATen's double backward views the indices as
+        # [N, C, -1], which a transposed layout (what maximum() gives a transposed input) breaks.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        ctx.indices = (offset + corner).to(torch.int64).contiguous(memory_format=layout)
         return out
 
     @staticmethod
@@ -236,9 +254,10 @@ def max_pool2d_2x2(x: torch.Tensor) -> torch.Tensor:
     if (
         using_reference_kernels()
         or x.dim() != 4
-        or min(x.shape[-2:]) < 2  # ATen's error for an empty output
+        or min(x.shape[-2:]) < 2  # ATen's errors for an empty output or input
+        or x.numel() == 0
         or x.device.type != "cpu"
-        or is_functorch_wrapped(x)
+        or _under_functorch(x)
     ):
         return F.max_pool2d(x, 2)
     return _MaxPool2x2.apply(x)

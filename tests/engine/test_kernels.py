@@ -27,10 +27,12 @@ from engine.kernels import (
     double_backward_kernels,
     max_pool2d_2x2,
     reference_kernels,
+    using_double_backward_kernels,
     using_reference_kernels,
 )
 from engine.meta.maml import MamlConfig, MamlLearner
 from engine.meta.synthetic import SyntheticTasks
+from engine.ops import ElasticBatchNorm2d
 from engine.seeding import make_rngs
 from engine.space import SearchSpace
 from engine.supernet import SuperNet
@@ -45,7 +47,8 @@ def _first_and_second_derivatives(fn, inputs: list[torch.Tensor], seed: int) -> 
     """Output, the first gradients (create_graph) and the gradients of a random function of them."""
     out = fn(*inputs)
     probe = _random(out.shape, seed, requires_grad=False)
-    firsts = torch.autograd.grad((out * probe).sum(), inputs, create_graph=True)
+    # The square makes the incoming gradient depend on the inputs, so its own derivative counts.
+    firsts = torch.autograd.grad((out * probe).sum() + 0.5 * out.pow(2).sum(), inputs, create_graph=True)
     # A function of every first gradient: linear terms (each with its own probe) and a square, so
     # ggx, ggγ and ggβ all reach the double backward and the x-dependence of the first one counts.
     second_target = sum(
@@ -128,9 +131,77 @@ def test_max_pool_equals_aten_up_to_second_derivatives(shape, ties: bool) -> Non
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same selections: bit for bit
 
 
+@pytest.mark.parametrize("used", [("gx",), ("gw",), ("gb",), ("gx", "gb"), ("gw", "gb")])
+def test_batch_norm_double_backward_with_only_some_first_gradients_used(used) -> None:
+    x, weight, bias = _random((5, 3, 2, 3), 0), _random(3, 1), _random(3, 2)
+    results = []
+    for kernels in (double_backward_kernels, reference_kernels):
+        with kernels():
+            out = batch_norm_train(x, weight, bias, None, None, 0.0, 1e-5)
+        grads = torch.autograd.grad(out.pow(3).sum(), [x, weight, bias], create_graph=True)
+        firsts = dict(zip(("gx", "gw", "gb"), grads, strict=True))
+        target = sum(firsts[name].pow(2).sum() for name in used)
+        results.append(torch.autograd.grad(target, [x, weight, bias], allow_unused=True))
+    for ours, aten in zip(*results, strict=True):
+        if aten is None:
+            assert ours is None or not ours.any()
+        else:
+            torch.testing.assert_close(ours, aten, rtol=1e-10, atol=1e-11)
+
+
+def test_an_in_place_edit_of_the_first_gradients_does_not_change_the_second() -> None:
+    x, weight, bias = _random((4, 2, 3, 3), 0), _random(2, 1), _random(2, 2)
+    results = []
+    for kernels in (double_backward_kernels, reference_kernels):
+        with kernels():
+            out = batch_norm_train(x, weight, bias, None, None, 0.0, 1e-5)
+        gx, gw, gb = torch.autograd.grad(out.pow(2).sum(), [x, weight, bias], create_graph=True)
+        gw.mul_(0.5)
+        gb.mul_(0.5)
+        results.append(torch.autograd.grad(gx.pow(2).sum() + gw.pow(2).sum(), x)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_max_pool_on_other_layouts_equals_aten_up_to_second_derivatives(layout: str) -> None:
+    base = _random((2, 3, 7, 6), 0, requires_grad=False)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(2, 3)
+    else:
+        x = base[:, :, 1:, ::1][:, :, :, 1:]
+    x.requires_grad_(True)
+    got = _first_and_second_derivatives(lambda t: max_pool2d_2x2(F.relu(t)), [x], seed=5)
+    expected = _first_and_second_derivatives(lambda t: F.max_pool2d(F.relu(t), 2), [x], seed=5)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_captured_tensors_inside_torch_func_transforms_use_atens_ops() -> None:
+    x = _random((2, 3, 4, 4), 0, requires_grad=False)
+    scales = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
+    pooled = torch.vmap(lambda scale: max_pool2d_2x2(x).sum() * scale)(scales)
+    torch.testing.assert_close(pooled, F.max_pool2d(x, 2).sum() * scales)
+    weight, bias = _random(3, 1, requires_grad=False), _random(3, 2, requires_grad=False)
+
+    def normalised(scale: torch.Tensor) -> torch.Tensor:
+        return batch_norm_train(x * 1.0, weight * scale, bias, None, None, 0.0, 1e-5).pow(2).sum()
+
+    with double_backward_kernels():
+        grads = torch.func.grad(normalised)(torch.tensor(1.3, dtype=torch.float64))
+    with reference_kernels():
+        expected = torch.func.grad(normalised)(torch.tensor(1.3, dtype=torch.float64))
+    torch.testing.assert_close(grads, expected)
+
+
 def test_inputs_the_kernels_do_not_cover_get_atens_behaviour() -> None:
     with pytest.raises(RuntimeError):  # ATen refuses a pool whose output would be empty
         max_pool2d_2x2(torch.ones(1, 1, 1, 4))
+    with pytest.raises(RuntimeError):  # ... and an input without channels
+        max_pool2d_2x2(torch.ones(2, 0, 4, 4))
+    with double_backward_kernels(), pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_train(_random((1, 3, 1, 1), 0), _random(3, 1), _random(3, 2), None, None, 0.0, 1e-5)
     x = _random((3, 2, 4, 4), 0)
     with double_backward_kernels():  # no affine parameters: ATen's op
         out = batch_norm_train(x, None, None, None, None, 0.0, 1e-5)
@@ -282,3 +353,34 @@ def test_second_order_meta_iterations_do_not_grow_memory() -> None:
         gc.collect()
         alive.append(sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor)))
     assert alive[2] == alive[1], alive
+
+
+class KernelProbeNet(torch.nn.Module):
+    """conv -> engine BatchNorm -> linear, whose forward fails unless BatchNorm's double-backward
+    kernel is switched on where it runs (a worker thread or a spawned worker process)."""
+
+    def __init__(self, bn_steps: int = 2) -> None:
+        super().__init__()
+        self.bn_steps = bn_steps
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = ElasticBatchNorm2d(4, bn_steps)
+        self.head = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor, step: int = 0, track_stats: bool = True) -> torch.Tensor:
+        if torch.is_grad_enabled() and not using_double_backward_kernels():
+            raise AssertionError("a second-order step ran without BatchNorm's double-backward kernel")
+        return self.head(F.relu(self.bn(self.conv(x), step, track_stats)).flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads", "processes"])
+def test_every_cpu_strategy_runs_second_order_steps_with_the_kernel(strategy: str) -> None:
+    torch.manual_seed(0)
+    learner = MamlLearner(
+        KernelProbeNet(), MamlConfig(inner_steps=2, multi_step_epochs=4, strategy=strategy, workers=2)
+    )
+    batch = SyntheticTasks(5, 1, 2, channels=1, image_size=8)(np.random.default_rng(0), 2)
+    try:
+        learner.meta_step(batch, epoch=0)
+    finally:
+        learner.close_workers()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in learner.model.parameters())
