@@ -329,16 +329,15 @@ class MamlLearner(nn.Module):
             steps = len(weights)
             total: torch.Tensor | None = None
             accuracy = 0.0
+
+            def logits_of(x: torch.Tensor, bn_step: int) -> torch.Tensor:
+                # The current fast weights (``fast`` is updated in place below).
+                kwargs = {**forward_kwargs, "step": bn_step}
+                return functional_call(module, {**fast, **buffers}, (x,), kwargs, strict=False)
+
             for step in range(steps):
                 bn_step = self.bn_step(step)
-                logits = functional_call(
-                    module,
-                    {**fast, **buffers},
-                    (support_x,),
-                    {**forward_kwargs, "step": bn_step},
-                    strict=False,
-                )
-                support_loss = F.cross_entropy(logits, support_y)
+                support_loss = F.cross_entropy(logits_of(support_x, bn_step), support_y)
                 adapted = [fast[name] for name in self.inner_names]
                 grads = torch.autograd.grad(
                     support_loss, adapted, create_graph=create_graph, allow_unused=True
@@ -348,13 +347,7 @@ class MamlLearner(nn.Module):
                         fast[name] = fast[name] - self.inner_lr(name)[step] * grad
                 last = step == steps - 1
                 if weights[step] > 0 or last:
-                    query_logits = functional_call(
-                        module,
-                        {**fast, **buffers},
-                        (query_x,),
-                        {**forward_kwargs, "step": bn_step},
-                        strict=False,
-                    )
+                    query_logits = logits_of(query_x, bn_step)
                     weighted = float(weights[step]) * F.cross_entropy(query_logits, query_y)
                     total = weighted if total is None else total + weighted
                     if last:
