@@ -57,7 +57,7 @@ def make_activation(name: str) -> nn.Module:
         ) from None
 
 
-def adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
+def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[out_size, in_size] averaging matrix reproducing ``adaptive_avg_pool`` bins along one axis.
 
     Bin i covers ``[floor(i*in/out), ceil((i+1)*in/out))`` exactly as PyTorch's
@@ -65,11 +65,38 @@ def adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """
     if in_size < 1 or out_size < 1:
         raise ValueError(f"pool sizes must be positive, got in_size={in_size}, out_size={out_size}")
-    matrix = torch.zeros(out_size, in_size)
+    matrix = torch.zeros(out_size, in_size, dtype=dtype)
     for i in range(out_size):
         start = (i * in_size) // out_size
         end = -((-(i + 1) * in_size) // out_size)  # ceil division
         matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+#: ``ElasticLinear.pool_and_classify`` folds the pooling into the classifier for feature maps of
+#: at most this many pixels (14x14) and pools first above it. Timed with benchmarks/pool_head.py
+#: (1 thread, forward and backward of 320 images): folding won up to 14x14 (2.5 against 4.2 ms
+#: at 16 channels) and lost at 28x28 (13.0 against 10.2 ms).
+FOLD_POOL_MAX_PIXELS = 196
+
+_POOLING_MATRICES: dict[tuple[int, int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def pooling_matrix(
+    height: int, width: int, out_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[out_size**2, height*width]``: ``adaptive_avg_pool2d(x, out_size)`` of one ``[H, W]`` map
+    as a matrix on its flattened pixels (row-major on both sides), cached per size, device and
+    dtype. A constant: never a parameter or buffer, so checkpoints and ``functional_call`` do not
+    see it."""
+    key = (height, width, out_size, torch.device(device), dtype)
+    matrix = _POOLING_MATRICES.get(key)
+    if matrix is None:
+        # Built in float64 so a float64 caller gets 1/3 to float64 precision.
+        rows = adaptive_pool_matrix(height, out_size, torch.float64)
+        cols = adaptive_pool_matrix(width, out_size, torch.float64)
+        matrix = torch.kron(rows, cols).to(device=device, dtype=dtype)
+        _POOLING_MATRICES[key] = matrix
     return matrix
 
 
@@ -233,6 +260,26 @@ class ElasticLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.flatten(-3), self.sub_weight(x.shape[-3]), self.bias)
+
+    def pool_and_classify(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(F.adaptive_avg_pool2d(x, pool_size))`` for unpooled features ``[B, C, H, W]``.
+
+        Both steps are linear in ``x``, so for small feature maps the averaging is folded into
+        the classifier: a ``[classes, C*H*W]`` weight (the head's weight times the pooling
+        matrix) applied to ``x`` directly. The same bins and sums in another order - the logits
+        agree with pooling first to float rounding. It matters because CPU ``adaptive_avg_pool2d``
+        is slow on the tiny maps a sub-net ends with: pooling 320 maps of 32x2x2 up to 5x5 and
+        back took 4.5 ms, the folded head 0.18 ms (benchmarks/pool_head.py). Large maps pool
+        first (folding would multiply the classifier's work by ``H*W / pool_size**2``).
+        """
+        height, width = x.shape[-2:]
+        if height * width > FOLD_POOL_MAX_PIXELS:
+            return self(F.adaptive_avg_pool2d(x, self.pool_size))
+        channels = x.shape[-3]
+        pool = pooling_matrix(height, width, self.pool_size, x.device, x.dtype)  # [p*p, H*W]
+        per_channel = self.weight[:, :channels].reshape(self.num_classes * channels, self.pool_size**2)
+        weight = torch.matmul(per_channel, pool).reshape(self.num_classes, channels * height * width)
+        return F.linear(x.flatten(-3), weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"max_channels={self.max_channels}, pool_size={self.pool_size}, num_classes={self.num_classes}"

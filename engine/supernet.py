@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.ops import (
@@ -176,8 +175,7 @@ class SuperNet(nn.Module):
                     identity, block.convs[last].out_channels, 1, block.shortcut_stride, step, track_stats
                 )
                 x = block.convs[last].activation(x + shortcut)
-        x = F.adaptive_avg_pool2d(x, self.space.pool_size)
-        return self.head(x)
+        return self.head.pool_and_classify(x)
 
 
 class ResidualBlock(nn.Module):

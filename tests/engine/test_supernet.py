@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 from engine.baselines import MamlConvNet, ceil_pooling_macs, maml_miniimagenet, maml_omniglot
 from engine.cost import count_params
-from engine.ops import ElasticConv2d, FixedAvgPool2d
+from engine.ops import FOLD_POOL_MAX_PIXELS, ElasticConv2d, ElasticLinear, FixedAvgPool2d, pooling_matrix
 from engine.seeding import make_rngs
 from engine.space import Arch, ArchError, SearchSpace
 from engine.supernet import SuperNet, extract_subnet
@@ -198,6 +198,64 @@ def test_fixed_avg_pool_matches_adaptive_pooling():
             torch.testing.assert_close(
                 FixedAvgPool2d(in_size, out_size)(x), F.adaptive_avg_pool2d(x, out_size), rtol=1e-6, atol=1e-6
             )
+
+
+def test_pooling_matrix_is_adaptive_average_pooling_on_flattened_pixels():
+    for height, width in ((1, 1), (2, 2), (3, 5), (7, 7), (6, 11), (14, 14)):
+        for out_size in (1, 5):
+            x = torch.randn(
+                4, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(height)
+            )
+            matrix = pooling_matrix(height, width, out_size, x.device, x.dtype)
+            pooled = (x.reshape(4, height * width) @ matrix.t()).reshape(4, out_size, out_size)
+            torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, out_size), rtol=1e-12, atol=1e-12)
+
+
+# Every spatial size a sub-net can end with (28x28 and 84x84 inputs, any number of stride-2
+# layers), odd and non-square ones, and both sides of the fold/pool-first threshold.
+@pytest.mark.parametrize(
+    "size", [(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (7, 7), (11, 11), (14, 14), (3, 5), (21, 21), (28, 28)]
+)
+@pytest.mark.parametrize("pool_size", [1, 5])
+def test_pool_and_classify_equals_pooling_then_the_head_with_the_same_gradients(size, pool_size):
+    height, width = size
+    generator = torch.Generator().manual_seed(height * 100 + width + pool_size)
+    head = ElasticLinear(max_channels=12, pool_size=pool_size, num_classes=5).double()
+    with torch.no_grad():
+        head.weight.normal_(generator=generator)
+        head.bias.normal_(generator=generator)
+    x = torch.randn(6, 7, height, width, dtype=torch.float64, generator=generator, requires_grad=True)
+    folded = head.pool_and_classify(x)
+    pooled_first = head(F.adaptive_avg_pool2d(x, pool_size))
+    torch.testing.assert_close(folded, pooled_first, rtol=1e-10, atol=1e-10)
+    # First and second derivatives (MAML++'s meta-gradient goes through the head twice).
+    outgoing = torch.randn(folded.shape, dtype=torch.float64, generator=generator)
+    inputs = (x, head.weight, head.bias)
+    first = torch.autograd.grad((folded * outgoing).sum(), inputs, create_graph=True)
+    expected = torch.autograd.grad((pooled_first * outgoing).sum(), inputs, create_graph=True)
+    for got, want in zip(first, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    second = torch.autograd.grad(sum((g**2).sum() for g in first[:2]), (x, head.weight))
+    second_expected = torch.autograd.grad(sum((g**2).sum() for g in expected[:2]), (x, head.weight))
+    for got, want in zip(second, second_expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_pool_and_classify_folds_small_maps_and_pools_large_ones_first(monkeypatch):
+    head = ElasticLinear(max_channels=4, pool_size=5, num_classes=3)
+    side = int(FOLD_POOL_MAX_PIXELS**0.5)
+    pooled_shapes = []
+    adaptive_avg_pool2d = F.adaptive_avg_pool2d
+
+    def recording_pool(x, *args, **kwargs):
+        pooled_shapes.append(tuple(x.shape))
+        return adaptive_avg_pool2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", recording_pool)
+    head.pool_and_classify(torch.randn(2, 4, side, side))
+    assert pooled_shapes == []
+    head.pool_and_classify(torch.randn(2, 4, side + 1, side + 1))
+    assert pooled_shapes == [(2, 4, side + 1, side + 1)]
 
 
 def test_sample_extract_forward_is_fast():

@@ -1,0 +1,165 @@
+"""The super-net's pooling + classifier: pooling first (``adaptive_avg_pool2d``) against the
+averaging folded into the classifier's weight (``ElasticLinear.pool_and_classify``).
+
+Two parts, both with the pool-first way as the baseline of the same run:
+
+1. the head alone, forward and backward, on the feature maps a sub-net can end with (320 images:
+   a 16-task slice of 20-way 1-shot support sets), 1 thread, best of ``--repeats``;
+2. whole GA fitness evaluations (16 tasks, inner loop, query loss) of random sub-nets of a
+   super-net, each timed both ways alternately (``engine.ops.FOLD_POOL_MAX_PIXELS`` = 0 forces
+   pooling first). ``--cheap Q`` keeps only sub-nets under the Q quantile of MACs, the kind a
+   tight latency budget leaves to the GA.
+
+    python benchmarks/pool_head.py --supernet RUN/checkpoint.pt [--archs 24] [--cheap 0.3]
+    python benchmarks/pool_head.py --quick   # a tiny super-net trained for seconds
+
+The last stdout line is one JSON object: per-shape speed-ups of the head and the mean ms per
+evaluation both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine.ops as ops_module  # noqa: E402
+from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
+from engine.cost import arch_macs  # noqa: E402
+from engine.ops import ElasticLinear  # noqa: E402
+
+#: Seed stream of the sub-nets timed (the tasks come from benchmarks._validation's).
+ARCH_STREAM = 33
+#: (channels, side) of the head's input: 28x28 Omniglot after 0-4 stride-2 layers, 84x84 after 3-4.
+HEAD_SHAPES = [(16, 1), (32, 2), (72, 2), (32, 4), (64, 7), (16, 14), (64, 6), (32, 11), (16, 28)]
+
+
+def best_us(fn: Callable[[], object], repeats: int, calls: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return 1e6 * best
+
+
+@contextlib.contextmanager
+def pooling_first() -> Iterator[None]:
+    saved = ops_module.FOLD_POOL_MAX_PIXELS
+    ops_module.FOLD_POOL_MAX_PIXELS = 0
+    try:
+        yield
+    finally:
+        ops_module.FOLD_POOL_MAX_PIXELS = saved
+
+
+def time_one_head(channels: int, side: int, images: int, repeats: int, calls: int) -> dict:
+    head = ElasticLinear(max_channels=channels, pool_size=5, num_classes=20)
+    x = torch.randn(images, channels, side, side, requires_grad=True)
+    outgoing = torch.randn(images, 20)
+    inputs = (x, head.weight, head.bias)
+
+    def pool_first() -> object:
+        return torch.autograd.grad(head(F.adaptive_avg_pool2d(x, 5)), inputs, outgoing)
+
+    def folded() -> object:
+        return torch.autograd.grad(head.pool_and_classify(x), inputs, outgoing)
+
+    row = {"channels": channels, "side": side, "pool_first_us": best_us(pool_first, repeats, calls)}
+    row["pool_and_classify_us"] = best_us(folded, repeats, calls)
+    row["speedup"] = row["pool_first_us"] / row["pool_and_classify_us"]
+    return row
+
+
+def time_head(images: int, repeats: int, calls: int) -> list[dict]:
+    rows = []
+    for channels, side in HEAD_SHAPES:
+        row = time_one_head(channels, side, images, repeats, calls)
+        rows.append(row)
+        print(
+            f"{images}x{channels}x{side}x{side} -> 5x5 -> 20: pool first {row['pool_first_us']:8.0f} us, "
+            f"pool_and_classify {row['pool_and_classify_us']:8.0f} us ({row['speedup']:.2f}x)"
+            + (
+                ""
+                if side * side <= ops_module.FOLD_POOL_MAX_PIXELS
+                else "  [pools first: above the fold limit]"
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_scoring_arguments(
+        parser,
+        archs=24,
+        archs_help="random sub-nets whose GA fitness is timed both ways",
+        quick_help="tiny super-net trained for seconds, 6 sub-nets, fewer head timings",
+    )
+    parser.add_argument("--cheap", type=float, default=1.0, help="keep sub-nets under this quantile of MACs")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timings per sub-net and way (the best counts)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print("== the head alone: forward and backward, 1 thread ==")
+    head_rows = time_head(images=320, repeats=3 if args.quick else 7, calls=5 if args.quick else 20)
+
+    print("\n== GA fitness evaluations (16 tasks each) ==")
+    bench = scoring_bench(args, parser, quick_iterations=24, quick_archs=40, arch_stream=ARCH_STREAM)
+    scorer, tasks, space = bench.scorer, bench.tasks, bench.run.space
+    archs = bench.archs
+    if args.cheap < 1.0:
+        macs = np.array([arch_macs(space, arch) for arch in archs])
+        archs = [arch for arch, m in zip(archs, macs, strict=True) if m <= np.quantile(macs, args.cheap)]
+    archs = archs[: 6 if args.quick else len(archs)]
+    scorer.score(archs[0], tasks)  # warm-up
+    folded_ms, first_ms = [], []
+    for arch in archs:
+        times = {"folded": [], "first": []}
+        for _ in range(args.repeats):
+            for way in ("first", "folded"):
+                context = pooling_first() if way == "first" else contextlib.nullcontext()
+                with context:
+                    started = time.perf_counter()
+                    scorer.score(arch, tasks)
+                    times[way].append(1000 * (time.perf_counter() - started))
+        first_ms.append(min(times["first"]))
+        folded_ms.append(min(times["folded"]))
+        print(
+            f"pool first {first_ms[-1]:7.1f} ms  folded {folded_ms[-1]:7.1f} ms  ({first_ms[-1] / folded_ms[-1]:.2f}x)"
+        )
+    speedups = [row["speedup"] for row in head_rows]
+    summary = {
+        **bench.summary_head(args),
+        "archs": len(archs),
+        "cheap_quantile": args.cheap,
+        "head_speedup_min": round(min(speedups), 2),
+        "head_speedup_max": round(max(speedups), 2),
+        "head_speedup_by_shape": {
+            f"{r['channels']}x{r['side']}x{r['side']}": round(r["speedup"], 2) for r in head_rows
+        },
+        "ms_per_evaluation_pool_first": round(float(np.mean(first_ms)), 1),
+        "ms_per_evaluation_folded": round(float(np.mean(folded_ms)), 1),
+        "evaluation_speedup": round(float(np.mean(first_ms)) / float(np.mean(folded_ms)), 2),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
