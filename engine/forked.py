@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from engine.allocator import retain_freed_memory
+
 #: prctl option that makes the kernel signal a process when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 _LENGTH = struct.Struct("!Q")
@@ -84,6 +86,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _serve(handler: Callable[[Any], Any], requests_fd: int, replies_fd: int) -> None:
     torch.set_num_threads(1)
+    # A worker exists to run the same small tensor work thousands of times: keep freed memory
+    # for the next allocation instead of faulting it in again (engine.allocator).
+    retain_freed_memory()
     while True:
         try:
             request = read_message(requests_fd)
