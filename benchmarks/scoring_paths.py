@@ -1,17 +1,19 @@
 """Which sub-nets does batching a slice's tasks speed up? The data behind the GA's scoring rule.
 
-``engine.search.adapt.SuperNetScorer.score`` ("auto") vmaps a slice's tasks only for sub-nets whose
-largest layer output per task is at most ``MAX_BATCHED_TASK_ACTIVATION`` elements and scores wider
-ones one task at a time on their sliced weights. This script times both ways on each of N random
-sub-nets of one super-net (alternately, best of ``--repeats``), sorted by that activation size, so
-the threshold can be checked on another machine:
+``engine.search.adapt.SuperNetScorer.score`` ("auto") runs a slice's tasks together - as channel
+groups of one forward ("grouped", :mod:`engine.search.grouped`) - only for sub-nets whose largest
+layer output per task is at most ``MAX_BATCHED_TASK_ACTIVATION`` elements and scores wider ones
+one task at a time on their sliced weights. This script times three ways on each of N random
+sub-nets of one super-net (alternately, best of ``--repeats``): grouped, the tasks vmapped
+("batched", the way before grouped) and one by one, sorted by that activation size, so the
+threshold can be checked on another machine:
 
     python benchmarks/scoring_paths.py --supernet RUN/checkpoint.pt [--archs 30] [--queries 1]
     python benchmarks/scoring_paths.py --quick   # a tiny super-net trained for seconds
 
-The last stdout line is one JSON object: mean ms per evaluation batched, one by one, on the
-production ("auto") choice and on the better of the two per sub-net, and the activation sizes
-where each way was faster.
+The last stdout line is one JSON object: mean ms per evaluation grouped, vmapped, one by one, on
+the production ("auto") choice and on the better of grouped and one by one per sub-net, and the
+activation sizes where grouped or one by one was faster.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
 
         return score
 
-    ways = {path: score_with(path) for path in ("batched", "sliced")}
+    ways = {path: score_with(path) for path in ("grouped", "batched", "sliced")}
     for score in ways.values():
         score(archs[0], tasks[:2])  # warm-up
     rows = []
@@ -80,23 +82,26 @@ def main() -> None:
         for path, score in ways.items():
             row[path] = best_ms(score, arch, tasks, args.repeats)
         row["auto"] = (
-            row["batched"] if row["activation"] <= adapt_module.MAX_BATCHED_TASK_ACTIVATION else row["sliced"]
+            row["grouped"] if row["activation"] <= adapt_module.MAX_BATCHED_TASK_ACTIVATION else row["sliced"]
         )
         rows.append(row)
     rows.sort(key=lambda row: row["activation"])
     for row in rows:
-        ratio = row["batched"] / row["sliced"]
-        print(f"{row['activation']:>9} elements  batched {row['batched']:7.1f} ms  one by one {row['sliced']:7.1f} ms  "
-              f"batched/one-by-one {ratio:.2f}  {row['arch']}")  # fmt: skip
-    batched_faster = [row["activation"] for row in rows if row["batched"] < row["sliced"]]
-    sliced_faster = [row["activation"] for row in rows if row["sliced"] <= row["batched"]]
+        ratio = row["grouped"] / row["sliced"]
+        print(f"{row['activation']:>9} elements  grouped {row['grouped']:7.1f} ms  vmapped {row['batched']:7.1f} ms  "
+              f"one by one {row['sliced']:7.1f} ms  grouped/one-by-one {ratio:.2f}  {row['arch']}")  # fmt: skip
+    batched_faster = [row["activation"] for row in rows if row["grouped"] < row["sliced"]]
+    sliced_faster = [row["activation"] for row in rows if row["sliced"] <= row["grouped"]]
     summary = {
         **bench.summary_head(args),
         "threshold": adapt_module.MAX_BATCHED_TASK_ACTIVATION,
+        "ms_grouped": round(float(np.mean([row["grouped"] for row in rows])), 1),
         "ms_batched": round(float(np.mean([row["batched"] for row in rows])), 1),
         "ms_one_by_one": round(float(np.mean([row["sliced"] for row in rows])), 1),
         "ms_auto": round(float(np.mean([row["auto"] for row in rows])), 1),
-        "ms_best_of_both": round(float(np.mean([min(row["batched"], row["sliced"]) for row in rows])), 1),
+        "ms_best_of_grouped_and_one_by_one": round(
+            float(np.mean([min(row["grouped"], row["sliced"]) for row in rows])), 1
+        ),
         "largest_activation_batched_faster": max(batched_faster, default=None),
         "smallest_activation_one_by_one_faster": min(sliced_faster, default=None),
     }

@@ -35,11 +35,14 @@ from engine.cost import arch_macs, arch_params
 from engine.progress import ProgressCallback, null_progress
 from engine.search.constraints import Constraint
 from engine.search.evolution import FitnessFn, GAConfig, SearchResult, run_ga
+from engine.search.grouped import grouped_logits
 
 Params = dict[str, torch.Tensor]
 ForwardFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
 #: ``loss_fn(params, x, y, step)``: one task's cross-entropy with BN step ``step``.
 BatchedLossFn = Callable[[Params, torch.Tensor, torch.Tensor, int], torch.Tensor]
+#: ``logits_fn(params, x, step)``: logits ``[tasks, n, classes]`` of a stack of tasks ``[tasks, n, ...]``.
+GroupedLogitsFn = Callable[[Params, torch.Tensor, int], torch.Tensor]
 
 #: Largest activation (images x channels x pixels of the network input) that one vmapped chunk of
 #: tasks may reach. It bounds memory at ~32 MB per saved tensor; small sub-nets on Omniglot score a
@@ -47,23 +50,25 @@ BatchedLossFn = Callable[[Params, torch.Tensor, torch.Tensor, int], torch.Tensor
 MAX_BATCHED_ELEMENTS = 1 << 23
 
 #: How :meth:`SuperNetScorer.score` runs a slice's tasks (all compute the same fitness; tests
-#: compare them): "auto" (production: see :meth:`SuperNetScorer.scoring_path`), "batched" (tasks
-#: vmapped on the sliced sub-net), "sliced" (one task at a time on the sliced sub-net) or
-#: "reference" (one at a time on the full super-net tensors, what benchmarks/ga_adaption.py times
-#: the production path against). Forked search processes inherit it.
-SCORING_PATHS = ("auto", "batched", "sliced", "reference")
+#: compare them): "auto" (production: see :meth:`SuperNetScorer.scoring_path`), "grouped" (tasks
+#: as channel groups of one forward, :mod:`engine.search.grouped`), "batched" (tasks vmapped on
+#: the sliced sub-net), "sliced" (one task at a time on the sliced sub-net) or "reference" (one
+#: at a time on the full super-net tensors, what benchmarks/ga_adaption.py times the production
+#: path against). Forked search processes inherit it.
+SCORING_PATHS = ("auto", "grouped", "batched", "sliced", "reference")
 SCORING_PATH = "auto"
 
-#: On a CPU, "auto" vmaps a slice's tasks only while the sub-net's largest activation per task
-#: (support images x channels x pixels of its biggest layer output) stays at or below this; wider
-#: sub-nets are scored one task at a time. Batching saves PyTorch's per-operation overhead, which
-#: dominates for narrow layers; for wide ones the stacked activations fall out of the caches and
-#: the batched convolutions got slower. Measured on the 2-core AMD EPYC with
+#: On a CPU, "auto" runs a slice's tasks together ("grouped") only while the sub-net's largest
+#: activation per task (support images x channels x pixels of its biggest layer output) stays at
+#: or below this; wider sub-nets are scored one task at a time. Batching saves PyTorch's
+#: per-operation overhead, which dominates for narrow layers; for wide ones the stacked
+#: activations fall out of the caches. Measured on the 2-core AMD EPYC with
 #: benchmarks/scoring_paths.py (1 thread, `cpu`-preset super-net, 20-way 1-shot, 30 random
-#: sub-nets, docs/BENCHMARKS.md): batching won for 7 of 9 sub-nets up to 62,720 elements, one by
-#: one won at 94,080 and for 20 of 21 from 125,440 on. On a GPU batching always pays, so "auto"
-#: always batches there.
-MAX_BATCHED_TASK_ACTIVATION = 100_000
+#: sub-nets, docs/BENCHMARKS.md): grouped won for all 9 sub-nets up to 94,080 elements, for 11 of
+#: 12 at 125,440-188,160, and for 4 of 9 above. (With the vmapped way, before grouped, the limit
+#: was 100,000.) On a GPU batching always pays, so "auto" always batches there (vmapped: the
+#: grouped way has not been run on a GPU).
+MAX_BATCHED_TASK_ACTIVATION = 200_000
 
 
 class AdaptionInputError(ValueError):
@@ -165,6 +170,35 @@ class LslrInnerLoop:
             fast = {name: fast[name] - self.rate(name, step) * grads[name] for name in names}
             batched = True
         return fixed, fast
+
+    def adapt_grouped(
+        self, logits_fn: GroupedLogitsFn, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> Params:
+        """The same rule on a stack of tasks through one grouped forward (``support_x``:
+        ``[tasks, n, ...]``; :mod:`engine.search.grouped`). ``logits_fn(params, x, step)`` returns
+        ``[tasks, n, classes]``; the adapted parameters come back with a leading task dimension,
+        the others as given. The loss summed over tasks has, for each task's own weights, that
+        task's gradient, so one backward serves every task."""
+        tasks, images = support_y.shape
+        wanted = params if self.adapted_names is None else self.adapted_names
+        names = [name for name in wanted if name in params]
+        fast = {name: tensor.detach() for name, tensor in params.items()}
+        for step in range(self.steps):
+            with torch.enable_grad():
+                leaves = {
+                    name: (fast[name] if step else fast[name].expand(tasks, *fast[name].shape).clone())
+                    .detach()
+                    .requires_grad_(True)
+                    for name in names
+                }
+                logits = logits_fn({**fast, **leaves}, support_x, step)
+                loss = F.cross_entropy(
+                    logits.reshape(tasks * images, -1), support_y.reshape(-1), reduction="sum"
+                )
+                grads = torch.autograd.grad(loss / images, [leaves[name] for name in names])
+            for name, gradient in zip(names, grads, strict=True):
+                fast[name] = leaves[name].detach() - self.rate(name, step) * gradient
+        return fast
 
 
 def inner_loop_from_learner(learner: Any, steps: int | None = None) -> LslrInnerLoop:
@@ -294,29 +328,31 @@ class SuperNetScorer:
     def score(self, arch: Any, tasks: Sequence[Any]) -> ArchScore:
         """Query loss and accuracy of ``arch`` after the inner loop on each task's support set.
 
-        Tasks of one shape are scored together (:meth:`score_batched`), in chunks; otherwise one
-        by one (:meth:`score_each`), on the sliced sub-net where the inner loop is an
-        :class:`LslrInnerLoop`. All do the same arithmetic (tests compare them); the batched one
-        sends every operation through PyTorch once per chunk instead of once per task.
+        Tasks of one shape are scored together (:meth:`score_grouped` on a CPU,
+        :meth:`score_batched` on a GPU), in chunks; otherwise one by one (:meth:`score_each`), on
+        the sliced sub-net where the inner loop is an :class:`LslrInnerLoop`. All do the same
+        arithmetic (tests compare them); the batched ones send every operation through PyTorch
+        once per chunk instead of once per task.
         """
         tasks = slice_tasks(tasks)
         if not tasks:
             raise AdaptionInputError("no tasks to score the architecture on")
         tensors = [tuple(task_tensors(task)) for task in tasks]
         path = self.scoring_path(arch, tensors)
-        if path != "batched":
+        if path not in ("batched", "grouped"):
             return self.score_each(arch, tasks, sliced=path == "sliced")
+        score_chunk = self.score_grouped if path == "grouped" else self.score_batched
         losses, accuracies = [], []
         per_chunk = self.tasks_per_chunk(arch, tensors[0][0])
         for start in range(0, len(tensors), per_chunk):
-            chunk_losses, chunk_accuracies = self.score_batched(arch, tensors[start : start + per_chunk])
+            chunk_losses, chunk_accuracies = score_chunk(arch, tensors[start : start + per_chunk])
             losses.extend(chunk_losses)
             accuracies.extend(chunk_accuracies)
         return ArchScore.of(losses, accuracies)
 
     def scoring_path(self, arch: Any, tensors: Sequence[tuple[torch.Tensor, ...]]) -> str:
-        """ "batched", "sliced" or "reference": how :meth:`score` runs these tasks under
-        ``SCORING_PATH``. Only same-shape tasks can be batched, and only an
+        """ "grouped", "batched", "sliced" or "reference": how :meth:`score` runs these tasks
+        under ``SCORING_PATH``. Only same-shape tasks can be batched, and only an
         :class:`LslrInnerLoop` names the tensors a sliced sub-net must adapt. The choice
         depends on the architecture and the task shapes alone, never on timings, so a search
         stays deterministic per seed whichever process scores an architecture."""
@@ -330,10 +366,12 @@ class SuperNetScorer:
         uniform = all(tuple(t.shape for t in task) == tuple(t.shape for t in tensors[0]) for task in tensors)
         if not uniform:
             return "sliced"
-        if SCORING_PATH == "batched" or self.supernet.head.weight.device.type != "cpu":
+        if SCORING_PATH in ("batched", "grouped"):
+            return SCORING_PATH
+        if self.supernet.head.weight.device.type != "cpu":
             return "batched"
         fits = self.largest_activation(arch, tensors[0][0]) <= MAX_BATCHED_TASK_ACTIVATION
-        return "batched" if fits else "sliced"
+        return "grouped" if fits else "sliced"
 
     def largest_activation(self, arch: Any, support_x: torch.Tensor) -> int:
         """Elements of the sub-net's biggest layer output for one task's support set."""
@@ -381,6 +419,30 @@ class SuperNetScorer:
                     return logits_of({**fixed, **adapted}, x, self.query_step)
 
                 logits = vmap(query_logits)(fast, query_x)
+        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
+        losses = losses.view(query_y.shape).mean(dim=1)
+        accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
+        return [float(v) for v in losses], [float(v) for v in accuracies]
+
+    def score_grouped(
+        self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
+    ) -> tuple[list[float], list[float]]:
+        """Per-task query losses and accuracies of ``arch`` on same-shape tasks, all at once
+        through :func:`engine.search.grouped.grouped_logits` (no ``vmap``)."""
+        supernet = self.supernet
+        device = supernet.head.weight.device
+        support_x, support_y, query_x, query_y = (
+            torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
+        )
+        self._check_labels(support_y)
+        params = {name: tensor.detach() for name, tensor in supernet.sliced_parameters(arch).items()}
+
+        def logits_of(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
+            return grouped_logits(supernet, arch, params, x, step)
+
+        fast = self.inner_loop.adapt_grouped(logits_of, params, support_x, support_y)
+        with torch.no_grad():
+            logits = logits_of(fast, query_x, self.query_step)
         losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
         losses = losses.view(query_y.shape).mean(dim=1)
         accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)

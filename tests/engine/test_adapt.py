@@ -181,9 +181,11 @@ def test_learner_inner_loop_matches_the_maml_learner_evaluation(setup):
 
 @pytest.mark.parametrize("backbone", ["vgg9", "resnet12"])
 @pytest.mark.parametrize("max_elements", [None, 1])
-def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_elements, monkeypatch):
-    """The batched path (sliced sub-net, tasks vmapped, in chunks) and the sliced one-by-one path
-    against the reference loop on the full tensors."""
+@pytest.mark.parametrize("adapt_bn", [False, True])
+def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_elements, adapt_bn, monkeypatch):
+    """The grouped path (tasks as channel groups of one forward), the batched one (tasks vmapped)
+    - both on the sliced sub-net, in chunks - and the sliced one-by-one path against the
+    reference loop on the full tensors; with BN's affine parameters adapted per task or shared."""
     import engine.search.adapt as adapt
 
     if max_elements is not None:  # one task per chunk
@@ -209,7 +211,7 @@ def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_element
     inner = LslrInnerLoop(
         steps=3,
         learning_rates=rates,
-        adapted_names=[name for name, _ in net.named_parameters() if ".bn." not in name][:-1],
+        adapted_names=[name for name, _ in net.named_parameters() if adapt_bn or ".bn." not in name][:-1],
     )
     scorer = SuperNetScorer(net, inner)
     rng = np.random.default_rng(7)
@@ -218,7 +220,7 @@ def test_batched_scoring_equals_scoring_one_task_at_a_time(backbone, max_element
     # "auto" takes both of its ways on these sub-nets
     smallest_activation = min(scorer.largest_activation(arch, tasks[0][0]) for arch in archs)
     monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", smallest_activation)
-    assert {scorer.scoring_path(arch, tensors) for arch in archs} == {"batched", "sliced"}
+    assert {scorer.scoring_path(arch, tensors) for arch in archs} == {"grouped", "sliced"}
     for arch in archs:
         each = scorer.score_each(arch, tasks)
         for path in adapt.SCORING_PATHS:
@@ -250,7 +252,7 @@ def test_auto_scoring_batches_only_sub_nets_whose_largest_activation_fits(setup,
             hook.remove()
         assert scorer.largest_activation(arch, support_x) == max(outputs), arch
         monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", max(outputs))
-        assert scorer.scoring_path(arch, tensors) == "batched"
+        assert scorer.scoring_path(arch, tensors) == "grouped"
         monkeypatch.setattr(adapt, "MAX_BATCHED_TASK_ACTIVATION", max(outputs) - 1)
         assert scorer.scoring_path(arch, tensors) == "sliced"
     mixed = tensors[:1] + [tuple(make_task(torch.Generator().manual_seed(3), shots=1))]
