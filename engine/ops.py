@@ -74,10 +74,13 @@ def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch
 
 
 #: ``ElasticLinear.pool_and_classify`` folds the pooling into the classifier for feature maps of
-#: at most this many pixels (14x14) and pools first above it. Timed with benchmarks/pool_head.py
-#: (1 thread, forward and backward of 320 images): folding won up to 14x14 (2.5 against 4.2 ms
-#: at 16 channels) and lost at 28x28 (13.0 against 10.2 ms).
-FOLD_POOL_MAX_PIXELS = 196
+#: at most this many pixels (8x8) and pools first above it. Timed with benchmarks/pool_head.py
+#: (1 thread, 2-core AMD EPYC): the head alone, forward and backward of 320 images, was 20-36x
+#: faster folded at 1x1 and 2x2, 5-6x at 6x6 and 7x7, 1.8x at 14x14 and even at 28x28; but in
+#: whole GA evaluations of 16 random sub-nets, the four ending at 14x14 with 8-16 channels were
+#: 5-20 % slower folded (pooling 14x14 first leaves the classifier 8x less work), while those
+#: ending at 2x2-7x7 were up to 1.42x faster.
+FOLD_POOL_MAX_PIXELS = 64
 
 _POOLING_MATRICES: dict[tuple[int, int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -269,8 +272,9 @@ class ElasticLinear(nn.Module):
         matrix) applied to ``x`` directly. The same bins and sums in another order - the logits
         agree with pooling first to float rounding. It matters because CPU ``adaptive_avg_pool2d``
         is slow on the tiny maps a sub-net ends with: pooling 320 maps of 32x2x2 up to 5x5 and
-        back took 4.5 ms, the folded head 0.18 ms (benchmarks/pool_head.py). Large maps pool
-        first (folding would multiply the classifier's work by ``H*W / pool_size**2``).
+        back took 4.5 ms, the folded head 0.18 ms (benchmarks/pool_head.py). Maps above
+        ``FOLD_POOL_MAX_PIXELS`` pool first (folding multiplies the classifier's work by
+        ``H*W / pool_size**2``).
         """
         height, width = x.shape[-2:]
         if height * width > FOLD_POOL_MAX_PIXELS:
