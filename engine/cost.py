@@ -59,7 +59,11 @@ def count_macs(
 
     def linear_hook(layer: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         nonlocal total
-        in_features = inputs[0][0].numel() if isinstance(layer, ElasticLinear) else layer.in_features
+        # ElasticLinear receives the unpooled map; what it classifies is the pooled one.
+        if isinstance(layer, ElasticLinear):
+            in_features = inputs[0].shape[-3] * layer.pool_size**2
+        else:
+            in_features = layer.in_features
         total += in_features * output[0].numel()
 
     handles = []

@@ -73,7 +73,7 @@ def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch
     return matrix
 
 
-#: ``ElasticLinear.pool_and_classify`` folds the pooling into the classifier for feature maps of
+#: ``ElasticLinear.forward`` folds the pooling into the classifier for feature maps of
 #: at most this many pixels (8x8) and pools first above it. Timed with benchmarks/pool_head.py
 #: (1 thread, 2-core AMD EPYC): the head alone, forward and backward of 320 images, was 20-36x
 #: faster folded at 1x1 and 2x2, 5-6x at 6x6 and 7x7, 1.8x at 14x14 and even at 28x28; but in
@@ -240,7 +240,7 @@ class ElasticBatchNorm2d(nn.Module):
 
 
 class ElasticLinear(nn.Module):
-    """Classifier over pooled features ``[B, C, p, p]`` for any C <= C_max.
+    """Average pooling to ``p x p`` and the classifier, for feature maps of any C <= C_max.
 
     The weight is stored as ``[classes, C_max, p, p]``; a sub-net with C channels uses
     ``weight[:, :C]`` flattened in the same (channel, row, col) order as ``x.flatten(1)``,
@@ -262,28 +262,31 @@ class ElasticLinear(nn.Module):
         return self.weight[:, :channels].reshape(self.num_classes, channels * self.pool_size * self.pool_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.flatten(-3), self.sub_weight(x.shape[-3]), self.bias)
+        """Logits of feature maps ``[B, C, H, W]``: average-pooled to ``pool_size`` x ``pool_size``
+        (``F.adaptive_avg_pool2d``'s bins; a map of that size already is its own pooling), then
+        the linear classifier.
 
-    def pool_and_classify(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(F.adaptive_avg_pool2d(x, pool_size))`` for unpooled features ``[B, C, H, W]``.
-
-        Both steps are linear in ``x``, so for small feature maps the averaging is folded into
-        the classifier: a ``[classes, C*H*W]`` weight (the head's weight times the pooling
-        matrix) applied to ``x`` directly. The same bins and sums in another order - the logits
-        agree with pooling first to float rounding. It matters because CPU ``adaptive_avg_pool2d``
-        is slow on the tiny maps a sub-net ends with: pooling 320 maps of 32x2x2 up to 5x5 and
-        back took 4.5 ms, the folded head 0.18 ms (benchmarks/pool_head.py). Maps above
-        ``FOLD_POOL_MAX_PIXELS`` pool first (folding multiplies the classifier's work by
-        ``H*W / pool_size**2``).
+        Both steps are linear in ``x``, so for small maps the averaging is folded into the
+        classifier: a ``[classes, C*H*W]`` weight (the head's weight times the pooling matrix)
+        applied to ``x`` directly. The same bins and sums in another order - the logits agree with
+        pooling first to float rounding. It matters because CPU ``adaptive_avg_pool2d`` is slow on
+        the tiny maps a sub-net ends with: pooling 320 maps of 32x2x2 up to 5x5 and back took 4.5
+        ms, the folded head 0.18 ms (benchmarks/pool_head.py). Maps above ``FOLD_POOL_MAX_PIXELS``
+        pool first (folding multiplies the classifier's work by ``H*W / pool_size**2``).
         """
-        height, width = x.shape[-2:]
-        if height * width > FOLD_POOL_MAX_PIXELS:
-            return self(F.adaptive_avg_pool2d(x, self.pool_size))
-        channels = x.shape[-3]
-        pool = pooling_matrix(height, width, self.pool_size, x.device, x.dtype)  # [p*p, H*W]
-        per_channel = self.weight[:, :channels].reshape(self.num_classes * channels, self.pool_size**2)
-        weight = torch.matmul(per_channel, pool).reshape(self.num_classes, channels * height * width)
-        return F.linear(x.flatten(-3), weight, self.bias)
+        channels, height, width = x.shape[-3:]
+        pool = self.pool_size
+        if (height, width) != (pool, pool):
+            if height * width > FOLD_POOL_MAX_PIXELS:
+                x = F.adaptive_avg_pool2d(x, pool)
+            else:
+                matrix = pooling_matrix(height, width, pool, x.device, x.dtype)  # [p*p, H*W]
+                per_channel = self.weight[:, :channels].reshape(self.num_classes * channels, pool * pool)
+                weight = torch.matmul(per_channel, matrix).reshape(
+                    self.num_classes, channels * height * width
+                )
+                return F.linear(x.flatten(-3), weight, self.bias)
+        return F.linear(x.flatten(-3), self.sub_weight(channels), self.bias)
 
     def extra_repr(self) -> str:
         return f"max_channels={self.max_channels}, pool_size={self.pool_size}, num_classes={self.num_classes}"

@@ -175,7 +175,7 @@ class SuperNet(nn.Module):
                     identity, block.convs[last].out_channels, 1, block.shortcut_stride, step, track_stats
                 )
                 x = block.convs[last].activation(x + shortcut)
-        return self.head.pool_and_classify(x)
+        return self.head(x)  # pools to pool_size x pool_size, then classifies
 
 
 class ResidualBlock(nn.Module):

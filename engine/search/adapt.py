@@ -301,6 +301,14 @@ class ArchScore:
         return 1.96 * math.sqrt(variance / n)
 
 
+def per_task_query_results(logits: torch.Tensor, query_y: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-task mean query losses and accuracies from logits ``[tasks, queries, classes]``."""
+    losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
+    losses = losses.view(query_y.shape).mean(dim=1)
+    accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
+    return [float(v) for v in losses], [float(v) for v in accuracies]
+
+
 class SuperNetScorer:
     """Scores architectures of one super-net on tasks: inherited weights -> inner loop -> query."""
 
@@ -395,17 +403,25 @@ class SuperNetScorer:
                 f"task labels go up to {int(support_y.max())} but the super-net is {num_classes}-way"
             )
 
+    def _stacked(
+        self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Params]:
+        """The tasks' tensors stacked ``[tasks, ...]`` on the super-net's device (labels
+        checked), and the sub-net's sliced parameters, detached."""
+        device = self.supernet.head.weight.device
+        support_x, support_y, query_x, query_y = (
+            torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
+        )
+        self._check_labels(support_y)
+        params = {name: tensor.detach() for name, tensor in self.supernet.sliced_parameters(arch).items()}
+        return support_x, support_y, query_x, query_y, params
+
     def score_batched(
         self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
     ) -> tuple[list[float], list[float]]:
         """Per-task query losses and accuracies of ``arch`` on same-shape tasks, all at once."""
         supernet = self.supernet
-        device = supernet.head.weight.device
-        support_x, support_y, query_x, query_y = (
-            torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
-        )
-        self._check_labels(support_y)
-        params = {name: tensor.detach() for name, tensor in supernet.sliced_parameters(arch).items()}
+        support_x, support_y, query_x, query_y, params = self._stacked(arch, tasks)
         logits_of = self._forward(arch, {name: b.detach() for name, b in supernet.named_buffers()})
 
         def task_loss(params: Params, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -419,10 +435,7 @@ class SuperNetScorer:
                     return logits_of({**fixed, **adapted}, x, self.query_step)
 
                 logits = vmap(query_logits)(fast, query_x)
-        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
-        losses = losses.view(query_y.shape).mean(dim=1)
-        accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
-        return [float(v) for v in losses], [float(v) for v in accuracies]
+        return per_task_query_results(logits, query_y)
 
     def score_grouped(
         self, arch: Any, tasks: Sequence[tuple[torch.Tensor, ...]]
@@ -430,12 +443,7 @@ class SuperNetScorer:
         """Per-task query losses and accuracies of ``arch`` on same-shape tasks, all at once
         through :func:`engine.search.grouped.grouped_logits` (no ``vmap``)."""
         supernet = self.supernet
-        device = supernet.head.weight.device
-        support_x, support_y, query_x, query_y = (
-            torch.stack([task[i] for task in tasks]).to(device) for i in range(4)
-        )
-        self._check_labels(support_y)
-        params = {name: tensor.detach() for name, tensor in supernet.sliced_parameters(arch).items()}
+        support_x, support_y, query_x, query_y, params = self._stacked(arch, tasks)
 
         def logits_of(params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
             return grouped_logits(supernet, arch, params, x, step)
@@ -443,10 +451,7 @@ class SuperNetScorer:
         fast = self.inner_loop.adapt_grouped(logits_of, params, support_x, support_y)
         with torch.no_grad():
             logits = logits_of(fast, query_x, self.query_step)
-        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
-        losses = losses.view(query_y.shape).mean(dim=1)
-        accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
-        return [float(v) for v in losses], [float(v) for v in accuracies]
+        return per_task_query_results(logits, query_y)
 
     def score_each(self, arch: Any, tasks: Sequence[Any], sliced: bool = False) -> ArchScore:
         """One task at a time. The reference (``sliced=False``) runs the inner loop on the full

@@ -14,7 +14,7 @@ Here the activations of all tasks keep one layout, ``[images, tasks * channels, 
 * BatchNorm's batch statistics per (task, channel) are ATen's per-channel statistics of that
   layout, with the affine parameters fused in (repeated per task where they are shared);
 * activations are element-wise;
-* pooling + classifier (folded as in ``ElasticLinear.pool_and_classify``) is one batched matmul.
+* pooling + classifier (folded as in ``ElasticLinear.forward``) is one batched matmul.
 
 Gradients come from plain autograd: the loss is the sum over tasks of each task's mean support
 loss, and no task's weights touch another's outputs, so the gradient with respect to the

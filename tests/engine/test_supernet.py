@@ -217,7 +217,7 @@ def test_pooling_matrix_is_adaptive_average_pooling_on_flattened_pixels():
     "size", [(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (7, 7), (11, 11), (14, 14), (3, 5), (21, 21), (28, 28)]
 )
 @pytest.mark.parametrize("pool_size", [1, 5])
-def test_pool_and_classify_equals_pooling_then_the_head_with_the_same_gradients(size, pool_size):
+def test_the_head_on_unpooled_maps_equals_pooling_then_the_head_with_the_same_gradients(size, pool_size):
     height, width = size
     generator = torch.Generator().manual_seed(height * 100 + width + pool_size)
     head = ElasticLinear(max_channels=12, pool_size=pool_size, num_classes=5).double()
@@ -225,7 +225,7 @@ def test_pool_and_classify_equals_pooling_then_the_head_with_the_same_gradients(
         head.weight.normal_(generator=generator)
         head.bias.normal_(generator=generator)
     x = torch.randn(6, 7, height, width, dtype=torch.float64, generator=generator, requires_grad=True)
-    folded = head.pool_and_classify(x)
+    folded = head(x)
     pooled_first = head(F.adaptive_avg_pool2d(x, pool_size))
     torch.testing.assert_close(folded, pooled_first, rtol=1e-10, atol=1e-10)
     # First and second derivatives (MAML++'s meta-gradient goes through the head twice).
@@ -241,7 +241,7 @@ def test_pool_and_classify_equals_pooling_then_the_head_with_the_same_gradients(
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_pool_and_classify_folds_small_maps_and_pools_large_ones_first(monkeypatch):
+def test_the_head_folds_small_maps_and_pools_large_ones_first(monkeypatch):
     head = ElasticLinear(max_channels=4, pool_size=5, num_classes=3)
     side = int(FOLD_POOL_MAX_PIXELS**0.5)
     pooled_shapes = []
@@ -252,9 +252,9 @@ def test_pool_and_classify_folds_small_maps_and_pools_large_ones_first(monkeypat
         return adaptive_avg_pool2d(x, *args, **kwargs)
 
     monkeypatch.setattr(F, "adaptive_avg_pool2d", recording_pool)
-    head.pool_and_classify(torch.randn(2, 4, side, side))
+    head(torch.randn(2, 4, side, side))
     assert pooled_shapes == []
-    head.pool_and_classify(torch.randn(2, 4, side + 1, side + 1))
+    head(torch.randn(2, 4, side + 1, side + 1))
     assert pooled_shapes == [(2, 4, side + 1, side + 1)]
 
 
