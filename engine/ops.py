@@ -103,6 +103,16 @@ def pooling_matrix(
     return matrix
 
 
+def fold_pooling(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A classifier weight ``[..., classes, C, p, p]`` on pooled features as one on ``H x W`` maps,
+    ``[..., classes, C*H*W]``: the weight times the pooling matrix (:func:`pooling_matrix`), so
+    ``linear(x.flatten(), folded) == linear(adaptive_avg_pool2d(x, p).flatten(), weight)``."""
+    *leading, channels, pool, _ = weight.shape
+    matrix = pooling_matrix(height, width, pool, weight.device, weight.dtype)  # [p*p, H*W]
+    folded = torch.matmul(weight.reshape(*leading, channels, pool * pool), matrix)
+    return folded.reshape(*leading, channels * height * width)
+
+
 class FixedAvgPool2d(nn.Module):
     """Adaptive average pooling for one known input size, as two small matmuls.
 
@@ -137,6 +147,19 @@ def crop_conv_weight(weight: torch.Tensor, in_channels: int, out_channels: int, 
     return weight[:out_channels, :in_channels, start : start + kernel, start : start + kernel]
 
 
+def same_padded_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int = 1) -> torch.Tensor:
+    """A bias-free convolution with odd kernels and padding ``kernel // 2``, as every super-net
+    layer is (``groups`` > 1: the GA's grouped path, one group per task)."""
+    kernel = weight.shape[-1]
+    if kernel == 1 and stride > 1:
+        # Same result as a strided 1x1 convolution: keep every stride-th pixel, then a 1x1
+        # convolution at stride 1. On torch 2.13 (CPU, AMD EPYC) oneDNN's weight gradient of
+        # the strided 1x1 convolution corrupted the heap ("double free or corruption"; gdb:
+        # mkldnn_convolution_backward_weights), killing adaption jobs mid-search.
+        return F.conv2d(x[:, :, ::stride, ::stride], weight, groups=groups)
+    return F.conv2d(x, weight, None, stride, kernel // 2, 1, groups)
+
+
 class ElasticConv2d(nn.Module):
     """A conv whose weight is stored at the largest size; calls use a centred sub-kernel
     and the leading input/output channels (weight sharing across every sub-net)."""
@@ -157,14 +180,7 @@ class ElasticConv2d(nn.Module):
         return crop_conv_weight(self.weight, in_channels, out_channels, kernel)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel: int, stride: int) -> torch.Tensor:
-        weight = self.sub_weight(x.shape[-3], out_channels, kernel)
-        if kernel == 1 and stride > 1:
-            # Same result as a strided 1x1 convolution: keep every stride-th pixel, then a 1x1
-            # convolution at stride 1. On torch 2.13 (CPU, AMD EPYC) oneDNN's weight gradient of
-            # the strided 1x1 convolution corrupted the heap ("double free or corruption"; gdb:
-            # mkldnn_convolution_backward_weights), killing adaption jobs mid-search.
-            return F.conv2d(x[:, :, ::stride, ::stride], weight)
-        return F.conv2d(x, weight, None, stride, kernel // 2)
+        return same_padded_conv2d(x, self.sub_weight(x.shape[-3], out_channels, kernel), stride)
 
     def extra_repr(self) -> str:
         return f"max_in={self.max_in_channels}, max_out={self.max_out_channels}, max_kernel={self.max_kernel}"
@@ -280,11 +296,7 @@ class ElasticLinear(nn.Module):
             if height * width > FOLD_POOL_MAX_PIXELS:
                 x = F.adaptive_avg_pool2d(x, pool)
             else:
-                matrix = pooling_matrix(height, width, pool, x.device, x.dtype)  # [p*p, H*W]
-                per_channel = self.weight[:, :channels].reshape(self.num_classes * channels, pool * pool)
-                weight = torch.matmul(per_channel, matrix).reshape(
-                    self.num_classes, channels * height * width
-                )
+                weight = fold_pooling(self.weight[:, :channels], height, width)
                 return F.linear(x.flatten(-3), weight, self.bias)
         return F.linear(x.flatten(-3), self.sub_weight(channels), self.bias)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import ops
-from engine.ops import BN_EPS, pooling_matrix
+from engine.ops import BN_EPS, fold_pooling, same_padded_conv2d
 
 Params = dict[str, torch.Tensor]
 
@@ -46,11 +46,7 @@ def _per_task(tensor: torch.Tensor, tasks: int, dims: int) -> torch.Tensor:
 
 def _conv(h: torch.Tensor, weight: torch.Tensor, tasks: int, stride: int) -> torch.Tensor:
     weight = _per_task(weight, tasks, 4)
-    kernel = weight.shape[-1]
-    grouped = weight.reshape(-1, *weight.shape[2:])
-    if kernel == 1 and stride > 1:
-        return F.conv2d(h[:, :, ::stride, ::stride], grouped, groups=tasks)
-    return F.conv2d(h, grouped, None, stride, kernel // 2, 1, tasks)
+    return same_padded_conv2d(h, weight.reshape(-1, *weight.shape[2:]), stride, groups=tasks)
 
 
 def _batch_norm(
@@ -66,15 +62,12 @@ def _pool_and_classify(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """``[images, tasks*C, H, W]`` -> logits ``[tasks, images, classes]``."""
     weight = _per_task(weight, tasks, 4)  # [tasks, classes, C, p, p]
     bias = _per_task(bias, tasks, 1)  # [tasks, classes]
-    classes, channels, pool = weight.shape[1], weight.shape[2], weight.shape[-1]
     images, height, width = h.shape[0], h.shape[-2], h.shape[-1]
     if height * width > ops.FOLD_POOL_MAX_PIXELS:
-        h = F.adaptive_avg_pool2d(h, pool)
-        features = weight.reshape(tasks, classes, -1)
+        h = F.adaptive_avg_pool2d(h, weight.shape[-1])
+        features = weight.flatten(2)
     else:
-        matrix = pooling_matrix(height, width, pool, h.device, h.dtype)  # [p*p, H*W]
-        features = torch.matmul(weight.reshape(tasks, classes * channels, pool * pool), matrix)
-        features = features.reshape(tasks, classes, channels * height * width)
+        features = fold_pooling(weight, height, width)  # [tasks, classes, C*H*W]
     x = h.reshape(images, tasks, -1).transpose(0, 1)  # [tasks, images, C*H*W]
     return torch.baddbmm(bias.unsqueeze(1), x, features.transpose(1, 2))
 
