@@ -141,7 +141,7 @@ class ProfilingJobOutput(serializers.ModelSerializer):
         model = ProfilingJob
         fields = [
             "id", "device", "status", "progress", "progress_message", "error", "total_layers", "done_layers",
-            "batch_size", "repeats", "warmup", "threads", "accuracy_subnets", "overhead_subnets", "created_at", "started_at",
+            "batch_size", "repeats", "warmup", "threads", "accuracy_subnets", "overhead_subnets", "speed_reference", "created_at", "started_at",
             "finished_at", "result",
         ]  # fmt: skip
 
@@ -156,6 +156,11 @@ class DeviceProfileApi(APIView):
         )
         accuracy_subnets = serializers.IntegerField(min_value=0, max_value=1000, default=0)
         overhead_subnets = serializers.IntegerField(min_value=0, max_value=100, default=5)
+        speed_reference = serializers.BooleanField(
+            default=True,
+            help_text="CPU timings interleaved with a fixed reference call and expressed at one "
+            "reference speed (cancels a shared machine's speed phases); false: raw medians",
+        )
         space_key = serializers.CharField(
             required=False,
             help_text="one of the device's tables' space_key (or the default space's); "

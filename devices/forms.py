@@ -6,10 +6,24 @@ PRESET_CHOICES = [
 ]
 
 
+SPEED_REFERENCE_HELP = (
+    "each timed call follows one call of a fixed reference convolution, and every timing is "
+    "expressed at one reference speed: cancels the speed swings of a shared or throttling machine. "
+    "Untick for a quiet, dedicated board: about half the timed calls, raw medians."
+)
+
+
+def speed_reference_field() -> forms.BooleanField:
+    return forms.BooleanField(
+        required=False, initial=True, label="Time against a speed reference", help_text=SPEED_REFERENCE_HELP
+    )
+
+
 class BoardRegistrationForm(forms.Form):
     name = forms.CharField(max_length=120, help_text="e.g. 'Raspberry Pi 4B in lab 2'")
     description = forms.CharField(max_length=2000, required=False, widget=forms.Textarea(attrs={"rows": 3}))
     preset = forms.ChoiceField(choices=PRESET_CHOICES, initial="paper", label="What to profile")
+    speed_reference = speed_reference_field()
 
 
 class ProfilingForm(forms.Form):
@@ -27,6 +41,7 @@ class ProfilingForm(forms.Form):
         initial=20,
         help_text="random sub-nets timed end to end to check the table",
     )
+    speed_reference = speed_reference_field()
 
     def __init__(self, *args, space_choices: list[tuple[str, str, dict]], **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -153,6 +153,12 @@ class ProfilingJob(Job):
     )
     total_layers = models.PositiveIntegerField(default=0)
     done_layers = models.PositiveIntegerField(default=0)
+    speed_reference = models.BooleanField(
+        default=True,
+        help_text="CPU timings: each timed call follows one call of a fixed reference convolution and "
+        "is expressed at one reference speed, which cancels a shared machine's speed phases; off: raw "
+        "medians, about half the timed calls (for a quiet, dedicated board)",
+    )
     reference_ms = models.FloatField(
         null=True,
         blank=True,

@@ -165,7 +165,7 @@ def may_profile(user, device: Device) -> bool:
 
 
 def profiling_start_preset(
-    *, device: Device, owner, preset: str, num_classes: int | None = None
+    *, device: Device, owner, preset: str, num_classes: int | None = None, speed_reference: bool = True
 ) -> ProfilingJob:
     from engine.presets import search_space
 
@@ -173,6 +173,7 @@ def profiling_start_preset(
         device=device,
         owner=owner,
         space=search_space(preset, num_classes=num_classes),
+        speed_reference=speed_reference,
         **PROFILING_PRESETS[preset],
     )
 
@@ -188,6 +189,7 @@ def profiling_start(
     threads: int | None = None,
     accuracy_subnets: int = 0,
     overhead_subnets: int = 5,
+    speed_reference: bool = True,
     enqueue: bool = True,
 ) -> ProfilingJob:
     """Create a profiling job; local and simulated devices are measured by a worker on the
@@ -213,6 +215,7 @@ def profiling_start(
             threads=threads,
             accuracy_subnets=accuracy_subnets,
             overhead_subnets=overhead_subnets,
+            speed_reference=speed_reference,
         )
         Device.objects.filter(pk=device.pk).update(status=DeviceStatus.PROFILING)
         if device.kind != DeviceKind.REMOTE and enqueue:
@@ -347,9 +350,12 @@ def _measure_fn_for(device: Device, job: ProfilingJob):
 def _speed_reference(job: ProfilingJob):
     """This server's CPU changes speed with its neighbours' load: every timing follows a call of a
     fixed reference and is expressed at the reference time calibrated when the job first ran
-    (engine.latency.measure.SpeedReference), stored on the job so a resumed job keeps it."""
+    (engine.latency.measure.SpeedReference), stored on the job so a resumed job keeps it.
+    ``None`` for a job made with ``speed_reference=False`` (raw medians)."""
     from engine.latency.measure import SpeedReference
 
+    if not job.speed_reference:
+        return None
     reference = SpeedReference()
     if job.reference_ms is None:
         job.reference_ms = reference.calibrate(threads=job.threads)
@@ -586,7 +592,8 @@ def agent_current_job(*, token: DeviceToken) -> dict[str, Any] | None:
         "repeats": job.repeats,
         "warmup": job.warmup,
         "threads": job.threads or 1,
-        "reference_ms": job.reference_ms,
+        # Without the key the agent times raw medians (as it does for a server that predates it).
+        **({"reference_ms": job.reference_ms} if job.speed_reference else {}),
         "layers": job.layers,
         "done_keys": list(job.timings.values_list("key", flat=True)),
         "models": [
@@ -701,6 +708,8 @@ def agent_post_reference(*, token: DeviceToken, job_id: str, payload: Any) -> di
         raise AgentProtocolError(400, 'body must be {"reference_ms": <finite positive number>}')
     if job.is_finished:
         raise AgentProtocolError(409, f"job {job.pk} is {job.status}")
+    if not job.speed_reference:
+        raise AgentProtocolError(409, f"job {job.pk} times raw medians, without a speed reference")
     ProfilingJob.objects.filter(pk=job.pk, reference_ms__isnull=True).update(
         reference_ms=float(payload["reference_ms"])
     )

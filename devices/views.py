@@ -30,8 +30,11 @@ def device_register(request):
     if request.method == "POST" and form.is_valid():
         data = dict(form.cleaned_data)
         preset = data.pop("preset")
+        speed_reference = data.pop("speed_reference")
         registration = services.board_register(owner=request.user, **data)
-        job = services.profiling_start_preset(device=registration.device, owner=request.user, preset=preset)
+        job = services.profiling_start_preset(
+            device=registration.device, owner=request.user, preset=preset, speed_reference=speed_reference
+        )
         # The token is rendered in this response only; the database keeps its hash.
         return render(
             request,

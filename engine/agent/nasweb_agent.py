@@ -436,11 +436,13 @@ def run_job(client: Client, job: dict, *, threads_override, batch_size_post: int
 
 
 def speed_reference(client: Client, job: dict, log) -> tuple:
-    """(reference, base ms) for this job, or (None, None) from a server that predates them.
+    """(reference, base ms) for this job, or (None, None) for a job made without one (its owner
+    chose raw medians) or from a server that predates them.
 
     The first agent run calibrates the base and posts it; the server keeps the first one it gets
     and hands it to every later run of the job, so a resumed profile stays in one unit."""
     if "reference_ms" not in job:
+        log("no speed reference for this job: timings are raw medians")
         return None, None
     reference = SpeedReference()
     base_ms = job["reference_ms"]

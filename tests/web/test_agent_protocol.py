@@ -546,3 +546,36 @@ def test_the_first_speed_reference_is_kept_and_goes_into_the_table(board):
     record = LatencyTableRecord.objects.get()
     assert record.table["metadata"]["speed_reference"]["base_ms"] == 0.104
     assert post(client, url, {"reference_ms": 0.2}).status_code == 409  # the job is over
+
+
+def test_a_job_without_a_speed_reference_sends_no_base_and_refuses_one(owner):
+    """The agent times raw medians when the job has no "reference_ms" key (the owner's choice)."""
+    from engine.agent import nasweb_agent
+
+    registration = services.board_register(owner=owner, name="quiet board")
+    job = services.profiling_start(
+        device=registration.device,
+        owner=owner,
+        space=tiny_space(),
+        repeats=3,
+        warmup=1,
+        speed_reference=False,
+    )
+    client = agent(registration.token)
+    fetched = client.get("/api/agent/job").json()
+    assert "reference_ms" not in fetched
+    lines = []
+    assert nasweb_agent.speed_reference(None, fetched, lines.append) == (None, None)  # posts nothing
+    assert lines == ["no speed reference for this job: timings are raw medians"]
+    before = stored_state(job)
+    response = post(client, f"/api/agent/jobs/{job.pk}/reference", {"reference_ms": 0.1})
+    assert response.status_code == 409 and "without a speed reference" in response.json()["error"]
+    assert stored_state(job) == before
+    post(client, results_url(job), batch(job, [{"key": layer["key"], "ms": 0.2} for layer in job.layers]))
+    for model in fetched["models"]:
+        post(client, f"/api/agent/jobs/{job.pk}/models/{model['model_id']}/result", {"ms": 1.0})
+    assert post(client, complete_url(job), {"call_overhead_ms": 0.01}).status_code == 200
+    assert (
+        LatencyTableRecord.objects.get(device=registration.device).table["metadata"]["speed_reference"]
+        is None
+    )

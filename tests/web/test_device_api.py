@@ -93,3 +93,18 @@ def test_reprofiling_through_the_api_chooses_a_space_and_refuses_others(world):
     response = client.post(f"/api/devices/{board.pk}/profile/", {"space_key": "0" * 64}, format="json")
     assert response.status_code == 400 and "space_key" in response.json()
     assert ProfilingJob.objects.count() == before
+
+
+def test_reprofiling_through_the_api_can_turn_the_speed_reference_off(world):
+    client, board = world["client"], world["board"]
+    response = client.post(f"/api/devices/{board.pk}/profile/", {}, format="json")
+    assert response.status_code == 201 and response.json()["speed_reference"] is True
+    response = client.post(f"/api/devices/{board.pk}/profile/", {"speed_reference": False}, format="json")
+    assert response.status_code == 201 and response.json()["speed_reference"] is False
+    assert ProfilingJob.objects.get(pk=response.json()["id"]).speed_reference is False
+    before = ProfilingJob.objects.count()
+    response = client.post(
+        f"/api/devices/{board.pk}/profile/", {"speed_reference": "sometimes"}, format="json"
+    )
+    assert response.status_code == 400 and "speed_reference" in response.json()
+    assert ProfilingJob.objects.count() == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.contrib.auth import get_user_model
 
@@ -295,3 +297,24 @@ def test_a_device_without_tables_offers_the_default_space(client, users):
     assert choices == [(services.space_key(default.to_dict()), f"{default.describe()} (the default)")]
     client.post(f"/devices/{device.pk}/profile/", {"repeats": 5, "warmup": 1, "accuracy_subnets": 0})
     assert ProfilingJob.objects.get(device=device).space == default.to_dict()
+
+
+def test_the_speed_reference_is_ticked_by_default_and_unticking_it_makes_a_raw_timing_job(
+    client, users, board
+):
+    client.force_login(users["owner"])
+    form_page = client.get("/devices/register/").content.decode()
+    assert re.search(r'<input type="checkbox" name="speed_reference"[^>]* checked>', form_page)
+    # A browser sends a ticked checkbox as "on" and an unticked one not at all.
+    client.post("/devices/register/", {"name": "ref on", "preset": "tiny", "speed_reference": "on"})
+    client.post("/devices/register/", {"name": "ref off", "preset": "tiny"})
+    assert ProfilingJob.objects.get(device__name="ref on").speed_reference is True
+    assert ProfilingJob.objects.get(device__name="ref off").speed_reference is False
+
+    device, _ = board
+    settings_of_job = {"repeats": 5, "warmup": 1, "accuracy_subnets": 0}
+    client.post(f"/devices/{device.pk}/profile/", settings_of_job)
+    assert ProfilingJob.objects.filter(device=device).latest("created_at").speed_reference is False
+    client.post(f"/devices/{device.pk}/profile/", {**settings_of_job, "speed_reference": "on"})
+    assert ProfilingJob.objects.filter(device=device).latest("created_at").speed_reference is True
+    assert 'name="speed_reference"' in client.get(f"/devices/{device.pk}/").content.decode()

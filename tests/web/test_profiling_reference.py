@@ -40,3 +40,18 @@ def test_simulated_devices_have_no_speed_reference():
     job = services.profiling_start(device=eyeriss, space=tiny_space(), enqueue=False)
     services._measure_fn_for(eyeriss, job)
     assert ProfilingJob.objects.get(pk=job.pk).reference_ms is None
+
+
+def test_a_job_made_without_a_speed_reference_times_raw_medians():
+    services.seed_builtin_devices()
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    job = services.profiling_start(
+        device=cpu, space=tiny_space(), repeats=3, warmup=1, threads=1, speed_reference=False, enqueue=False
+    )
+    timer, metadata, _ = services._measure_fn_for(cpu, job)
+    assert timer.speed_reference is None and metadata["speed_reference"] is None
+    assert ProfilingJob.objects.get(pk=job.pk).reference_ms is None  # nothing calibrated
+    stats = timer.stats(tiny_space().all_layer_specs()[0])
+    assert stats.relative is None and timer.entry_ms(stats) == pytest.approx(
+        max(stats.median_ms, timer.min_ms)
+    )
