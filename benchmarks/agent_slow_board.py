@@ -20,7 +20,7 @@ Every process it starts runs in its own session and is stopped on exit, Ctrl-C o
 The last stdout line is one JSON object.
 
     python benchmarks/agent_slow_board.py [--quick] [--preset paper] [--limit 25] [--core 0]
-                                          [--throttler auto|cpulimit|duty]
+                                          [--throttler auto|cpulimit|duty] [--no-speed-reference]
 """
 
 from __future__ import annotations
@@ -211,6 +211,11 @@ def main() -> int:
     parser.add_argument("--throttler", choices=("auto", "cpulimit", "duty"), default="auto")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, database)")
+    parser.add_argument(
+        "--no-speed-reference",
+        action="store_true",
+        help="jobs made with speed_reference=False: the agent times raw medians, no reference call",
+    )
     args = parser.parse_args()
     if not 1 <= args.limit <= 100:
         parser.error("--limit must be within 1..100")
@@ -275,6 +280,7 @@ def run(args, throttler: str, folder: Path, children: ChildProcesses) -> int:
         from engine.presets import search_space
 
         space, settings, label = search_space(args.preset), PROFILING_PRESETS[args.preset], args.preset
+    settings = {**settings, "speed_reference": not args.no_speed_reference}
 
     port = free_port()
     server = f"http://127.0.0.1:{port}"
