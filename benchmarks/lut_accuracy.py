@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument(
         "--net-repeats", type=int, default=None, help="timed calls per sub-net (default 30, quick 15)"
     )
+    parser.add_argument(
+        "--fit-subnets", type=int, default=10, help="sub-nets timed whole to fit the overhead terms"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where layers and sub-nets run"
@@ -121,7 +124,7 @@ def main() -> None:
     table = build_lut(space, measure_layer, device=args.device, metadata=layer_timer.metadata())
     layers_s = time.perf_counter() - started
     fit_rngs = rngs.child(1)
-    fit_archs = [space.sample(fit_rngs.numpy) for _ in range(10)]
+    fit_archs = [space.sample(fit_rngs.numpy) for _ in range(args.fit_subnets)]
     fit_overhead(space, table, [(arch, measure_network(arch)) for arch in fit_archs])
     lut_build_s = time.perf_counter() - started
     raw_table = LatencyTable(device=args.device, entries=raw_entries)
@@ -218,6 +221,7 @@ def main() -> None:
         "predictor_build_s": round(predictor_build_s, 3),
         "predictor_samples": train_subnets,
         "subnets": subnets,
+        "fit_subnets": args.fit_subnets,
         "median_subnet_ms": statistics.median(measured),
         "noise_within_10pct": noise["within_10pct"],
         "noise_mape": noise["mape"],
