@@ -264,7 +264,9 @@ def test_agent_against_a_server_without_speed_references_times_raw(tmp_path):
         )
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(server.results) == {layer["key"] for layer in layers} and not server.reference_posts
-    assert "speed reference" not in done.stdout
+    # No reference line ("speed reference: ..., timings at ... ms"); the raw-medians line instead.
+    assert "timings at" not in done.stdout
+    assert "no speed reference for this job: timings are raw medians" in done.stdout
 
 
 def test_agent_speed_reference_is_the_engines_and_scales_timings_to_the_base():
