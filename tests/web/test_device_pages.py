@@ -196,7 +196,12 @@ def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
     assert "(replaces 1 older)" in page  # the fixture's first 5-way table
     assert response.context["table"] == five_way and "75 % of 4" in page
 
-    assert "lut-speed-reference" not in page  # a board's table: timed by its agent, no reference
+    assert "lut-speed-reference" not in page  # a table from before speed references: nothing to say
+
+    # A table timed without one (a job made with speed_reference=False) says so.
+    five_way.table["metadata"]["speed_reference"] = None
+    five_way.save()
+    assert "none: raw medians" in client.get(f"/devices/{device.pk}/").content.decode()
 
     # A table of this server's CPU says at which reference speed its entries and checks are.
     twenty_way.table["metadata"]["speed_reference"] = {"workload": "conv3x3 32->32", "base_ms": 0.10421}
