@@ -311,8 +311,10 @@ def test_the_speed_reference_is_ticked_by_default_and_unticking_it_makes_a_raw_t
     form_page = client.get("/devices/register/").content.decode()
     assert re.search(r'<input type="checkbox" name="speed_reference"[^>]* checked>', form_page)
     # A browser sends a ticked checkbox as "on" and an unticked one not at all.
-    client.post("/devices/register/", {"name": "ref on", "preset": "tiny", "speed_reference": "on"})
-    client.post("/devices/register/", {"name": "ref off", "preset": "tiny"})
+    on = client.post("/devices/register/", {"name": "ref on", "preset": "tiny", "speed_reference": "on"})
+    off = client.post("/devices/register/", {"name": "ref off", "preset": "tiny"})
+    assert "without a speed reference" not in on.content.decode()
+    assert "raw medians, without a speed reference" in off.content.decode()
     assert ProfilingJob.objects.get(device__name="ref on").speed_reference is True
     assert ProfilingJob.objects.get(device__name="ref off").speed_reference is False
 
