@@ -113,6 +113,24 @@ def fold_pooling(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return folded.reshape(*leading, channels * height * width)
 
 
+def pool_or_fold(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and the flat classifier weight that together give the pooled classifier's logits.
+
+    ``x`` holds maps ``[..., C, H, W]``, ``weight`` is ``[..., classes, C, p, p]`` (for pooled
+    features). Returns ``(x, weight [..., classes, C*h*w])``, where a ``p x p`` map is used as is
+    (it is its own pooling), a map of up to ``FOLD_POOL_MAX_PIXELS`` keeps its pixels and gets
+    the folded weight (:func:`fold_pooling`), and a larger one is pooled first. Both
+    :class:`ElasticLinear` and the GA's grouped path (engine.search.grouped) classify this way."""
+    height, width = x.shape[-2:]
+    pool = weight.shape[-1]
+    if (height, width) != (pool, pool):
+        if height * width > FOLD_POOL_MAX_PIXELS:
+            x = F.adaptive_avg_pool2d(x, pool)
+        else:
+            return x, fold_pooling(weight, height, width)
+    return x, weight.flatten(-3)
+
+
 class FixedAvgPool2d(nn.Module):
     """Adaptive average pooling for one known input size, as two small matmuls.
 
@@ -290,15 +308,8 @@ class ElasticLinear(nn.Module):
         ms, the folded head 0.18 ms (benchmarks/pool_head.py). Maps above ``FOLD_POOL_MAX_PIXELS``
         pool first (folding multiplies the classifier's work by ``H*W / pool_size**2``).
         """
-        channels, height, width = x.shape[-3:]
-        pool = self.pool_size
-        if (height, width) != (pool, pool):
-            if height * width > FOLD_POOL_MAX_PIXELS:
-                x = F.adaptive_avg_pool2d(x, pool)
-            else:
-                weight = fold_pooling(self.weight[:, :channels], height, width)
-                return F.linear(x.flatten(-3), weight, self.bias)
-        return F.linear(x.flatten(-3), self.sub_weight(channels), self.bias)
+        x, weight = pool_or_fold(x, self.weight[:, : x.shape[-3]])
+        return F.linear(x.flatten(-3), weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"max_channels={self.max_channels}, pool_size={self.pool_size}, num_classes={self.num_classes}"

@@ -30,8 +30,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from engine import ops
-from engine.ops import BN_EPS, fold_pooling, same_padded_conv2d
+from engine.ops import BN_EPS, pool_or_fold, same_padded_conv2d
 
 Params = dict[str, torch.Tensor]
 
@@ -62,13 +61,8 @@ def _pool_and_classify(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """``[images, tasks*C, H, W]`` -> logits ``[tasks, images, classes]``."""
     weight = _per_task(weight, tasks, 4)  # [tasks, classes, C, p, p]
     bias = _per_task(bias, tasks, 1)  # [tasks, classes]
-    images, height, width = h.shape[0], h.shape[-2], h.shape[-1]
-    if height * width > ops.FOLD_POOL_MAX_PIXELS:
-        h = F.adaptive_avg_pool2d(h, weight.shape[-1])
-        features = weight.flatten(2)
-    else:
-        features = fold_pooling(weight, height, width)  # [tasks, classes, C*H*W]
-    x = h.reshape(images, tasks, -1).transpose(0, 1)  # [tasks, images, C*H*W]
+    h, features = pool_or_fold(h, weight)  # features [tasks, classes, C*h*w]
+    x = h.reshape(h.shape[0], tasks, -1).transpose(0, 1)  # [tasks, images, C*h*w]
     return torch.baddbmm(bias.unsqueeze(1), x, features.transpose(1, 2))
 
 
