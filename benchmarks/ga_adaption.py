@@ -377,16 +377,15 @@ def time_paper_ga(
     seed: int,
     production_only: bool = False,
     devices: tuple[str, ...] = ("cpu",),
-    with_batched: bool = False,
     extra_paths: tuple[str, ...] = (),
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
     latency budget, same request three ways: 1 search process scoring tasks one at a time on the
     full super-net tensors (the reference path), 1 process on the production path ("auto"),
     then ``workers`` processes (production). ``production_only`` times the last way alone (M=200
-    takes minutes per way on 2 cores). ``with_batched`` first times the last way with every
-    slice batched (SCORING_PATH "batched", the production path before "auto"); ``extra_paths``
-    likewise, each forced for every slice (e.g. "grouped"). ``devices`` with
+    takes minutes per way on 2 cores). ``extra_paths`` first time the last way with each of those
+    scoring paths forced for every slice (e.g. "batched", the production path before "auto", or
+    "grouped"). ``devices`` with
     "cuda" adds the same request scored on this machine's GPU (one process, production path:
     batched there) as a last row."""
     rows = []
@@ -395,7 +394,7 @@ def time_paper_ga(
     )
     if production_only:
         variants = variants[-1:]
-    for extra in (("batched",) if with_batched else ()) + tuple(extra_paths):
+    for extra in extra_paths:
         variants.insert(len(variants) - 1, (variants[-1][0], extra, "cpu"))
     if "cpu" not in devices:
         variants = []
@@ -637,8 +636,8 @@ def real_main(args: argparse.Namespace) -> None:
             args.seed,
             production_only=args.paper_production_only,
             devices=tuple(args.paper_devices.split(",")),
-            with_batched=args.paper_batched,
-            extra_paths=tuple(filter(None, args.paper_paths.split(","))),
+            # --paper-batched is the older spelling of --paper-paths batched.
+            extra_paths=(("batched",) if args.paper_batched else ()) + args.paper_paths,
         )
         if paper_iterations > 0
         else []
@@ -699,6 +698,14 @@ def _quantiles(text: str) -> tuple[float, ...]:
     return values
 
 
+def _scoring_paths(text: str) -> tuple[str, ...]:
+    paths = tuple(filter(None, text.split(",")))
+    unknown = sorted(set(paths) - set(adapt_module.SCORING_PATHS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {adapt_module.SCORING_PATHS}")
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -753,7 +760,8 @@ def main() -> None:
     )
     real.add_argument(
         "--paper-paths",
-        default="",
+        type=_scoring_paths,
+        default=(),
         help="also time the production way with these scoring paths forced, before it (e.g. grouped,sliced)",
     )
     real.add_argument(
@@ -784,11 +792,6 @@ def main() -> None:
     synthetic.add_argument("--timing-tasks", type=int, default=None)
     synthetic.add_argument("--fig4", action="store_true", help="also run the Figure 4 preset (P=50/100/200)")
     args = parser.parse_args()
-    unknown_paths = set(filter(None, args.paper_paths.split(","))) - set(adapt_module.SCORING_PATHS)
-    if unknown_paths:
-        parser.error(
-            f"--paper-paths: unknown {sorted(unknown_paths)}; choose from {adapt_module.SCORING_PATHS}"
-        )
     if args.synthetic:
         if args.slices is None:
             args.slices = 8
