@@ -157,10 +157,7 @@ class DeviceProfileApi(APIView):
         accuracy_subnets = serializers.IntegerField(min_value=0, max_value=1000, default=0)
         overhead_subnets = serializers.IntegerField(min_value=0, max_value=100, default=5)
         speed_reference = serializers.BooleanField(
-            default=True,
-            help_text="CPU timings interleaved with a fixed reference call and expressed at one "
-            "reference speed (cancels a machine's speed phases); false: raw medians, 10-25 % faster "
-            "profiling, measured 3-10x less accurate tables (docs/PROFILING.md)",
+            default=True, help_text=ProfilingJob._meta.get_field("speed_reference").help_text
         )
         space_key = serializers.CharField(
             required=False,

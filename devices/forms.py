@@ -1,22 +1,19 @@
 from django import forms
 
+from devices.models import ProfilingJob
+
 PRESET_CHOICES = [
     ("paper", "Full VGG9 search space (2,800 layers, 20 repeats, 20 whole sub-nets checked)"),
     ("tiny", "Tiny preset (36 layers, 5 repeats, 3 sub-nets checked): a quick demo"),
 ]
 
 
-SPEED_REFERENCE_HELP = (
-    "each timed call follows one call of a fixed reference convolution, and every timing is "
-    "expressed at one reference speed: cancels the speed swings of a shared or throttling machine. "
-    "Unticked, profiling takes 10-25 % less time, but in our measurements the table then missed "
-    "the board's own whole-model timings by 25-60 % (MAPE) instead of 6-8 %."
-)
-
-
 def speed_reference_field() -> forms.BooleanField:
     return forms.BooleanField(
-        required=False, initial=True, label="Time against a speed reference", help_text=SPEED_REFERENCE_HELP
+        required=False,
+        initial=True,
+        label="Time against a speed reference",
+        help_text=ProfilingJob._meta.get_field("speed_reference").help_text,
     )
 
 
