@@ -576,6 +576,7 @@ def real_main(args: argparse.Namespace) -> None:
         tasks_per_slice=tasks_per_slice,
         num_slices=slices,
         final_candidates=min(3 if quick else 5, pool),
+        final_slices=args.final_slices,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -586,7 +587,9 @@ def real_main(args: argparse.Namespace) -> None:
     )
     print(
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
-        f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}"
+        f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
+        f"final choice on {request.ga_config().final_slices or 'the search'} slices"
+        + (f" held out ({spec.query_count} query images/class)" if request.ga_config().final_slices else "")
     )
     started = time.perf_counter()
     if resumed:
@@ -678,6 +681,7 @@ def real_main(args: argparse.Namespace) -> None:
             "iterations": iterations,
             "tasks_per_slice": tasks_per_slice,
             "slices": slices,
+            "final_slices": request.ga_config().final_slices,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -728,6 +732,12 @@ def main() -> None:
         help="meta-iterations (quick: the tiny preset's 48; else 300)",
     )
     real.add_argument("--tasks-per-slice", type=int, default=None)
+    real.add_argument(
+        "--final-slices",
+        type=int,
+        default=None,
+        help="held-out slices for the GA's and random search's final choice (default: the preset's; 0: none)",
+    )
     real.add_argument(
         "--budget-quantiles",
         type=_quantiles,

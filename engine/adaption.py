@@ -117,6 +117,8 @@ WEIGHTS = ("meta", "finetuned")
 VALIDATION_TASK_STREAM = 11
 SUPPORT_TASK_STREAM = 12
 TEST_TASK_STREAM = 13
+FINAL_TASK_STREAM = 14
+FINAL_SUPPORT_TASK_STREAM = 15
 RANDOM_SEARCH_STREAM = 1000
 #: Images per dataset (channels, normalisation, Omniglot's inverted strokes) - how the
 #: super-net's training images were made, hence how a support set must be prepared.
@@ -153,6 +155,9 @@ class AdaptionPreset:
     num_slices: int
     final_candidates: int
     test_tasks: int
+    #: Held-out slices of fresh tasks (with the super-net's own query count, not
+    #: ``search_queries``) that only the final choice scores on; 0: it uses the search slices.
+    final_slices: int = 0
     #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
     finetune_factor: int = 3
 
@@ -208,6 +213,7 @@ class AdaptionRequest:
     tasks_per_slice: int | None = None
     num_slices: int | None = None
     final_candidates: int | None = None
+    final_slices: int | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -257,6 +263,7 @@ class AdaptionRequest:
         for name in ("iterations", "tasks_per_slice", "num_slices", "finetune_steps", "search_queries"):
             _check_int(name, getattr(self, name), 1)
         _check_int("final_candidates", self.final_candidates, 0)
+        _check_int("final_slices", self.final_slices, 0)
         _check_int("seed", self.seed, 0, optional=False)
         _check_int("threads", self.threads, 1, optional=False)
         _check_int("search_workers", self.search_workers, 1)
@@ -326,6 +333,7 @@ class AdaptionRequest:
             tasks_per_slice=pick("tasks_per_slice"),
             num_slices=pick("num_slices"),
             final_candidates=pick("final_candidates"),
+            final_slices=pick("final_slices"),
             seed=self.seed,
         )
 
@@ -641,11 +649,19 @@ def _support_tasks(support: Any, count: int, seed: int) -> list[tuple[torch.Tens
     return tasks
 
 
-def _validation_tasks(request: AdaptionRequest, spec: RunSpec, count: int) -> list[Any]:
-    search_spec = spec if request.search_queries is None else spec.with_(queries=request.search_queries)
-    _, batches = task_source(search_spec, "val")
+def _validation_tasks(
+    request: AdaptionRequest, spec: RunSpec, count: int, *, final: bool = False
+) -> list[Any]:
+    """``count`` validation tasks: the search's (``search_queries`` query images per class) or,
+    with ``final``, the final choice's held-out ones (another random stream, the spec's query count)."""
+    if final:
+        task_spec, stream = spec, FINAL_TASK_STREAM
+    else:
+        task_spec = spec if request.search_queries is None else spec.with_(queries=request.search_queries)
+        stream = VALIDATION_TASK_STREAM
+    _, batches = task_source(task_spec, "val")
     tasks: list[Any] = []
-    for batch in batches(count, 16, derive_seed(request.seed, VALIDATION_TASK_STREAM)):
+    for batch in batches(count, 16, derive_seed(request.seed, stream)):
         tasks.extend(slice_tasks(batch))
     return tasks
 
@@ -679,11 +695,19 @@ def _prepare(request: AdaptionRequest) -> _Context:
     support = _load_support(request, spec, space, preprocessing) if request.support is not None else None
     config = request.ga_config()
     count = config.tasks_per_slice * config.num_slices
+    final_count = config.tasks_per_slice * config.final_slices
     if request.task_source == "support":
         tasks = _support_tasks(support, count, derive_seed(request.seed, SUPPORT_TASK_STREAM))
+        final_tasks = _support_tasks(
+            support, final_count, derive_seed(request.seed, FINAL_SUPPORT_TASK_STREAM)
+        )
     else:
         tasks = _validation_tasks(request, spec, count)
+        final_tasks = _validation_tasks(request, spec, final_count, final=True) if final_count else []
+    # Slice ids 0 .. num_slices - 1 are the search's, the rest the final choice's (GAConfig.final_slices).
     slices = task_slices(tasks, config.tasks_per_slice)
+    if final_tasks:
+        slices += task_slices(final_tasks, config.tasks_per_slice)
     scorer = SuperNetScorer(supernet, inner_loop_from_learner(learner))
     context = _Context(
         request=request,
@@ -903,6 +927,7 @@ def _random_baselines(
                 evaluations=max(1, ga.evaluations),
                 num_slices=context.config.num_slices,
                 final_candidates=context.config.final_candidates,
+                final_slices=context.config.final_slices,
                 seed=derive_seed(context.config.seed, RANDOM_SEARCH_STREAM + index),
             )
             stored[key] = result.to_dict()
@@ -1170,6 +1195,12 @@ def _write_packages(
                     "loss": _finite(ga.best_loss),
                     "evaluations": ga.evaluations,
                     "task_source": request.task_source,
+                    # Where "loss" comes from: the finalists' mean over these slices of tasks.
+                    "final_choice": {
+                        "candidates": ga.stats.get("final_candidates"),
+                        "held_out_slices": context.config.final_slices,
+                        "tasks_per_slice": context.config.tasks_per_slice,
+                    },
                 },
                 "random_search": random_summary,
                 "supernet": {

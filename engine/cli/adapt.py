@@ -87,6 +87,12 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="GA iterations M (default: preset's)")
     parser.add_argument("--tasks-per-slice", type=int, default=None)
     parser.add_argument("--slices", type=int, default=None, help="validation slices")
+    parser.add_argument(
+        "--final-slices",
+        type=int,
+        default=None,
+        help="held-out slices of fresh tasks the final choice scores its candidates on (0: the search slices)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -117,6 +123,7 @@ def _adapt(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         tasks_per_slice=args.tasks_per_slice,
         num_slices=args.slices,
+        final_slices=args.final_slices,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

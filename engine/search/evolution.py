@@ -26,7 +26,11 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   never be scored, so the search stops after ranking generation ``M - 1``.
 * **Final choice.** Loss on one 16-task slice is noisy, so the top ``final_candidates`` of the
   last ranking are scored on *every* slice (cached slices are free) and the lowest mean loss
-  wins. ``final_candidates=0`` returns the last generation's best as is.
+  wins. ``final_candidates=0`` returns the last generation's best as is. With
+  ``final_slices > 0`` the finalists are scored instead on that many *held-out* slices (ids
+  ``num_slices ..``) that the search never drew: the elites survived selection on the search
+  slices, so their losses there can be optimistic (the winner's curse); fresh tasks (in
+  :mod:`engine.adaption` also with more query images) rank them without that bias.
 * **Budget sweeps (Pareto fronts).** :func:`search_budgets` runs one GA per budget, all sharing
   one :class:`FitnessCache` and one cost cache, and reports the front over every architecture
   evaluated for any budget plus each budget's choice.
@@ -93,6 +97,9 @@ class GAConfig:
     max_init_tries: int = 20_000
     max_mutation_tries: int = 50
     final_candidates: int = 10
+    #: Held-out slices (ids ``num_slices .. num_slices + final_slices - 1``) that only the final
+    #: choice scores on; 0: the finalists are scored on the search slices.
+    final_slices: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +111,7 @@ class GAConfig:
         _positive_int("max_init_tries", self.max_init_tries)
         _positive_int("max_mutation_tries", self.max_mutation_tries)
         _positive_int("final_candidates", self.final_candidates, 0)
+        _positive_int("final_slices", self.final_slices, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
@@ -119,6 +127,13 @@ class GAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def final_slice_ids(self) -> range:
+        """The slices the final choice scores its candidates on (see ``final_slices``)."""
+        if self.final_slices:
+            return range(self.num_slices, self.num_slices + self.final_slices)
+        return range(self.num_slices)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GAConfig:
@@ -625,7 +640,7 @@ def _final_choice(
     fitness_fn: FitnessFn,
     config: GAConfig,
 ) -> tuple[Any, float, dict[str, Any]]:
-    """Score the top ``final_candidates`` of the last ranking on every slice; lowest mean wins."""
+    """Score the top ``final_candidates`` of the last ranking on ``config.final_slice_ids``; lowest mean wins."""
     if config.final_candidates == 0:
         return ranked[0], last_losses[0], {"final_candidates": 0}
     candidates: dict[Any, Any] = {}
@@ -633,20 +648,37 @@ def _final_choice(
         candidates.setdefault(arch.canonical(), arch)
         if len(candidates) == config.final_candidates:
             break
+    best, best_loss = final_choice(list(candidates.values()), config.final_slice_ids, cache, run, fitness_fn)
+    return best, best_loss, {"final_candidates": len(candidates), "final_slices": config.final_slices}
+
+
+def final_choice(
+    candidates: Sequence[Any],
+    slice_ids: Sequence[int],
+    cache: FitnessCache,
+    run: SearchLog,
+    fitness_fn: FitnessFn,
+) -> tuple[Any, float]:
+    """The candidate with the lowest mean loss over ``slice_ids`` (the first on ties); GA and random search share it."""
     best, best_loss = None, math.inf
-    scorer = prefetched(cache, fitness_fn, [(key, s) for key in candidates for s in range(config.num_slices)])
-    for arch in candidates.values():
-        losses = [run.score(cache, arch, s, scorer) for s in range(config.num_slices)]
+    scorer = prefetched(cache, fitness_fn, [(arch.canonical(), s) for arch in candidates for s in slice_ids])
+    for arch in candidates:
+        losses = [run.score(cache, arch, s, scorer) for s in slice_ids]
         mean = float(sum(losses) / len(losses))
         if best is None or mean < best_loss:
             best, best_loss = arch, mean
-    return best, best_loss, {"final_candidates": len(candidates)}
+    return best, best_loss
 
 
 def _check_state(state: Mapping[str, Any], config: GAConfig, constraints: Sequence[Constraint]) -> None:
     if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
         raise GAStateError(f"not a GA state of version {STATE_VERSION}")
-    if state.get("config") != config.to_dict():
+    # Through from_dict, so a state saved before a knob existed reads as that knob's default.
+    try:
+        saved_config = GAConfig.from_dict(state.get("config") or {})
+    except (GAConfigError, TypeError):
+        saved_config = None
+    if saved_config != config:
         raise GAStateError("the saved GA state was made with a different GAConfig")
     if state.get("constraints") != [c.to_dict() for c in constraints]:
         raise GAStateError("the saved GA state was made for different constraints")

@@ -3,14 +3,14 @@
 Protocol (mirrors the GA's so the comparison is about the search, not the bookkeeping): one
 validation slice is drawn; distinct feasible architectures, drawn uniformly from the space by
 rejection sampling, are scored on it until only the final-choice reserve of the budget is left;
-then, exactly as the GA does, the top ``final_candidates`` are scored on every slice and the
-lowest mean loss wins. ``evaluations`` counts fitness-function calls, so "the same number of
+then, exactly as the GA does, the top ``final_candidates`` are scored on every slice (with
+``final_slices > 0``: on the held-out slices ``num_slices ..`` instead) and the lowest mean loss
+wins. ``evaluations`` counts fitness-function calls, so "the same number of
 evaluations" means the same number of (architecture, slice) scorings as the GA paid for.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +28,7 @@ from engine.search.evolution import (
     SearchLog,
     SearchResult,
     check_reachable,
+    final_choice,
     prefetched,
 )
 from engine.seeding import make_rngs
@@ -42,6 +43,7 @@ def random_search(
     evaluations: int,
     num_slices: int,
     final_candidates: int = 10,
+    final_slices: int = 0,
     seed: int = 0,
     max_tries_per_sample: int = 1000,
 ) -> SearchResult:
@@ -57,6 +59,8 @@ def random_search(
         raise ValueError(f"num_slices must be a positive int, got {num_slices!r}")
     if isinstance(final_candidates, bool) or not isinstance(final_candidates, int) or final_candidates < 0:
         raise ValueError(f"final_candidates must be an int >= 0, got {final_candidates!r}")
+    if isinstance(final_slices, bool) or not isinstance(final_slices, int) or final_slices < 0:
+        raise ValueError(f"final_slices must be an int >= 0, got {final_slices!r}")
     constraints = check_constraints(constraints)
     cost_model = costs_fn if isinstance(costs_fn, CostModel) else CostModel(costs_fn)
     check_reachable(space, cost_model, constraints)
@@ -65,9 +69,12 @@ def random_search(
     cache = FitnessCache()
     run = SearchLog(cost_model, constraints[0].kind)
 
-    # The final choice scores each candidate on the num_slices - 1 slices it has not seen yet.
+    # The final choice scores each candidate on the slices it has not seen yet: the other
+    # num_slices - 1 search slices, or the final_slices held-out ones.
+    final_ids = range(num_slices, num_slices + final_slices) if final_slices else range(num_slices)
+    per_finalist = final_slices or num_slices - 1
     candidates_wanted = min(final_candidates, evaluations)
-    reserve = candidates_wanted * (num_slices - 1)
+    reserve = candidates_wanted * per_finalist
     screening_budget = max(candidates_wanted, evaluations - reserve)
     slice_id = int(rng.integers(num_slices))
     # Draw the distinct feasible samples first (sampling never depends on a loss), then score
@@ -102,20 +109,14 @@ def random_search(
     best, best_loss = scored[0][2], scored[0][0]
     if final_candidates > 0:
         # Never spend more than ``evaluations`` in total: a short budget scores fewer candidates.
-        best, best_loss = None, math.inf
-        # Each candidate costs num_slices - 1 new evaluations; the first is always scored.
+        # Each candidate costs per_finalist new evaluations; the first is always scored.
         spent, finalists = run.evaluations, []
         for _, _, arch in scored[:candidates_wanted]:
-            if finalists and spent + (num_slices - 1) > evaluations:
+            if finalists and spent + per_finalist > evaluations:
                 break
             finalists.append(arch)
-            spent += num_slices - 1
-        scorer = prefetched(cache, fitness_fn, [(arch, s) for arch in finalists for s in range(num_slices)])
-        for arch in finalists:
-            losses = [run.score(cache, arch, s, scorer) for s in range(num_slices)]
-            mean = float(sum(losses) / len(losses))
-            if best is None or mean < best_loss:
-                best, best_loss = arch, mean
+            spent += per_finalist
+        best, best_loss = final_choice(finalists, final_ids, cache, run, fitness_fn)
     return SearchResult(
         method="random",
         best_arch=best,
@@ -130,6 +131,7 @@ def random_search(
             "screened": len(scored),
             "screening_slice": slice_id,
             "final_candidates": min(len(scored), candidates_wanted),
+            "final_slices": final_slices,
             "stopped_early": stopped_early,
         },
         elapsed_s=time.perf_counter() - started,

@@ -473,6 +473,36 @@ def test_meta_weight_package_and_support_tasks(world, tmp_path):
     assert all(len(values) == 2 for values in rates["learning_rates"].values())
 
 
+def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
+    """final_slices adds slices of fresh validation tasks, at the super-net's own query count
+    (not search_queries), that GA and random search score only their finalists on."""
+    from engine.adaption import _prepare
+
+    request = request_for(
+        world, support=None, search_queries=1, final_slices=2, pool_size=6, iterations=2,
+        num_slices=2, final_candidates=2, test_tasks=0, export_onnx=False,
+    )  # fmt: skip
+    context = _prepare(request)
+    slices = context.fitness.slices
+    assert len(slices) == 2 + 2 and all(len(s) == 4 for s in slices)
+    query_images = [{task[2].shape[0] for task in s} for s in slices]
+    assert query_images == [{WAYS * 1}] * 2 + [{WAYS * SPEC.query_count}] * 2 and SPEC.query_count > 1
+    search_images = torch.cat([task[0] for s in slices[:2] for task in s])
+    for task in slices[2][:2]:  # fresh tasks, not the search's again
+        assert not any(
+            torch.equal(task[0], search_images[i : i + WAYS]) for i in range(0, len(search_images), WAYS)
+        )
+    context.fitness.close()
+
+    result = run_adaption(request, out_dir=tmp_path / "out")
+    for outcome in result.outcomes:
+        final = outcome.model_card["search"]["final_choice"]
+        assert final == {"candidates": 2, "held_out_slices": 2, "tasks_per_slice": 4}
+        assert outcome.constraint_met and outcome.random["constraint_met"]
+    with pytest.raises(AdaptionRequestError, match="final_slices"):
+        request_for(world, final_slices=-1)
+
+
 def test_retrain_changes_only_the_subnets_weights(world, tmp_path):
     space = world["space"]
     arch = space.smallest().with_layer(0, kernel=3).with_depth(2)
@@ -518,6 +548,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "2",
         "--test-tasks",
         "4",
+        "--final-slices",
+        "1",
         "--no-onnx",
         "--quiet",
     ]
@@ -533,7 +565,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["constraints_met"] and len(summary["packages"]) == 1
-    assert (Path(summary["packages"][0]) / MODEL_CARD_NAME).exists()
+    card = read_model_card(Path(summary["packages"][0]))
+    assert card["search"]["final_choice"]["held_out_slices"] == 1
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
         [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],

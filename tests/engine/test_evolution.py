@@ -168,6 +168,8 @@ def test_ga_config_is_validated():
         {"top_fraction": 1.5},
         {"max_mutation_tries": 0},
         {"final_candidates": -1},
+        {"final_slices": -1},
+        {"final_slices": True},
         {"seed": 1.5},
     ):
         with pytest.raises(GAConfigError):
@@ -395,6 +397,69 @@ def test_resume_from_saved_state_equals_uninterrupted_run(space, tmp_path):
         run_ga(space, fitness, costs_fn_for(space), constraint, small_config(seed=99), state=state)
     with pytest.raises(GAStateError, match="different constraints"):
         run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 1e6)], config, state=state)
+
+
+def test_a_state_saved_before_final_slices_existed_resumes_as_final_slices_0(space, tmp_path):
+    constraint = [Constraint("params", 60_000)]
+    config = small_config(iterations=4)
+    checkpoint = tmp_path / "ga_state.json"
+
+    def cancel_after_two(event):
+        if event["current"] == 2:
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        run_ga(
+            space, SyntheticFitness(space), costs_fn_for(space), constraint, config,
+            progress=cancel_after_two, on_state=lambda state: save_state(checkpoint, state),
+        )  # fmt: skip
+    state = load_state(checkpoint)
+    del state["config"]["final_slices"]
+    resumed = run_ga(space, SyntheticFitness(space), costs_fn_for(space), constraint, config, state=state)
+    uninterrupted = run_ga(space, SyntheticFitness(space), costs_fn_for(space), constraint, config)
+    assert resumed.best_arch == uninterrupted.best_arch
+    with pytest.raises(GAStateError, match="different GAConfig"):
+        run_ga(
+            space, SyntheticFitness(space, num_slices=6), costs_fn_for(space), constraint,
+            small_config(iterations=4, final_slices=2), state=state,
+        )  # fmt: skip
+
+
+def test_final_choice_on_held_out_slices_scores_only_there(space):
+    fitness = SyntheticFitness(space, num_slices=6)
+    config = small_config(num_slices=4, final_candidates=3, final_slices=2)
+    assert list(config.final_slice_ids) == [4, 5]
+    result = run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 60_000)], config)
+    held_out = [(arch, s) for arch, s in fitness.calls if s >= config.num_slices]
+    # The search never draws a held-out slice; the final choice scores its 3 finalists on both.
+    assert fitness.calls[-len(held_out) :] == held_out
+    assert sorted({s for _, s in held_out}) == [4, 5] and len(held_out) == 3 * 2
+    finalists = {arch for arch, _ in held_out}
+    assert result.best_arch in finalists
+    expected = np.mean([fitness.true_loss(result.best_arch) + fitness.slice_offset[s] for s in (4, 5)])
+    assert result.best_loss == pytest.approx(expected)
+    assert min(
+        np.mean([fitness.true_loss(arch) + fitness.slice_offset[s] for s in (4, 5)]) for arch in finalists
+    ) == pytest.approx(result.best_loss)
+    assert result.stats["final_slices"] == 2
+    assert result.evaluations == len(fitness.calls)
+
+    rs_fitness = SyntheticFitness(space, num_slices=6)
+    rs = random_search(
+        space, rs_fitness, costs_fn_for(space), [Constraint("params", 60_000)],
+        evaluations=60, num_slices=4, final_candidates=3, final_slices=2, seed=1,
+    )  # fmt: skip
+    screening = {s for _, s in rs_fitness.calls if s < 4}
+    assert len(screening) == 1  # random search screens on one search slice ...
+    rs_held_out = [(arch, s) for arch, s in rs_fitness.calls if s >= 4]
+    assert len(rs_held_out) == 3 * 2 and rs.best_arch in {arch for arch, _ in rs_held_out}  # ... then 3 x 2
+    assert rs.evaluations == len(rs_fitness.calls) <= 60
+    assert rs.stats["final_slices"] == 2
+    with pytest.raises(ValueError, match="final_slices"):
+        random_search(
+            space, rs_fitness, costs_fn_for(space), [Constraint("params", 60_000)],
+            evaluations=60, num_slices=4, final_slices=-1,
+        )  # fmt: skip
 
 
 def test_tight_budget_finishes_with_bounded_fallbacks(space):
