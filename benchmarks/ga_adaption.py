@@ -576,7 +576,8 @@ def real_main(args: argparse.Namespace) -> None:
         tasks_per_slice=tasks_per_slice,
         num_slices=slices,
         final_candidates=min(3 if quick else 5, pool),
-        final_slices=args.final_slices,
+        final_slices=(1 if quick else 4) if args.final_slices is None else args.final_slices,
+        final_metric=args.final_metric,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -589,7 +590,11 @@ def real_main(args: argparse.Namespace) -> None:
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
         f"final choice on {request.ga_config().final_slices or 'the search'} slices"
-        + (f" held out ({spec.query_count} query images/class)" if request.ga_config().final_slices else "")
+        + (
+            f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
+            if request.ga_config().final_slices
+            else ""
+        )
     )
     started = time.perf_counter()
     if resumed:
@@ -682,6 +687,7 @@ def real_main(args: argparse.Namespace) -> None:
             "tasks_per_slice": tasks_per_slice,
             "slices": slices,
             "final_slices": request.ga_config().final_slices,
+            "final_metric": request.final_metric_value,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -736,7 +742,13 @@ def main() -> None:
         "--final-slices",
         type=int,
         default=None,
-        help="held-out slices for the GA's and random search's final choice (default: the preset's; 0: none)",
+        help="held-out slices for the GA's and random search's final choice (default 4, quick 1; 0: none)",
+    )
+    real.add_argument(
+        "--final-metric",
+        choices=("loss", "accuracy"),
+        default=None,
+        help="the final choice's criterion on the held-out slices (default: accuracy, the preset's)",
     )
     real.add_argument(
         "--budget-quantiles",

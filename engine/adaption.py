@@ -112,6 +112,11 @@ STATE_VERSION = 1
 EXECUTION_FIELDS = ("threads", "search_workers")
 RESULT_NAME = "adaption.json"
 TASK_SOURCES = ("validation", "support")
+#: The final choice's criterion on held-out slices. The search itself always minimises the query
+#: loss (Algorithm 1); among its finalists, held-out query accuracy ranked test accuracy better
+#: than either loss (docs/BENCHMARKS.md, "final choice"): after a few inner steps the logits
+#: are flat (loss ~2 for 20 ways), so the loss mostly measures their scale, not which class wins.
+FINAL_METRICS = ("loss", "accuracy")
 WEIGHTS = ("meta", "finetuned")
 # Random streams (engine.seeding.derive_seed) of one request's seed.
 VALIDATION_TASK_STREAM = 11
@@ -158,6 +163,9 @@ class AdaptionPreset:
     #: Held-out slices of fresh tasks (with the super-net's own query count, not
     #: ``search_queries``) that only the final choice scores on; 0: it uses the search slices.
     final_slices: int = 0
+    #: What the final choice minimises on held-out slices: "loss" or "accuracy" (the query
+    #: error rate). See FINAL_METRICS.
+    final_metric: str = "loss"
     #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
     finetune_factor: int = 3
 
@@ -165,13 +173,14 @@ class AdaptionPreset:
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
     # Seconds on 2 cores with a tiny super-net: tests, demos, smoke checks.
     "tiny": AdaptionPreset("tiny", pool_size=12, iterations=6, tasks_per_slice=4, num_slices=3,
-                           final_candidates=3, test_tasks=40),
+                           final_candidates=3, test_tasks=40, final_slices=1, final_metric="accuracy"),
     # Minutes on a CPU server: a smaller pool and fewer generations than the paper.
     "cpu": AdaptionPreset("cpu", pool_size=50, iterations=40, tasks_per_slice=16, num_slices=4,
-                          final_candidates=5, test_tasks=600),
-    # Algorithm 1 as in the paper (Appendix E): P=100, M=200, 16-task slices; 600 test tasks.
+                          final_candidates=5, test_tasks=600, final_slices=4, final_metric="accuracy"),
+    # Algorithm 1 as in the paper (Appendix E): P=100, M=200, 16-task slices; 600 test tasks. The
+    # final choice among its 10 finalists (which the paper leaves open) is ours, as in "cpu".
     "paper": AdaptionPreset("paper", pool_size=100, iterations=200, tasks_per_slice=16, num_slices=8,
-                            final_candidates=10, test_tasks=600),
+                            final_candidates=10, test_tasks=600, final_slices=4, final_metric="accuracy"),
 }  # fmt: skip
 
 
@@ -214,6 +223,7 @@ class AdaptionRequest:
     num_slices: int | None = None
     final_candidates: int | None = None
     final_slices: int | None = None
+    final_metric: str | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -264,6 +274,10 @@ class AdaptionRequest:
             _check_int(name, getattr(self, name), 1)
         _check_int("final_candidates", self.final_candidates, 0)
         _check_int("final_slices", self.final_slices, 0)
+        if self.final_metric is not None and self.final_metric not in FINAL_METRICS:
+            raise AdaptionRequestError(
+                f"final_metric must be one of {FINAL_METRICS}, got {self.final_metric!r}"
+            )
         _check_int("seed", self.seed, 0, optional=False)
         _check_int("threads", self.threads, 1, optional=False)
         _check_int("search_workers", self.search_workers, 1)
@@ -311,6 +325,10 @@ class AdaptionRequest:
         if self.weights is not None:
             return self.weights
         return "finetuned" if self.support is not None else "meta"
+
+    @property
+    def final_metric_value(self) -> str:
+        return self.preset_values.final_metric if self.final_metric is None else self.final_metric
 
     @property
     def test_task_count(self) -> int:
@@ -498,6 +516,10 @@ class _TimedFitness:
     scorer: SuperNetScorer
     slices: list[list[Any]]
     workers: int = 1
+    #: Slices from this id on are the final choice's held-out ones; with final_metric
+    #: "accuracy" they score the query error rate instead of the loss.
+    search_slices: int | None = None
+    final_metric: str = "loss"
     seconds: float = 0.0
     calls: int = 0
     parallel: ProcessFitness = field(init=False, repr=False)
@@ -506,7 +528,9 @@ class _TimedFitness:
         self.parallel = ProcessFitness(self._loss, self.workers)
 
     def _loss(self, arch: Any, slice_id: int) -> float:
-        return self.scorer.score(arch, self.slices[slice_id]).loss
+        score = self.scorer.score(arch, self.slices[slice_id])
+        held_out = self.search_slices is not None and slice_id >= self.search_slices
+        return 1.0 - score.accuracy if held_out and self.final_metric == "accuracy" else score.loss
 
     def __call__(self, arch: Any, slice_id: int) -> float:
         started = time.perf_counter()
@@ -726,6 +750,8 @@ def _prepare(request: AdaptionRequest) -> _Context:
             scorer,
             slices,
             workers=1 if request.device == "cuda" else request.search_workers or request.threads,
+            search_slices=config.num_slices,
+            final_metric=request.final_metric_value,
         ),
         scorer=scorer,
         support=support,
@@ -847,6 +873,22 @@ def _compact_adapt_event(
         "evaluations": event["evaluations"],
         "cache_hits": event["cache_hits"],
     }
+
+
+def _final_choice_summary(result: SearchResult, context: _Context) -> dict[str, Any]:
+    """How a search chose among its finalists: on which slices, by what, with what score."""
+    config = context.config
+    summary: dict[str, Any] = {
+        "candidates": result.stats.get("final_candidates"),
+        "held_out_slices": config.final_slices,
+        "tasks_per_slice": config.tasks_per_slice,
+        "metric": context.request.final_metric_value if config.final_slices else "loss",
+    }
+    score = result.stats.get("final_score")
+    if config.final_slices and score is not None:
+        held_out = "held_out_accuracy" if summary["metric"] == "accuracy" else "held_out_loss"
+        summary[held_out] = 1.0 - score if summary["metric"] == "accuracy" else score
+    return summary
 
 
 def _stage(progress: ProgressCallback, stage: str, current: int, total: int, **extra: Any) -> None:
@@ -1160,6 +1202,7 @@ def _write_packages(
                     "costs": rs.best_costs,
                     "constraint_met": rs.constraint_met,
                     "search_loss": _finite(rs.best_loss),
+                    "final_choice": _final_choice_summary(rs, context),
                     "evaluations": rs.evaluations,
                     "elapsed_s": rs.elapsed_s,
                     "test_accuracy": accuracies.get(rs.best_arch.canonical().to_json()),
@@ -1196,11 +1239,7 @@ def _write_packages(
                     "evaluations": ga.evaluations,
                     "task_source": request.task_source,
                     # Where "loss" comes from: the finalists' mean over these slices of tasks.
-                    "final_choice": {
-                        "candidates": ga.stats.get("final_candidates"),
-                        "held_out_slices": context.config.final_slices,
-                        "tasks_per_slice": context.config.tasks_per_slice,
-                    },
+                    "final_choice": _final_choice_summary(ga, context),
                 },
                 "random_search": random_summary,
                 "supernet": {

@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.adaption import (
     ADAPTION_PRESETS,
+    FINAL_METRICS,
     TASK_SOURCES,
     WEIGHTS,
     AdaptionRequest,
@@ -93,6 +94,12 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="held-out slices of fresh tasks the final choice scores its candidates on (0: the search slices)",
     )
+    parser.add_argument(
+        "--final-metric",
+        choices=FINAL_METRICS,
+        default=None,
+        help="what the final choice minimises on the held-out slices: loss or accuracy (error rate)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -124,6 +131,7 @@ def _adapt(args: argparse.Namespace) -> int:
         tasks_per_slice=args.tasks_per_slice,
         num_slices=args.slices,
         final_slices=args.final_slices,
+        final_metric=args.final_metric,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

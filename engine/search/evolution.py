@@ -30,7 +30,12 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   ``final_slices > 0`` the finalists are scored instead on that many *held-out* slices (ids
   ``num_slices ..``) that the search never drew: the elites survived selection on the search
   slices, so their losses there can be optimistic (the winner's curse); fresh tasks (in
-  :mod:`engine.adaption` also with more query images) rank them without that bias.
+  :mod:`engine.adaption` also with more query images) rank them without that bias. What
+  ``fitness_fn`` returns for a held-out slice may be another criterion than the search's loss
+  (lower is better; :mod:`engine.adaption` can return the query *error rate* there), so those
+  values live in a cache of their own and never enter a front; the result's ``best_loss`` stays
+  the choice's mean loss over the search slices it was scored on, and ``stats["final_score"]``
+  holds its held-out mean.
 * **Budget sweeps (Pareto fronts).** :func:`search_budgets` runs one GA per budget, all sharing
   one :class:`FitnessCache` and one cost cache, and reports the front over every architecture
   evaluated for any budget plus each budget's choice.
@@ -482,6 +487,15 @@ class SearchLog:
             self.loss_count[position] += 1
         return loss
 
+    def score_aside(self, cache: FitnessCache, arch: Any, slice_id: int, fitness_fn: FitnessFn) -> float:
+        """Like :meth:`score` (counted as an evaluation or a cache hit) but kept out of the front."""
+        value, cached = cache.lookup_canonical(arch.canonical(), slice_id, fitness_fn)
+        if cached:
+            self.cache_hits += 1
+        else:
+            self.evaluations += 1
+        return value
+
     def front(self) -> tuple[FrontPoint, ...]:
         """Primary cost vs. mean loss over the slices each architecture was scored on."""
         if not self.archs:
@@ -648,8 +662,13 @@ def _final_choice(
         candidates.setdefault(arch.canonical(), arch)
         if len(candidates) == config.final_candidates:
             break
-    best, best_loss = final_choice(list(candidates.values()), config.final_slice_ids, cache, run, fitness_fn)
-    return best, best_loss, {"final_candidates": len(candidates), "final_slices": config.final_slices}
+    stats: dict[str, Any] = {"final_candidates": len(candidates), "final_slices": config.final_slices}
+    finalists = list(candidates.values())
+    if not config.final_slices:
+        best, best_loss = final_choice(finalists, config.final_slice_ids, cache, run, fitness_fn)
+        return best, best_loss, {**stats, "final_score": None}
+    best, score = final_choice(finalists, config.final_slice_ids, FitnessCache(), run, fitness_fn, aside=True)
+    return best, cache.mean_loss(best), {**stats, "final_score": _json_loss(score)}
 
 
 def final_choice(
@@ -658,16 +677,20 @@ def final_choice(
     cache: FitnessCache,
     run: SearchLog,
     fitness_fn: FitnessFn,
+    *,
+    aside: bool = False,
 ) -> tuple[Any, float]:
-    """The candidate with the lowest mean loss over ``slice_ids`` (the first on ties); GA and random search share it."""
-    best, best_loss = None, math.inf
+    """The candidate with the lowest mean over ``slice_ids`` (the first on ties); GA and random
+    search share it. ``aside``: held-out slices, scored with :meth:`SearchLog.score_aside`."""
+    best, best_mean = None, math.inf
+    score = run.score_aside if aside else run.score
     scorer = prefetched(cache, fitness_fn, [(arch.canonical(), s) for arch in candidates for s in slice_ids])
     for arch in candidates:
-        losses = [run.score(cache, arch, s, scorer) for s in slice_ids]
-        mean = float(sum(losses) / len(losses))
-        if best is None or mean < best_loss:
-            best, best_loss = arch, mean
-    return best, best_loss
+        values = [score(cache, arch, s, scorer) for s in slice_ids]
+        mean = float(sum(values) / len(values))
+        if best is None or mean < best_mean:
+            best, best_mean = arch, mean
+    return best, best_mean
 
 
 def _check_state(state: Mapping[str, Any], config: GAConfig, constraints: Sequence[Constraint]) -> None:

@@ -27,6 +27,7 @@ from engine.search.evolution import (
     FitnessFn,
     SearchLog,
     SearchResult,
+    _json_loss,
     check_reachable,
     final_choice,
     prefetched,
@@ -107,6 +108,7 @@ def random_search(
     scored.sort(key=lambda item: (item[0], item[1]))
 
     best, best_loss = scored[0][2], scored[0][0]
+    final_score = None
     if final_candidates > 0:
         # Never spend more than ``evaluations`` in total: a short budget scores fewer candidates.
         # Each candidate costs per_finalist new evaluations; the first is always scored.
@@ -116,7 +118,11 @@ def random_search(
                 break
             finalists.append(arch)
             spent += per_finalist
-        best, best_loss = final_choice(finalists, final_ids, cache, run, fitness_fn)
+        if final_slices:  # held out: their values stay out of the front (see evolution.py)
+            best, score = final_choice(finalists, final_ids, FitnessCache(), run, fitness_fn, aside=True)
+            best_loss, final_score = cache.mean_loss(best), score
+        else:
+            best, best_loss = final_choice(finalists, final_ids, cache, run, fitness_fn)
     return SearchResult(
         method="random",
         best_arch=best,
@@ -132,6 +138,7 @@ def random_search(
             "screening_slice": slice_id,
             "final_candidates": min(len(scored), candidates_wanted),
             "final_slices": final_slices,
+            "final_score": None if final_score is None else _json_loss(final_score),
             "stopped_early": stopped_early,
         },
         elapsed_s=time.perf_counter() - started,

@@ -494,13 +494,32 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
         )
     context.fitness.close()
 
+    # With final_metric "accuracy" a held-out slice scores the query error rate, a search slice the loss.
+    arch = world["space"].largest()
+    assert request.final_metric_value == "accuracy"  # the tiny preset's
+    score = context.scorer.score(arch, slices[2])
+    assert context.fitness._loss(arch, 2) == pytest.approx(1.0 - score.accuracy)
+    assert context.fitness._loss(arch, 1) == pytest.approx(context.scorer.score(arch, slices[1]).loss)
+    context.fitness.close()
+
     result = run_adaption(request, out_dir=tmp_path / "out")
     for outcome in result.outcomes:
-        final = outcome.model_card["search"]["final_choice"]
-        assert final == {"candidates": 2, "held_out_slices": 2, "tasks_per_slice": 4}
+        for final in (outcome.model_card["search"]["final_choice"], outcome.random["final_choice"]):
+            assert {k: final[k] for k in ("candidates", "held_out_slices", "tasks_per_slice", "metric")} == {
+                "candidates": 2, "held_out_slices": 2, "tasks_per_slice": 4, "metric": "accuracy",
+            }  # fmt: skip
+            assert 0.0 <= final["held_out_accuracy"] <= 1.0
         assert outcome.constraint_met and outcome.random["constraint_met"]
+        assert outcome.search_loss > 0.5  # a loss over the search slices, not an error rate
+    by_loss = run_adaption(
+        replace(request, final_metric="loss", random_baseline=False), out_dir=tmp_path / "by_loss"
+    )
+    final = by_loss.outcomes[0].model_card["search"]["final_choice"]
+    assert final["metric"] == "loss" and final["held_out_loss"] > 0.5
     with pytest.raises(AdaptionRequestError, match="final_slices"):
         request_for(world, final_slices=-1)
+    with pytest.raises(AdaptionRequestError, match="final_metric"):
+        request_for(world, final_metric="f1")
 
 
 def test_retrain_changes_only_the_subnets_weights(world, tmp_path):
@@ -550,6 +569,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "4",
         "--final-slices",
         "1",
+        "--final-metric",
+        "loss",
         "--no-onnx",
         "--quiet",
     ]
@@ -567,6 +588,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert summary["constraints_met"] and len(summary["packages"]) == 1
     card = read_model_card(Path(summary["packages"][0]))
     assert card["search"]["final_choice"]["held_out_slices"] == 1
+    assert card["search"]["final_choice"]["metric"] == "loss"
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
         [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],
