@@ -11,7 +11,10 @@ Default mode - REAL end to end, through the dashboard's entry point ``engine.ada
 4. one adaption request with the three budgets: GA with the real fitness (mean query loss after
    the MAML++ inner loop from the inherited weights, on 16-task validation slices), random
    search with the GA's number of evaluations, and the test accuracy (mean ± 95 % CI over
-   Omniglot test tasks) of both choices per budget.
+   Omniglot test tasks) of both choices per budget. Both end the same way: their finalists are
+   compared by query accuracy on 4 held-out slices of fresh validation tasks (quick: 1;
+   ``--final-slices 0`` compares them by loss on the search slices, the rule before
+   2026-12-05; ``benchmarks/final_choice.py`` compares the rules).
 
 ``adapt_s`` is the GA's wall time for the middle budget (inside a sweep that shares its fitness
 cache with the other budgets); ``ms_per_evaluation`` is the measured mean time of one fitness

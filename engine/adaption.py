@@ -1238,7 +1238,7 @@ def _write_packages(
                     "loss": _finite(ga.best_loss),
                     "evaluations": ga.evaluations,
                     "task_source": request.task_source,
-                    # Where "loss" comes from: the finalists' mean over these slices of tasks.
+                    # How the finalists were compared ("loss" above stays the search slices' mean).
                     "final_choice": _final_choice_summary(ga, context),
                 },
                 "random_search": random_summary,
