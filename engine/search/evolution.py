@@ -30,7 +30,9 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   ``final_slices > 0`` the finalists are scored instead on that many *held-out* slices (ids
   ``num_slices ..``) that the search never drew: the elites survived selection on the search
   slices, so their losses there can be optimistic (the winner's curse); fresh tasks (in
-  :mod:`engine.adaption` also with more query images) rank them without that bias. What
+  :mod:`engine.adaption` also with more query images) rank them without that bias. (On a
+  real super-net, holding out alone ranked no better; the error rate as the final criterion
+  did - docs/BENCHMARKS.md, "The final choice among the finalists".) What
   ``fitness_fn`` returns for a held-out slice may be another criterion than the search's loss
   (lower is better; :mod:`engine.adaption` can return the query *error rate* there), so those
   values live in a cache of their own and never enter a front; the result's ``best_loss`` stays
