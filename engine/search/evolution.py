@@ -138,9 +138,7 @@ class GAConfig:
     @property
     def final_slice_ids(self) -> range:
         """The slices the final choice scores its candidates on (see ``final_slices``)."""
-        if self.final_slices:
-            return range(self.num_slices, self.num_slices + self.final_slices)
-        return range(self.num_slices)
+        return final_slice_ids(self.num_slices, self.final_slices)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GAConfig:
@@ -664,35 +662,46 @@ def _final_choice(
         candidates.setdefault(arch.canonical(), arch)
         if len(candidates) == config.final_candidates:
             break
-    stats: dict[str, Any] = {"final_candidates": len(candidates), "final_slices": config.final_slices}
-    finalists = list(candidates.values())
-    if not config.final_slices:
-        best, best_loss = final_choice(finalists, config.final_slice_ids, cache, run, fitness_fn)
-        return best, best_loss, {**stats, "final_score": None}
-    best, score = final_choice(finalists, config.final_slice_ids, FitnessCache(), run, fitness_fn, aside=True)
-    return best, cache.mean_loss(best), {**stats, "final_score": _json_loss(score)}
+    best, best_loss, final_stats = final_choice(
+        list(candidates.values()), cache, run, fitness_fn, config.num_slices, config.final_slices
+    )
+    return best, best_loss, {"final_candidates": len(candidates), **final_stats}
+
+
+def final_slice_ids(num_slices: int, final_slices: int) -> range:
+    """The held-out slices ``num_slices ..`` when ``final_slices`` > 0, else the search slices."""
+    if final_slices:
+        return range(num_slices, num_slices + final_slices)
+    return range(num_slices)
 
 
 def final_choice(
     candidates: Sequence[Any],
-    slice_ids: Sequence[int],
     cache: FitnessCache,
     run: SearchLog,
     fitness_fn: FitnessFn,
-    *,
-    aside: bool = False,
-) -> tuple[Any, float]:
-    """The candidate with the lowest mean over ``slice_ids`` (the first on ties); GA and random
-    search share it. ``aside``: held-out slices, scored with :meth:`SearchLog.score_aside`."""
+    num_slices: int,
+    final_slices: int,
+) -> tuple[Any, float, dict[str, Any]]:
+    """The candidate with the lowest mean over :func:`final_slice_ids` (the first on ties); GA
+    and random search share it. Returns ``(best, best_loss, stats)``: ``best_loss`` is always
+    its mean search-slice loss; held-out values are scored into a cache of their own with
+    :meth:`SearchLog.score_aside` (they may be another criterion) and their mean is
+    ``stats["final_score"]``."""
+    held_out = final_slices > 0
+    slice_ids = final_slice_ids(num_slices, final_slices)
+    scores = FitnessCache() if held_out else cache
+    score = run.score_aside if held_out else run.score
     best, best_mean = None, math.inf
-    score = run.score_aside if aside else run.score
-    scorer = prefetched(cache, fitness_fn, [(arch.canonical(), s) for arch in candidates for s in slice_ids])
+    scorer = prefetched(scores, fitness_fn, [(arch.canonical(), s) for arch in candidates for s in slice_ids])
     for arch in candidates:
-        values = [score(cache, arch, s, scorer) for s in slice_ids]
+        values = [score(scores, arch, s, scorer) for s in slice_ids]
         mean = float(sum(values) / len(values))
         if best is None or mean < best_mean:
             best, best_mean = arch, mean
-    return best, best_mean
+    if not held_out:
+        return best, best_mean, {"final_slices": 0, "final_score": None}
+    return best, cache.mean_loss(best), {"final_slices": final_slices, "final_score": _json_loss(best_mean)}
 
 
 def _check_state(state: Mapping[str, Any], config: GAConfig, constraints: Sequence[Constraint]) -> None:

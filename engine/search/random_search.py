@@ -27,7 +27,6 @@ from engine.search.evolution import (
     FitnessFn,
     SearchLog,
     SearchResult,
-    _json_loss,
     check_reachable,
     final_choice,
     prefetched,
@@ -72,7 +71,6 @@ def random_search(
 
     # The final choice scores each candidate on the slices it has not seen yet: the other
     # num_slices - 1 search slices, or the final_slices held-out ones.
-    final_ids = range(num_slices, num_slices + final_slices) if final_slices else range(num_slices)
     per_finalist = final_slices or num_slices - 1
     candidates_wanted = min(final_candidates, evaluations)
     reserve = candidates_wanted * per_finalist
@@ -108,7 +106,7 @@ def random_search(
     scored.sort(key=lambda item: (item[0], item[1]))
 
     best, best_loss = scored[0][2], scored[0][0]
-    final_score = None
+    final_stats: dict[str, Any] = {"final_slices": final_slices, "final_score": None}
     if final_candidates > 0:
         # Never spend more than ``evaluations`` in total: a short budget scores fewer candidates.
         # Each candidate costs per_finalist new evaluations; the first is always scored.
@@ -118,11 +116,9 @@ def random_search(
                 break
             finalists.append(arch)
             spent += per_finalist
-        if final_slices:  # held out: their values stay out of the front (see evolution.py)
-            best, score = final_choice(finalists, final_ids, FitnessCache(), run, fitness_fn, aside=True)
-            best_loss, final_score = cache.mean_loss(best), score
-        else:
-            best, best_loss = final_choice(finalists, final_ids, cache, run, fitness_fn)
+        best, best_loss, final_stats = final_choice(
+            finalists, cache, run, fitness_fn, num_slices, final_slices
+        )
     return SearchResult(
         method="random",
         best_arch=best,
@@ -137,8 +133,7 @@ def random_search(
             "screened": len(scored),
             "screening_slice": slice_id,
             "final_candidates": min(len(scored), candidates_wanted),
-            "final_slices": final_slices,
-            "final_score": None if final_score is None else _json_loss(final_score),
+            **final_stats,
             "stopped_early": stopped_early,
         },
         elapsed_s=time.perf_counter() - started,
