@@ -589,13 +589,14 @@ def real_main(args: argparse.Namespace) -> None:
         threads=threads,
         device=args.sweep_device,
     )
+    final_slices = request.ga_config().final_slices
     print(
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
-        f"final choice on {request.ga_config().final_slices or 'the search'} slices"
+        f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
-            if request.ga_config().final_slices
+            if final_slices
             else ""
         )
     )
@@ -689,7 +690,7 @@ def real_main(args: argparse.Namespace) -> None:
             "iterations": iterations,
             "tasks_per_slice": tasks_per_slice,
             "slices": slices,
-            "final_slices": request.ga_config().final_slices,
+            "final_slices": final_slices,
             "final_metric": request.final_metric_value,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
