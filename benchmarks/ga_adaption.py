@@ -14,7 +14,9 @@ Default mode - REAL end to end, through the dashboard's entry point ``engine.ada
    Omniglot test tasks) of both choices per budget. Both end the same way: their finalists are
    compared by query accuracy on 4 held-out slices of fresh validation tasks (quick: 1;
    ``--final-slices 0`` compares them by loss on the search slices, the rule before
-   2026-12-05; ``benchmarks/final_choice.py`` compares the rules).
+   2026-12-05; ``benchmarks/final_choice.py`` compares the rules). The GA's finalists are the
+   best of every architecture it scored, ranked within slices (``--finalists-from last``: the
+   last generation's best, the rule until the night of 2026-12-05).
 
 ``adapt_s`` is the GA's wall time for the middle budget (inside a sweep that shares its fitness
 cache with the other budgets); ``ms_per_evaluation`` is the measured mean time of one fitness
@@ -581,6 +583,7 @@ def real_main(args: argparse.Namespace) -> None:
         final_candidates=min(3 if quick else 5, pool),
         final_slices=(1 if quick else 4) if args.final_slices is None else args.final_slices,
         final_metric=args.final_metric,
+        finalists_from=args.finalists_from,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -593,6 +596,7 @@ def real_main(args: argparse.Namespace) -> None:
     print(
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
+        f"GA finalists from the {request.ga_config().finalists_from}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -692,6 +696,7 @@ def real_main(args: argparse.Namespace) -> None:
             "slices": slices,
             "final_slices": final_slices,
             "final_metric": request.final_metric_value,
+            "finalists_from": request.ga_config().finalists_from,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -753,6 +758,12 @@ def main() -> None:
         choices=("loss", "accuracy"),
         default=None,
         help="the final choice's criterion on the held-out slices (default: accuracy, the preset's)",
+    )
+    real.add_argument(
+        "--finalists-from",
+        choices=("last", "archive"),
+        default=None,
+        help="the GA's finalists: the last generation's best, or the best of all it scored (default archive, the preset's)",
     )
     real.add_argument(
         "--budget-quantiles",

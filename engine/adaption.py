@@ -66,6 +66,7 @@ from engine.search.constraints import (
     InfeasibleBudgetError,
 )
 from engine.search.evolution import (
+    FINALISTS_FROM,
     FitnessCache,
     FrontPoint,
     GAConfig,
@@ -166,6 +167,9 @@ class AdaptionPreset:
     #: What the final choice minimises on held-out slices: "loss" or "accuracy" (the query
     #: error rate). See FINAL_METRICS.
     final_metric: str = "loss"
+    #: Where the GA's finalists come from: "last" (the last generation's best) or "archive"
+    #: (every architecture it scored, ranked within slices). See GAConfig.finalists_from.
+    finalists_from: str = "last"
     #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
     finetune_factor: int = 3
 
@@ -173,14 +177,17 @@ class AdaptionPreset:
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
     # Seconds on 2 cores with a tiny super-net: tests, demos, smoke checks.
     "tiny": AdaptionPreset("tiny", pool_size=12, iterations=6, tasks_per_slice=4, num_slices=3,
-                           final_candidates=3, test_tasks=40, final_slices=1, final_metric="accuracy"),
+                           final_candidates=3, test_tasks=40, final_slices=1, final_metric="accuracy",
+                           finalists_from="archive"),
     # Minutes on a CPU server: a smaller pool and fewer generations than the paper.
     "cpu": AdaptionPreset("cpu", pool_size=50, iterations=40, tasks_per_slice=16, num_slices=4,
-                          final_candidates=5, test_tasks=600, final_slices=4, final_metric="accuracy"),
+                          final_candidates=5, test_tasks=600, final_slices=4, final_metric="accuracy",
+                          finalists_from="archive"),
     # Algorithm 1 as in the paper (Appendix E): P=100, M=200, 16-task slices; 600 test tasks. The
     # final choice among its 10 finalists (which the paper leaves open) is ours, as in "cpu".
     "paper": AdaptionPreset("paper", pool_size=100, iterations=200, tasks_per_slice=16, num_slices=8,
-                            final_candidates=10, test_tasks=600, final_slices=4, final_metric="accuracy"),
+                            final_candidates=10, test_tasks=600, final_slices=4, final_metric="accuracy",
+                            finalists_from="archive"),
 }  # fmt: skip
 
 
@@ -224,6 +231,7 @@ class AdaptionRequest:
     final_candidates: int | None = None
     final_slices: int | None = None
     final_metric: str | None = None
+    finalists_from: str | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -277,6 +285,10 @@ class AdaptionRequest:
         if self.final_metric is not None and self.final_metric not in FINAL_METRICS:
             raise AdaptionRequestError(
                 f"final_metric must be one of {FINAL_METRICS}, got {self.final_metric!r}"
+            )
+        if self.finalists_from is not None and self.finalists_from not in FINALISTS_FROM:
+            raise AdaptionRequestError(
+                f"finalists_from must be one of {FINALISTS_FROM}, got {self.finalists_from!r}"
             )
         _check_int("seed", self.seed, 0, optional=False)
         _check_int("threads", self.threads, 1, optional=False)
@@ -352,6 +364,7 @@ class AdaptionRequest:
             num_slices=pick("num_slices"),
             final_candidates=pick("final_candidates"),
             final_slices=pick("final_slices"),
+            finalists_from=pick("finalists_from"),
             seed=self.seed,
         )
 
@@ -884,6 +897,8 @@ def _final_choice_summary(result: SearchResult, context: _Context) -> dict[str, 
         "tasks_per_slice": config.tasks_per_slice,
         "metric": context.request.final_metric_value if config.final_slices else "loss",
     }
+    if result.method == "ga":
+        summary["finalists_from"] = config.finalists_from
     score = result.stats.get("final_score")
     if config.final_slices and score is not None:
         held_out = "held_out_accuracy" if summary["metric"] == "accuracy" else "held_out_loss"

@@ -19,6 +19,7 @@ from engine.adaption import (
 )
 from engine.meta.runs import DEVICES
 from engine.progress import ProgressEvent
+from engine.search.evolution import FINALISTS_FROM
 
 STATE_NAME = ".adaption-state.json"
 
@@ -100,6 +101,12 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="what the final choice minimises on the held-out slices: loss or accuracy (error rate)",
     )
+    parser.add_argument(
+        "--finalists-from",
+        choices=FINALISTS_FROM,
+        default=None,
+        help="the GA's finalists: the last generation's best, or the best of every architecture it scored",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -132,6 +139,7 @@ def _adapt(args: argparse.Namespace) -> int:
         num_slices=args.slices,
         final_slices=args.final_slices,
         final_metric=args.final_metric,
+        finalists_from=args.finalists_from,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

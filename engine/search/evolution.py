@@ -37,7 +37,9 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   (lower is better; :mod:`engine.adaption` can return the query *error rate* there), so those
   values live in a cache of their own and never enter a front; the result's ``best_loss`` stays
   the choice's mean loss over the search slices it was scored on, and ``stats["final_score"]``
-  holds its held-out mean.
+  holds its held-out mean. With ``finalists_from="archive"`` the finalists are instead the best
+  of *every* architecture the run scored, by :func:`archive_ranking` (rank within each slice),
+  not the last generation's neighbourhood of the elites.
 * **Budget sweeps (Pareto fronts).** :func:`search_budgets` runs one GA per budget, all sharing
   one :class:`FitnessCache` and one cost cache, and reports the front over every architecture
   evaluated for any budget plus each budget's choice.
@@ -75,6 +77,8 @@ from engine.seeding import derive_seed, make_rngs
 FitnessFn = Callable[[Any, int], float]
 GAState = dict[str, Any]
 STATE_VERSION = 1
+#: GAConfig.finalists_from's choices.
+FINALISTS_FROM = ("last", "archive")
 
 
 class GAConfigError(ValueError):
@@ -107,6 +111,10 @@ class GAConfig:
     #: Held-out slices (ids ``num_slices .. num_slices + final_slices - 1``) that only the final
     #: choice scores on; 0: the finalists are scored on the search slices.
     final_slices: int = 0
+    #: Where the finalists come from: "last", the best of the last generation's ranking, or
+    #: "archive", the best of every architecture this run scored by mean rank within each
+    #: search slice (see :func:`archive_ranking`).
+    finalists_from: str = "last"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +131,10 @@ class GAConfig:
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
             raise GAConfigError(f"crossover must be a bool, got {self.crossover!r}")
+        if self.finalists_from not in FINALISTS_FROM:
+            raise GAConfigError(
+                f"finalists_from must be one of {FINALISTS_FROM}, got {self.finalists_from!r}"
+            )
         fraction = self.top_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise GAConfigError(f"top_fraction must be in (0, 1], got {fraction!r}")
@@ -193,6 +205,10 @@ class FitnessCache:
     def contains(self, key: Any, slice_id: int) -> bool:
         """Whether canonical ``key`` already has a loss on ``slice_id`` (no lookup is counted)."""
         return slice_id in self._losses.get(key, {})
+
+    def loss_on(self, key: Any, slice_id: int) -> float | None:
+        """Canonical ``key``'s cached loss on ``slice_id``, or None (no lookup is counted)."""
+        return self._losses.get(key, {}).get(slice_id)
 
     def losses(self, arch: Any) -> dict[int, float]:
         return dict(self._losses.get(arch.canonical(), {}))
@@ -654,9 +670,12 @@ def _final_choice(
     fitness_fn: FitnessFn,
     config: GAConfig,
 ) -> tuple[Any, float, dict[str, Any]]:
-    """Score the top ``final_candidates`` of the last ranking on ``config.final_slice_ids``; lowest mean wins."""
+    """Score the top ``final_candidates`` of the last ranking (or, with ``finalists_from=
+    "archive"``, of :func:`archive_ranking`) on ``config.final_slice_ids``; lowest mean wins."""
     if config.final_candidates == 0:
         return ranked[0], last_losses[0], {"final_candidates": 0}
+    if config.finalists_from == "archive":
+        ranked = archive_ranking(run.archs, cache, config.num_slices)
     candidates: dict[Any, Any] = {}
     for arch in ranked:
         candidates.setdefault(arch.canonical(), arch)
@@ -666,6 +685,34 @@ def _final_choice(
         list(candidates.values()), cache, run, fitness_fn, config.num_slices, config.final_slices
     )
     return best, best_loss, {"final_candidates": len(candidates), **final_stats}
+
+
+def archive_ranking(archs: Sequence[Any], cache: FitnessCache, num_slices: int) -> list[Any]:
+    """``archs`` (canonical, in first-seen order) best first by their mean rank within each
+    search slice they were scored on, as a fraction (0 the slice's best of ``archs``, 1 its
+    worst); more slices first on ties, then first seen.
+
+    Why ranks and not the mean loss: slices differ in difficulty, and the last generation's
+    children were each scored on one slice while the elites met several, so mean losses over
+    different slices are not comparable; within one slice they are. Why the whole archive: the
+    last generation is the elites and their mutants, one neighbourhood; a final criterion that
+    ranks better than the search's loss (the held-out error rate) can only choose among what it
+    is shown."""
+    fractions: dict[Any, list[float]] = {key: [] for key in archs}
+    for slice_id in range(num_slices):
+        scored = sorted(
+            (loss, order, key)
+            for order, key in enumerate(archs)
+            if (loss := cache.loss_on(key, slice_id)) is not None
+        )
+        last = max(1, len(scored) - 1)
+        for position, (_, _, key) in enumerate(scored):
+            fractions[key].append(position / last)
+    order = {key: i for i, key in enumerate(archs)}
+    return sorted(
+        (key for key in archs if fractions[key]),
+        key=lambda key: (sum(fractions[key]) / len(fractions[key]), -len(fractions[key]), order[key]),
+    )
 
 
 def final_slice_ids(num_slices: int, final_slices: int) -> range:

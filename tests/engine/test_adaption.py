@@ -509,6 +509,10 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
                 "candidates": 2, "held_out_slices": 2, "tasks_per_slice": 4, "metric": "accuracy",
             }  # fmt: skip
             assert 0.0 <= final["held_out_accuracy"] <= 1.0
+        # The GA's finalists come from everything it scored (the tiny preset's); random search
+        # has one screening list, so its summary names no such choice.
+        assert outcome.model_card["search"]["final_choice"]["finalists_from"] == "archive"
+        assert "finalists_from" not in outcome.random["final_choice"]
         assert outcome.constraint_met and outcome.random["constraint_met"]
         assert outcome.search_loss > 0.5  # a loss over the search slices, not an error rate
     by_loss = run_adaption(
@@ -520,6 +524,9 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
         request_for(world, final_slices=-1)
     with pytest.raises(AdaptionRequestError, match="final_metric"):
         request_for(world, final_metric="f1")
+    with pytest.raises(AdaptionRequestError, match="finalists_from"):
+        request_for(world, finalists_from="best")
+    assert request_for(world, finalists_from="last").ga_config().finalists_from == "last"
 
 
 def test_retrain_changes_only_the_subnets_weights(world, tmp_path):
@@ -571,6 +578,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "1",
         "--final-metric",
         "loss",
+        "--finalists-from",
+        "last",
         "--no-onnx",
         "--quiet",
     ]
@@ -589,6 +598,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     card = read_model_card(Path(summary["packages"][0]))
     assert card["search"]["final_choice"]["held_out_slices"] == 1
     assert card["search"]["final_choice"]["metric"] == "loss"
+    assert card["search"]["final_choice"]["finalists_from"] == "last"
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
         [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],

@@ -24,6 +24,7 @@ from engine.search.evolution import (
     GAConfig,
     GAConfigError,
     GAStateError,
+    archive_ranking,
     get_choice,
     load_state,
     mutable_choices,
@@ -467,6 +468,39 @@ def test_final_choice_on_held_out_slices_scores_only_there(space):
             space, rs_fitness, costs_fn_for(space), [Constraint("params", 60_000)],
             evaluations=60, num_slices=4, final_slices=-1,
         )  # fmt: skip
+
+
+def test_archive_ranking_compares_architectures_within_slices_not_across(space):
+    a, b, c, d = (space.sample(np.random.default_rng(seed)).canonical() for seed in range(4))
+    assert len({a, b, c, d}) == 4
+    cache = FitnessCache()
+    losses = {(a, 0): 1.0, (b, 0): 1.1, (c, 0): 1.2, (d, 1): 3.0, (a, 1): 3.1}
+    for (arch, slice_id), loss in losses.items():
+        cache.lookup_canonical(arch, slice_id, lambda *_, loss=loss: loss)
+    # Raw mean losses would say b (1.1) < c (1.2) < a (2.05) < d (3.0). Within its slices, d is
+    # the best of slice 1 (the hard one), a is best of slice 0 and worst of slice 1, b is the
+    # middle of slice 0 (a tie with a, broken by a's two slices), c is worst of slice 0.
+    assert archive_ranking([a, b, c, d], cache, num_slices=2) == [d, a, b, c]
+    # Held-out slices (ids >= num_slices) and architectures never scored are left out.
+    cache.lookup_canonical(c, 2, lambda *_: 0.0)
+    e = space.sample(np.random.default_rng(9)).canonical()
+    assert archive_ranking([a, b, c, d, e], cache, num_slices=2) == [d, a, b, c]
+    assert cache.loss_on(a, 1) == 3.1 and cache.loss_on(e, 0) is None
+
+
+def test_finalists_from_the_archive_are_its_best_ranked(space):
+    config = small_config(num_slices=4, final_candidates=3, final_slices=2, finalists_from="archive")
+    fitness = SyntheticFitness(space, num_slices=6)
+    cache = FitnessCache()
+    result = run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 60_000)], config, cache=cache)
+    finalists = list(dict.fromkeys(arch for arch, s in fitness.calls if s >= config.num_slices))
+    searched = list(dict.fromkeys(arch.canonical() for arch, s in fitness.calls if s < config.num_slices))
+    assert finalists == archive_ranking(searched, cache, config.num_slices)[:3]
+    assert result.best_arch in finalists and result.stats["final_candidates"] == 3
+    # The default still takes the last generation's best, and a bad value is refused.
+    assert GAConfig().finalists_from == "last"
+    with pytest.raises(GAConfigError, match="finalists_from"):
+        small_config(finalists_from="everything")
 
 
 def test_tight_budget_finishes_with_bounded_fallbacks(space):
