@@ -15,6 +15,10 @@ finalists, and the other top-10 architectures of each, three ways:
 and reports, per budget and rule, the test accuracy (``--test-tasks`` Omniglot test tasks, the
 adaption's own test-task stream) of the finalist each rule picks, for the GA and random search,
 plus the Spearman rank correlation of each score with test accuracy over all scored candidates.
+The GA's finalists are taken two ways from the same run: ``ga`` (the top of the last generation's
+ranking, ``finalists_from="last"``) and ``ga_archive`` (the top of everything it scored by
+:func:`engine.search.evolution.archive_ranking`, ``finalists_from="archive"``, the presets'
+default).
 
     python -m engine meta-train --dataset omniglot --ways 20 --shots 1 --backbone vgg9 --preset cpu --out RUN
     PYTHONPATH=. python benchmarks/final_choice.py --supernet RUN/checkpoint.pt [--lut LUT.json]
@@ -23,7 +27,8 @@ Without ``--lut`` a latency table of this CPU is measured (and saved with ``--sa
 ``--quick`` (under a minute) meta-trains a tiny super-net for seconds, uses a parameter budget
 instead of latency (no table to measure) and few tasks: a smoke check, not a figure.
 The last line is one JSON object: per-budget test accuracies per rule, the correlations, and
-``picks_best_finalist`` (how often each rule chose the finalist with the best test accuracy).
+``picks_best_finalist`` (how often each rule chose the finalist with the best test accuracy, over
+the three finalist lists and the budgets).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from engine.search.adapt import (
     task_slices,
 )
 from engine.search.constraints import Constraint, CostModel
-from engine.search.evolution import FitnessCache, GAConfig, run_ga
+from engine.search.evolution import FitnessCache, GAConfig, archive_ranking, run_ga
 from engine.search.random_search import random_search
 from engine.seeding import derive_seed
 
@@ -185,16 +190,19 @@ def main() -> None:
         started = time.perf_counter()
         last_state: dict = {}
         ga_record = Recorder(fitness)
+        ga_cache = FitnessCache()
         ga = run_ga(
             space,
             ga_record,
             cost_model,
             constraints,
             config,
-            cache=FitnessCache(),
+            cache=ga_cache,
             on_state=last_state.update,
         )
         ga_ranked = list(dict.fromkeys(decode(d).canonical() for d in last_state["ranked"]))
+        searched = list(dict.fromkeys(a for (a, s) in ga_record.seen if s < num_slices))
+        archive_ranked = archive_ranking(searched, ga_cache, num_slices)
         rs_record = Recorder(fitness)
         rs = random_search(space, rs_record, cost_model, constraints, evaluations=ga.evaluations, num_slices=num_slices,
                            final_candidates=args.final_candidates, seed=derive_seed(args.seed, RANDOM_SEARCH_STREAM + index))  # fmt: skip
@@ -203,7 +211,7 @@ def main() -> None:
             (a for (a, s) in rs_record.seen if s == screened), key=lambda a: rs_record.seen[(a, screened)]
         )
         search_s = time.perf_counter() - started
-        candidates = list(dict.fromkeys([*ga_ranked[:10], *rs_ranked[:10]]))
+        candidates = list(dict.fromkeys([*ga_ranked[:10], *archive_ranked[:10], *rs_ranked[:10]]))
         pairs = [(a, s) for a in candidates for s in range(num_slices)]
         losses = dict(zip(pairs, fitness.many(pairs), strict=True))
         fitness.close()
@@ -215,6 +223,7 @@ def main() -> None:
             rows.append({
                 "arch": arch.to_json(),
                 "ga_rank": ga_ranked.index(arch) if arch in ga_ranked[:10] else None,
+                "archive_rank": archive_ranked.index(arch) if arch in archive_ranked[:10] else None,
                 "rs_rank": rs_ranked.index(arch) if arch in rs_ranked[:10] else None,
                 "search_loss": float(np.mean([losses[(arch, s)] for s in range(num_slices)])),
                 "held_out_loss": float(np.mean([h.loss for h in held])),
@@ -228,7 +237,7 @@ def main() -> None:
             "evaluations": ga.evaluations,
             "search_s": round(search_s, 1),
         }
-        for method, rank_key in (("ga", "ga_rank"), ("random", "rs_rank")):
+        for method, rank_key in (("ga", "ga_rank"), ("ga_archive", "archive_rank"), ("random", "rs_rank")):
             finalists = sorted(
                 (r for r in rows if r[rank_key] is not None and r[rank_key] < args.final_candidates),
                 key=lambda r: r[rank_key],
@@ -239,7 +248,9 @@ def main() -> None:
                 summary[f"{method}_{name}"] = round(100 * chosen["test_acc"], 2)
                 picks_best[name] += chosen["test_acc"] == best_test
         for name, _, _ in RULES:
-            summary[f"ga_minus_random_{name}"] = round(summary[f"ga_{name}"] - summary[f"random_{name}"], 2)
+            for method in ("ga", "ga_archive"):
+                gap = summary[f"{method}_{name}"] - summary[f"random_{name}"]
+                summary[f"{method}_minus_random_{name}"] = round(gap, 2)
         scores = np.array(
             [[r["search_loss"], r["held_out_loss"], -r["held_out_acc"], -r["test_acc"]] for r in rows]
         )
@@ -250,18 +261,22 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
         per_budget.append(summary)
 
-    print(f"\n{'budget':>10} | {'rule':22} | {'GA test %':>9} | {'random test %':>13} | GA - random")
+    print(
+        f"\n{'budget':>10} | {'rule':22} | {'GA':>6} | {'GA archive':>10} | {'random':>6} | GA - random | archive - random"
+    )
     for summary in per_budget:
         for name, _, _ in RULES:
             print(
-                f"{summary['budget']:>10} | {name:22} | {summary[f'ga_{name}']:>9} | {summary[f'random_{name}']:>13} | {summary[f'ga_minus_random_{name}']:+.2f}"
+                f"{summary['budget']:>10} | {name:22} | {summary[f'ga_{name}']:>6} | {summary[f'ga_archive_{name}']:>10} | "
+                f"{summary[f'random_{name}']:>6} | {summary[f'ga_minus_random_{name}']:+11.2f} | "
+                f"{summary[f'ga_archive_minus_random_{name}']:+.2f}"
             )
     print(json.dumps({
         "budgets": budgets,
         "kind": kind,
         "per_budget": per_budget,
         "spearman_mean": {name: round(float(np.mean(v)), 3) for name, v in correlations.items()},
-        "picks_best_finalist": {name: f"{count}/{2 * len(budgets)}" for name, count in picks_best.items()},
+        "picks_best_finalist": {name: f"{count}/{3 * len(budgets)}" for name, count in picks_best.items()},
         "final_slices": final_slices,
         "test_tasks": test_count,
         "seconds": round(time.perf_counter() - started_all, 1),
