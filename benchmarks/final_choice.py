@@ -201,8 +201,8 @@ def main() -> None:
             on_state=last_state.update,
         )
         ga_ranked = list(dict.fromkeys(decode(d).canonical() for d in last_state["ranked"]))
-        searched = list(dict.fromkeys(a for (a, s) in ga_record.seen if s < num_slices))
-        archive_ranked = archive_ranking(searched, ga_cache, num_slices)
+        # The GA's own cache holds search slices only (held-out values go aside), in first-seen order.
+        archive_ranked = archive_ranking(ga_cache.archs(), ga_cache, num_slices)
         rs_record = Recorder(fitness)
         rs = random_search(space, rs_record, cost_model, constraints, evaluations=ga.evaluations, num_slices=num_slices,
                            final_candidates=args.final_candidates, seed=derive_seed(args.seed, RANDOM_SEARCH_STREAM + index))  # fmt: skip

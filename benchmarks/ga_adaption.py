@@ -72,7 +72,7 @@ from engine.meta.service import execute_meta_training
 from engine.meta.train import CHECKPOINT_NAME
 from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, make_costs_fn, slice_tasks
 from engine.search.constraints import Constraint, CostModel
-from engine.search.evolution import GAConfig, run_ga
+from engine.search.evolution import FINALISTS_FROM, GAConfig, run_ga
 from engine.search.random_search import random_search
 from engine.seeding import derive_seed, seed_everything
 from engine.space import SearchSpace
@@ -592,11 +592,12 @@ def real_main(args: argparse.Namespace) -> None:
         threads=threads,
         device=args.sweep_device,
     )
-    final_slices = request.ga_config().final_slices
+    ga_config = request.ga_config()
+    final_slices = ga_config.final_slices
     print(
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
-        f"GA finalists from the {request.ga_config().finalists_from}; "
+        f"GA finalists from the {ga_config.finalists_from}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -696,7 +697,7 @@ def real_main(args: argparse.Namespace) -> None:
             "slices": slices,
             "final_slices": final_slices,
             "final_metric": request.final_metric_value,
-            "finalists_from": request.ga_config().finalists_from,
+            "finalists_from": ga_config.finalists_from,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -761,7 +762,7 @@ def main() -> None:
     )
     real.add_argument(
         "--finalists-from",
-        choices=("last", "archive"),
+        choices=FINALISTS_FROM,
         default=None,
         help="the GA's finalists: the last generation's best, or the best of all it scored (default archive, the preset's)",
     )

@@ -698,17 +698,15 @@ def archive_ranking(archs: Sequence[Any], cache: FitnessCache, num_slices: int) 
     last generation is the elites and their mutants, one neighbourhood; a final criterion that
     ranks better than the search's loss (the held-out error rate) can only choose among what it
     is shown."""
+    order = {key: i for i, key in enumerate(archs)}
     fractions: dict[Any, list[float]] = {key: [] for key in archs}
     for slice_id in range(num_slices):
         scored = sorted(
-            (loss, order, key)
-            for order, key in enumerate(archs)
-            if (loss := cache.loss_on(key, slice_id)) is not None
+            (loss, order[key], key) for key in archs if (loss := cache.loss_on(key, slice_id)) is not None
         )
         last = max(1, len(scored) - 1)
         for position, (_, _, key) in enumerate(scored):
             fractions[key].append(position / last)
-    order = {key: i for i, key in enumerate(archs)}
     return sorted(
         (key for key in archs if fractions[key]),
         key=lambda key: (sum(fractions[key]) / len(fractions[key]), -len(fractions[key]), order[key]),
