@@ -1,0 +1,291 @@
+"""Layer latencies timed *in context*: each layer inside whole chains of layers, not alone.
+
+Why: a layer timed alone in a loop finds its weights and its input in the core's caches on every
+call. Inside a network its input has just been written by the layer before, and the other layers'
+weights compete for the same caches, so its cost differs, by a different amount for every layer.
+On a quiet Intel Xeon (docs/BENCHMARKS.md, "Latency lookup tables") no per-group correction of
+isolated entries closed that gap: 6-7 % of sub-nets stayed outside ±10 % while two timings of a
+sub-net almost never disagreed that much.
+
+So :func:`refine_in_context` times *chains*: valid sub-nets of the space chosen by
+:func:`covering_chains` so that every layer key occurs in at least ``repeats_per_key`` of them. Each
+chain runs layer by layer (one scripted module per key, called in order from Python) with a clock
+read between the layers, so every layer is timed where a network runs it: after its predecessor,
+with its neighbours' weights around it. A key's entry becomes the median of its timings over all
+the chains it occurs in, which averages over its contexts. Each layer carries one Python-to-
+TorchScript call, as an isolated entry does; ``fit_overhead``'s per-layer term removes it.
+
+Only chains can be timed this way: a residual block's shortcut and addition do not run as a
+sequence of table layers, so ResNet12 tables keep their isolated entries (``supports``). The
+speed reference (engine.latency.measure.SpeedReference) works as in the isolated timings: one
+reference call before each timed chain, every layer expressed at the reference speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.latency.measure import (
+    MeasurementError,
+    SpeedReference,
+    _load_tensors,
+    _structure,
+    script_module,
+    torch_threads,
+)
+from engine.progress import ProgressCallback, null_progress
+from engine.space import Arch, LayerChoice, LayerSpec
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
+
+    from engine.latency.lut import LatencyTable
+    from engine.space import SearchSpace
+
+#: How often (in chains) a progress event is sent while timing chains.
+PROGRESS_EVERY = 50
+
+
+def supports(space: SearchSpace) -> bool:
+    """Whether ``space``'s sub-nets are plain chains of table layers (VGG9), timeable in context."""
+    return space.backbone == "vgg9"
+
+
+def _conv_key(space: SearchSpace, index: int, in_channels: int, choice: LayerChoice) -> str:
+    return LayerSpec(
+        op="conv",
+        in_size=space.in_size(index),
+        in_channels=in_channels,
+        out_channels=int(round(space.base_channels[index] * choice.width)),
+        kernel=choice.kernel,
+        stride=space.strides[index],
+        activation=choice.activation,
+    ).key
+
+
+def covering_chains(space: SearchSpace, repeats_per_key: int, rng: np.random.Generator) -> list[Arch]:
+    """Sub-nets of ``space`` in which every layer key occurs at least ``repeats_per_key`` times.
+
+    Greedy: each chain takes, layer by layer, the option whose key has occurred least so far
+    (given the previous layer's width; ties broken by ``rng``), then the depth that brings the most
+    keys still short of ``repeats_per_key`` (ties: the deeper). On the VGG9 Omniglot space (2,800
+    keys) one repeat needs 912 chains, close to the 882 that its 882 keys per deep position force.
+    """
+    if not supports(space):
+        raise MeasurementError(f"only chain backbones (vgg9) can be timed in context, not {space.backbone!r}")
+    if isinstance(repeats_per_key, bool) or not isinstance(repeats_per_key, int) or repeats_per_key < 1:
+        raise MeasurementError(f"repeats_per_key must be a positive int, got {repeats_per_key!r}")
+    keys = [spec.key for spec in space.all_layer_specs()]
+    counts: Counter[str] = Counter()
+    options = [
+        [
+            LayerChoice(kernel=kernel, width=width, activation=activation)
+            for kernel in space.kernels
+            for width in space.allowed_widths(index)
+            for activation in space.activations
+        ]
+        for index in range(space.n_layers)
+    ]
+    key_cache: dict[tuple[int, int, LayerChoice], str] = {}
+    chains: list[Arch] = []
+    short = len(keys)  # keys still below repeats_per_key
+    # Every chain brings at least one short key (the greedy choice at the first layer or the head
+    # of the chosen depth would otherwise have been another), so this bound is never reached; it
+    # only guards against an endless loop if that reasoning ever breaks.
+    for _ in range(repeats_per_key * len(keys)):
+        if short == 0:
+            return chains
+        layers: list[LayerChoice] = []
+        in_channels = space.in_channels
+        for index in range(space.n_layers):
+            best_score: tuple[int, float] | None = None
+            best = options[index][0]
+            for choice in options[index]:
+                cache_key = (index, in_channels, choice)
+                key = key_cache.get(cache_key)
+                if key is None:
+                    key = key_cache[cache_key] = _conv_key(space, index, in_channels, choice)
+                score = (counts[key], float(rng.random()))
+                if best_score is None or score < best_score:
+                    best_score, best = score, choice
+            layers.append(best)
+            in_channels = int(round(space.base_channels[index] * best.width))
+        full = Arch(backbone=space.backbone, layers=tuple(layers), depth=max(space.depths))
+
+        def gain(depth: int, full: Arch = full) -> tuple[int, int]:
+            specs = space.layer_specs(full.with_depth(depth))
+            return sum(counts[spec.key] < repeats_per_key for spec in specs), depth
+
+        arch = full.with_depth(max(space.depths, key=gain)).canonical()
+        for spec in space.layer_specs(arch):
+            counts[spec.key] += 1
+            if counts[spec.key] == repeats_per_key:
+                short -= 1
+        chains.append(arch)
+    if short:
+        raise MeasurementError(f"covering_chains left {short} keys short after {len(chains)} chains")
+    return chains
+
+
+class ChainTimer:
+    """Times chains of layers on this CPU layer by layer; ``samples`` are per key, in ms.
+
+    ``repeats`` timed calls per chain after ``warmup`` untimed ones (TorchScript specialises a
+    module during its first calls). With ``speed_reference`` each timed chain follows one reference
+    call and every layer's sample is expressed at ``reference_base_ms`` (see
+    engine.latency.measure); pass the isolated timer's base so both phases share one speed.
+    """
+
+    def __init__(
+        self,
+        *,
+        repeats: int = 5,
+        warmup: int = 2,
+        threads: int | None = None,
+        speed_reference: SpeedReference | None = None,
+        reference_base_ms: float | None = None,
+    ) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise MeasurementError(f"repeats must be a positive int, got {repeats!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise MeasurementError(f"warmup must be a non-negative int, got {warmup!r}")
+        if speed_reference is not None and reference_base_ms is None:
+            reference_base_ms = speed_reference.calibrate(threads=threads)
+        if reference_base_ms is not None and not (math.isfinite(reference_base_ms) and reference_base_ms > 0):
+            raise MeasurementError(
+                f"reference_base_ms must be a finite positive ms, got {reference_base_ms!r}"
+            )
+        self.repeats = repeats
+        self.warmup = warmup
+        self.threads = threads
+        self.speed_reference = speed_reference
+        self.reference_base_ms = reference_base_ms
+        self._compiled: dict[tuple, torch.jit.ScriptModule] = {}
+        self._modules: dict[str, torch.jit.ScriptModule] = {}
+
+    def _module(self, spec: LayerSpec) -> torch.jit.ScriptModule:
+        """The key's scripted module: a copy of its structure's compiled module holding the
+        layer's own tensors (scripting each of 2,800 layers would cost ~7 ms apiece), checked
+        against the eager module like LayerTimer's."""
+        module = self._modules.get(spec.key)
+        if module is not None:
+            return module
+        eager = spec.build_module()
+        structure = _structure(spec)
+        compiled = self._compiled.get(structure)
+        if compiled is None:
+            module = self._compiled[structure] = script_module(eager)
+        else:
+            module = copy.deepcopy(compiled)
+            _load_tensors(module, eager)
+        example = spec.example_input()
+        expected, got = eager(example), module(example)
+        if got.shape != expected.shape or not torch.allclose(got, expected):
+            raise MeasurementError(f"the scripted copy of layer {spec.key!r} computes something else")
+        self._modules[spec.key] = module
+        return module
+
+    def time_chains(
+        self,
+        space: SearchSpace,
+        chains: Sequence[Arch],
+        progress: ProgressCallback = null_progress,
+    ) -> dict[str, list[float]]:
+        """Per key, one sample (ms) per timed call of every chain it occurs in."""
+        if not supports(space):
+            raise MeasurementError(
+                f"only chain backbones (vgg9) can be timed in context, not {space.backbone!r}"
+            )
+        samples: dict[str, list[float]] = {}
+        clock = time.perf_counter_ns
+        reference = self.speed_reference
+        image = torch.randn(
+            (1, space.in_channels, space.image_size, space.image_size),
+            generator=torch.Generator().manual_seed(0),
+        )
+        started = time.perf_counter()
+        with torch_threads(self.threads), torch.inference_mode():
+            for done, arch in enumerate(chains, start=1):
+                chain = [(spec.key, self._module(spec)) for spec in space.layer_specs(arch)]
+                for _ in range(self.warmup):
+                    x = image
+                    for _, module in chain:
+                        x = module(x)
+                for _ in range(self.repeats):
+                    scale = 1e-6  # ns -> ms
+                    if reference is not None:
+                        before = clock()
+                        reference()
+                        scale = self.reference_base_ms / max(clock() - before, 1)
+                    x = image
+                    times = []
+                    last = clock()
+                    for _, module in chain:
+                        x = module(x)
+                        now = clock()
+                        times.append(now - last)
+                        last = now
+                    for (key, _), elapsed in zip(chain, times, strict=True):
+                        samples.setdefault(key, []).append(elapsed * scale)
+                if done % PROGRESS_EVERY == 0 or done == len(chains):
+                    progress(
+                        {
+                            "kind": "profile",
+                            "phase": "context",
+                            "current": done,
+                            "total": len(chains),
+                            "elapsed_s": time.perf_counter() - started,
+                            "message": f"layers in context: chain {done}/{len(chains)}",
+                        }
+                    )
+        self._modules.clear()  # ~100 MB of layer weights at the VGG9 space's size
+        return samples
+
+
+def refine_in_context(
+    space: SearchSpace,
+    table: LatencyTable,
+    timer: ChainTimer,
+    rng: np.random.Generator,
+    *,
+    repeats_per_key: int = 2,
+    progress: ProgressCallback = null_progress,
+) -> dict[str, Any]:
+    """Replace every entry of ``table`` by the median of its in-context timings (see the module doc).
+
+    ``table`` must already hold every key of ``space`` (its isolated entries); they are kept in
+    the table's ``metadata["context"]`` summary only as their median ratio to the new entries.
+    Returns that summary."""
+    from engine.latency.lut import LatencyTableError
+
+    missing = table.missing(space)
+    if missing:
+        raise LatencyTableError(f"refine_in_context needs a complete table; {len(missing)} keys are missing")
+    started = time.perf_counter()
+    chains = covering_chains(space, repeats_per_key, rng)
+    samples = timer.time_chains(space, chains, progress)
+    ratios = []
+    for key, values in samples.items():
+        ms = statistics.median(values)
+        ratios.append(ms / table.entries[key])
+        table.set(key, max(ms, 1e-4))
+    summary = {
+        "chains": len(chains),
+        "repeats_per_key": repeats_per_key,
+        "repeats": timer.repeats,
+        "warmup": timer.warmup,
+        "layer_calls": sum(len(values) for values in samples.values()),
+        "median_ratio_to_isolated": statistics.median(ratios),
+        "build_s": time.perf_counter() - started,
+    }
+    table.metadata["context"] = summary
+    table.metadata["build_s"] = table.metadata.get("build_s", 0.0) + summary["build_s"]
+    return summary
