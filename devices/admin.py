@@ -46,7 +46,7 @@ class ProfilingJobAdmin(admin.ModelAdmin):
                 device=job.device, owner=request.user, space=SearchSpace.from_dict(job.space),
                 batch_size=job.batch_size, repeats=job.repeats, warmup=job.warmup, threads=job.threads,
                 accuracy_subnets=job.accuracy_subnets, overhead_subnets=job.overhead_subnets,
-                speed_reference=job.speed_reference,
+                speed_reference=job.speed_reference, context_repeats=job.context_repeats,
             )  # fmt: skip
         self.message_user(request, "Re-run started.", messages.SUCCESS)
 

@@ -141,7 +141,7 @@ class ProfilingJobOutput(serializers.ModelSerializer):
         model = ProfilingJob
         fields = [
             "id", "device", "status", "progress", "progress_message", "error", "total_layers", "done_layers",
-            "batch_size", "repeats", "warmup", "threads", "accuracy_subnets", "overhead_subnets", "speed_reference", "created_at", "started_at",
+            "batch_size", "repeats", "warmup", "threads", "accuracy_subnets", "overhead_subnets", "speed_reference", "context_repeats", "created_at", "started_at",
             "finished_at", "result",
         ]  # fmt: skip
 
@@ -159,6 +159,10 @@ class DeviceProfileApi(APIView):
         speed_reference = serializers.BooleanField(
             default=True, help_text=ProfilingJob._meta.get_field("speed_reference").help_text
         )
+        context_repeats = serializers.IntegerField(
+            min_value=0, max_value=10, default=2,
+            help_text=ProfilingJob._meta.get_field("context_repeats").help_text,
+        )  # fmt: skip
         space_key = serializers.CharField(
             required=False,
             help_text="one of the device's tables' space_key (or the default space's); "

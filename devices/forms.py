@@ -40,6 +40,14 @@ class ProfilingForm(forms.Form):
         help_text="random sub-nets timed end to end to check the table",
     )
     speed_reference = speed_reference_field()
+    context_repeats = forms.IntegerField(
+        min_value=0,
+        max_value=10,
+        initial=2,
+        required=False,
+        label="Chains per layer (in context)",
+        help_text=ProfilingJob._meta.get_field("context_repeats").help_text,
+    )
 
     def __init__(self, *args, space_choices: list[tuple[str, str, dict]], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -47,6 +55,10 @@ class ProfilingForm(forms.Form):
         self.fields["space"].choices = [(key, label) for key, label, _ in space_choices]
         if space_choices:
             self.fields["space"].initial = space_choices[0][0]
+
+    def clean_context_repeats(self) -> int:
+        value = self.cleaned_data["context_repeats"]
+        return self.fields["context_repeats"].initial if value is None else value
 
     def clean_space(self) -> str:
         return self.cleaned_data["space"] or self.fields["space"].initial

@@ -159,6 +159,13 @@ class ProfilingJob(Job):
         "is expressed at one reference speed, which cancels a machine's speed phases; off: raw medians, "
         "10-25 % faster profiling, measured 3-10x less accurate tables",
     )
+    context_repeats = models.PositiveSmallIntegerField(
+        default=2,
+        help_text="local CPU, VGG9 spaces: after its own timing every layer is timed again inside at "
+        "least this many whole chains of layers, where a network runs it, and its entry becomes the "
+        "median of those timings (a few seconds more; measured more accurate, docs/PROFILING.md); "
+        "0: isolated entries only. Boards, GPUs and ResNet12 spaces keep isolated entries",
+    )
     reference_ms = models.FloatField(
         null=True,
         blank=True,

@@ -190,6 +190,7 @@ def profiling_start(
     accuracy_subnets: int = 0,
     overhead_subnets: int = 5,
     speed_reference: bool = True,
+    context_repeats: int = 2,
     enqueue: bool = True,
 ) -> ProfilingJob:
     """Create a profiling job; local and simulated devices are measured by a worker on the
@@ -216,6 +217,7 @@ def profiling_start(
             accuracy_subnets=accuracy_subnets,
             overhead_subnets=overhead_subnets,
             speed_reference=speed_reference,
+            context_repeats=context_repeats,
         )
         Device.objects.filter(pk=device.pk).update(status=DeviceStatus.PROFILING)
         if device.kind != DeviceKind.REMOTE and enqueue:
@@ -407,6 +409,7 @@ def _profile_holding(job: ProfilingJob, lease) -> ProfilingJob:
             metadata={**metadata, "search_space": job.space},
         )
         ProfilingJob.objects.filter(pk=job.pk).update(done_layers=len(table))
+        _refine_in_context(job, space, table, progress)
         if simulator is not None:
             simulator.save()
         elif job.overhead_subnets or job.accuracy_subnets:
@@ -435,6 +438,29 @@ def _finish_profiling(job: ProfilingJob, lease, status: JobStatus, error: str = 
     if finished:
         broadcast_status(job)
     job.refresh_from_db()
+
+
+def _refine_in_context(job: ProfilingJob, space, table, progress) -> None:
+    """This server's CPU only: time every layer again inside chains of layers and use those
+    timings (engine.latency.context). Not resumable on its own: it takes seconds, and a job
+    killed during it finds every isolated timing stored and runs it again."""
+    from engine.latency import context
+    from engine.latency.measure import SpeedReference
+    from engine.seeding import make_rngs
+
+    if job.device.kind != DeviceKind.LOCAL_CPU or job.context_repeats < 1 or not context.supports(space):
+        return
+    # Seeded by the job, so a resumed job times the same chains.
+    timer = context.ChainTimer(
+        repeats=max(1, min(job.repeats, 5)),
+        warmup=min(job.warmup, 2),
+        threads=job.threads,
+        speed_reference=SpeedReference() if job.speed_reference else None,
+        reference_base_ms=job.reference_ms if job.speed_reference else None,
+    )
+    context.refine_in_context(
+        space, table, timer, make_rngs(job.pk).numpy, repeats_per_key=job.context_repeats, progress=progress
+    )
 
 
 def _local_validation(job, space, table, progress) -> None:

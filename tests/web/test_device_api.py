@@ -108,3 +108,17 @@ def test_reprofiling_through_the_api_can_turn_the_speed_reference_off(world):
     )
     assert response.status_code == 400 and "speed_reference" in response.json()
     assert ProfilingJob.objects.count() == before
+
+
+def test_reprofiling_through_the_api_sets_the_chains_per_layer_within_range(world):
+    client, board = world["client"], world["board"]
+    response = client.post(f"/api/devices/{board.pk}/profile/", {}, format="json")
+    assert response.status_code == 201 and response.json()["context_repeats"] == 2
+    response = client.post(f"/api/devices/{board.pk}/profile/", {"context_repeats": 0}, format="json")
+    assert response.status_code == 201 and response.json()["context_repeats"] == 0
+    assert ProfilingJob.objects.get(pk=response.json()["id"]).context_repeats == 0
+    before = ProfilingJob.objects.count()
+    for bad in (-1, 11, "two"):
+        response = client.post(f"/api/devices/{board.pk}/profile/", {"context_repeats": bad}, format="json")
+        assert response.status_code == 400 and "context_repeats" in response.json()
+    assert ProfilingJob.objects.count() == before

@@ -151,6 +151,9 @@ def test_builtin_cpu_and_eyeriss_are_profiled_by_a_worker(celery_worker_process)
     eyeriss_job.refresh_from_db()
     assert cpu_job.reference_ms > 0 and eyeriss_job.reference_ms is None
     assert cpu_table.table["metadata"]["speed_reference"]["base_ms"] == cpu_job.reference_ms
+    # The CPU's layers were timed again inside chains (the job's default 2 chains per layer).
+    assert cpu_table.table["metadata"]["context"]["repeats_per_key"] == 2
+    assert cpu_table.table["metadata"]["context"]["chains"] > 0
     assert set(cpu_table.accuracy) >= {"within_10pct", "mape", "mse"}
     assert cpu_table.accuracy["overhead_fit_networks"] == 5
     # Held out from the fit, each prediction has the right order of magnitude (a wrong unit, a
@@ -163,6 +166,7 @@ def test_builtin_cpu_and_eyeriss_are_profiled_by_a_worker(celery_worker_process)
         assert 0.05 < sample["predicted_ms"] / sample["measured_ms"] < 20, sample
     eyeriss_table = LatencyTableRecord.objects.get(device=eyeriss)
     assert eyeriss_table.table["metadata"]["runtime"] == "scalesim-compute-model"
+    assert "context" not in eyeriss_table.table["metadata"]
     # The simulated accelerator is deterministic: every entry is cycles / clock.
     assert all(ms > 0 for ms in eyeriss_table.table["entries"].values())
 

@@ -55,3 +55,53 @@ def test_a_job_made_without_a_speed_reference_times_raw_medians():
     assert stats.relative is None and timer.entry_ms(stats) == pytest.approx(
         max(stats.median_ms, timer.min_ms)
     )
+
+
+def _isolated_table(space):
+    from engine.latency.lut import LatencyTable
+
+    return LatencyTable(device="test", entries=dict.fromkeys((s.key for s in space.all_layer_specs()), 0.01))
+
+
+def test_the_local_cpu_times_its_layers_again_in_context_unless_the_job_says_0():
+    from engine.progress import ListProgress
+
+    services.seed_builtin_devices()
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    for repeats_per_key in (2, 0):
+        job = services.profiling_start(
+            device=cpu, space=tiny_space(), repeats=3, warmup=1, threads=1,
+            context_repeats=repeats_per_key, enqueue=False,
+        )  # fmt: skip
+        services._measure_fn_for(cpu, job)  # calibrates the job's reference, as a worker does first
+        job.refresh_from_db()
+        table, events = _isolated_table(tiny_space()), ListProgress()
+        services._refine_in_context(job, tiny_space(), table, events)
+        if repeats_per_key:
+            assert table.metadata["context"]["repeats_per_key"] == 2
+            assert table.metadata["context"]["repeats"] == 3
+            assert all(ms != 0.01 for ms in table.entries.values())
+            assert events.events[-1]["phase"] == "context"
+        else:
+            assert "context" not in table.metadata and set(table.entries.values()) == {0.01}
+            assert not events.events
+
+
+def test_simulated_devices_and_residual_spaces_keep_their_isolated_entries():
+    import dataclasses
+
+    from engine.space import SearchSpace
+
+    services.seed_builtin_devices()
+    eyeriss = Device.objects.get(builtin_key="eyeriss")
+    job = services.profiling_start(device=eyeriss, space=tiny_space(), enqueue=False)
+    table = _isolated_table(tiny_space())
+    services._refine_in_context(job, tiny_space(), table, lambda event: None)
+    assert "context" not in table.metadata
+
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    resnet = dataclasses.replace(SearchSpace.resnet12(), kernels=(1,), widths=(0.5,), activations=("relu",))
+    job = services.profiling_start(device=cpu, space=resnet, repeats=1, warmup=0, threads=1, enqueue=False)
+    table = _isolated_table(resnet)
+    services._refine_in_context(job, resnet, table, lambda event: None)
+    assert "context" not in table.metadata and set(table.entries.values()) == {0.01}
