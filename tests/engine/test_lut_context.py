@@ -133,3 +133,23 @@ def test_refine_needs_a_complete_table_and_stops_when_cancelled():
     with pytest.raises(JobCancelled):
         refine_in_context(space, table, ChainTimer(repeats=1, warmup=0), make_rngs(0).numpy, progress=cancel)
     assert set(table.entries.values()) == {0.01} and "context" not in table.metadata
+
+
+def test_each_keys_scripted_copy_computes_its_own_layer_with_its_own_tensors():
+    """The copies of one compiled structure must not share tensors or bake in another layer's
+    sizes (heads at every exit resolution, convolutions at every input size)."""
+    import torch
+
+    space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
+    specs = space.all_layer_specs()
+    sample = specs[::97] + [spec for spec in specs if spec.op == "head"]
+    timer = ChainTimer(repeats=1)
+    with torch.inference_mode():
+        modules = {spec.key: timer._module(spec) for spec in sample}
+        for spec in sample:
+            eager = spec.build_module()
+            eager.load_state_dict(modules[spec.key].state_dict())
+            example = spec.example_input()
+            assert torch.allclose(modules[spec.key](example), eager(example)), spec.key
+    weights = [m.state_dict()[next(iter(m.state_dict()))] for m in modules.values()]
+    assert len({w.data_ptr() for w in weights}) == len(weights)
