@@ -209,6 +209,14 @@ def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
     chosen = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}")
     assert "where the reference takes 0.1042 ms" in chosen.content.decode()
     assert chosen.context["table"] == twenty_way
+    assert "lut-context" not in chosen.content.decode()  # isolated entries only: nothing to say
+    # A table whose layers were timed again in context says how.
+    twenty_way.table["metadata"]["context"] = {
+        "chains": 1821, "repeats_per_key": 2, "layer_calls": 45675, "build_s": 6.39,
+    }  # fmt: skip
+    twenty_way.save()
+    chosen = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}")
+    assert "each layer in ≥ 2 of 1821 chains, 45675 layer timings, 6.4 s" in chosen.content.decode()
     assert f"#{twenty_way.pk}: VGG9, 1×32×32 input, 20-way" in chosen.content.decode()
     assert f"table.json?table={twenty_way.pk}" in chosen.content.decode()  # the charts follow the choice
 
