@@ -49,8 +49,12 @@ class ProfilingForm(forms.Form):
         help_text=ProfilingJob._meta.get_field("context_repeats").help_text,
     )
 
-    def __init__(self, *args, space_choices: list[tuple[str, str, dict]], **kwargs) -> None:
+    def __init__(
+        self, *args, space_choices: list[tuple[str, str, dict]], times_in_context: bool = True, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if not times_in_context:  # boards, GPUs, simulators: a setting they would ignore
+            del self.fields["context_repeats"]
         self._spaces = {key: space for key, _, space in space_choices}
         self.fields["space"].choices = [(key, label) for key, label, _ in space_choices]
         if space_choices:

@@ -440,6 +440,11 @@ def _finish_profiling(job: ProfilingJob, lease, status: JobStatus, error: str = 
     job.refresh_from_db()
 
 
+def times_in_context(device: Device) -> bool:
+    """Whether ``device``'s profiling jobs time their layers in context as well (this server's CPU)."""
+    return device.kind == DeviceKind.LOCAL_CPU
+
+
 def _refine_in_context(job: ProfilingJob, space, table, progress) -> None:
     """This server's CPU only: time every layer again inside chains of layers and use those
     timings (engine.latency.context). Not resumable on its own: it takes seconds, and a job
@@ -448,7 +453,7 @@ def _refine_in_context(job: ProfilingJob, space, table, progress) -> None:
     from engine.latency.measure import SpeedReference
     from engine.seeding import make_rngs
 
-    if job.device.kind != DeviceKind.LOCAL_CPU or job.context_repeats < 1 or not context.supports(space):
+    if not times_in_context(job.device) or job.context_repeats < 1 or not context.supports(space):
         return
     # Seeded by the job, so a resumed job times the same chains.
     timer = context.ChainTimer(

@@ -74,7 +74,10 @@ def device_detail(request, pk: int):
             "table_space": services.describe_space(table.space) if table else "",
             "tables": tables,
             "may_profile": services.may_profile(request.user, device),
-            "profiling_form": ProfilingForm(space_choices=services.profiling_space_choices(device, tables)),
+            "profiling_form": ProfilingForm(
+                space_choices=services.profiling_space_choices(device, tables),
+                times_in_context=services.times_in_context(device),
+            ),
         },
     )
 
@@ -85,7 +88,11 @@ def device_profile(request, pk: int):
     device = _visible_device(request, pk)
     if not services.may_profile(request.user, device):
         raise PermissionDenied("only the board's owner (or staff for built-in devices) can re-profile it")
-    form = ProfilingForm(request.POST, space_choices=services.profiling_space_choices(device))
+    form = ProfilingForm(
+        request.POST,
+        space_choices=services.profiling_space_choices(device),
+        times_in_context=services.times_in_context(device),
+    )
     if not form.is_valid():
         messages.error(request, f"Invalid profiling settings: {form.errors.as_text()}")
         return redirect("devices:detail", pk=pk)
