@@ -169,10 +169,11 @@ class ChainTimer:
         self._compiled: dict[tuple, torch.jit.ScriptModule] = {}
         self._modules: dict[str, torch.jit.ScriptModule] = {}
         self._checked: set[tuple] = set()
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def _module(self, spec: LayerSpec) -> torch.jit.ScriptModule:
         """The key's scripted module: a copy of its structure's compiled module holding the
-        layer's own tensors (scripting each of 2,800 layers would cost ~7 ms apiece).
+        layer's tensors (see _share_weights; scripting each of 2,800 layers would cost ~7 ms apiece).
 
         The compiled forward reads only the module's tensors, never a channel count, so the
         copy's output is compared with the eager module's once per structure and input size
@@ -182,6 +183,7 @@ class ChainTimer:
         if module is not None:
             return module
         eager = spec.build_module()
+        self._share_weights(spec, eager)
         structure = _structure(spec)
         compiled = self._compiled.get(structure)
         if compiled is None:
@@ -199,6 +201,25 @@ class ChainTimer:
                     module = script_module(eager)
         self._modules[spec.key] = module
         return module
+
+    def _share_weights(self, spec: LayerSpec, eager: torch.nn.Module) -> None:
+        """Point the layer's large tensors at the front of one buffer per place in a chain.
+
+        Own weights for every key would hold 0.8 GB for the VGG9 space (a key's chains are spread
+        over the whole cover, so none could be freed early). Timings do not depend on the values,
+        only on where they live: the layers of one chain still have separate buffers (each place
+        in a chain, ``(op, in_size)``, has its own), and one chain's weights are as hot on its
+        next call as a whole network's are when it is timed call after call."""
+        for name, parameter in eager.named_parameters():
+            if parameter.numel() < 1024:  # BatchNorm's per-channel vectors: a few hundred bytes
+                continue
+            slot = (spec.op, spec.in_size, name)
+            buffer = self._buffers.get(slot)
+            if buffer is None or buffer.numel() < parameter.numel():
+                generator = torch.Generator().manual_seed(len(self._buffers))
+                buffer = torch.randn(parameter.numel(), generator=generator) * 0.05
+                self._buffers[slot] = buffer
+            parameter.data = buffer[: parameter.numel()].view_as(parameter)
 
     def time_chains(
         self,
@@ -218,6 +239,8 @@ class ChainTimer:
             (1, space.in_channels, space.image_size, space.image_size),
             generator=torch.Generator().manual_seed(0),
         )
+        # Every key's module is dropped after the last chain that runs it.
+        last_use = {spec.key: index for index, arch in enumerate(chains) for spec in space.layer_specs(arch)}
         started = time.perf_counter()
         with torch_threads(self.threads), torch.inference_mode():
             for done, arch in enumerate(chains, start=1):
@@ -242,6 +265,9 @@ class ChainTimer:
                         last = now
                     for (key, _), elapsed in zip(chain, times, strict=True):
                         samples.setdefault(key, []).append(elapsed * scale)
+                for key, _ in chain:
+                    if last_use[key] == done - 1:
+                        del self._modules[key]
                 if done % PROGRESS_EVERY == 0 or done == len(chains):
                     progress(
                         {
@@ -253,7 +279,6 @@ class ChainTimer:
                             "message": f"layers in context: chain {done}/{len(chains)}",
                         }
                     )
-        self._modules.clear()  # ~100 MB of layer weights at the VGG9 space's size
         return samples
 
 

@@ -135,9 +135,10 @@ def test_refine_needs_a_complete_table_and_stops_when_cancelled():
     assert set(table.entries.values()) == {0.01} and "context" not in table.metadata
 
 
-def test_each_keys_scripted_copy_computes_its_own_layer_with_its_own_tensors():
-    """The copies of one compiled structure must not share tensors or bake in another layer's
-    sizes (heads at every exit resolution, convolutions at every input size)."""
+def test_each_keys_scripted_copy_computes_its_layer_and_a_chain_never_reuses_a_weight():
+    """The copies of one compiled structure must not bake in another layer's sizes (heads at every
+    exit resolution, convolutions at every input size); the layers of one chain must have weights
+    of their own (shared weights would be in cache when a network's are not)."""
     import torch
 
     space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
@@ -151,5 +152,10 @@ def test_each_keys_scripted_copy_computes_its_own_layer_with_its_own_tensors():
             eager.load_state_dict(modules[spec.key].state_dict())
             example = spec.example_input()
             assert torch.allclose(modules[spec.key](example), eager(example)), spec.key
-    weights = [m.state_dict()[next(iter(m.state_dict()))] for m in modules.values()]
-    assert len({w.data_ptr() for w in weights}) == len(weights)
+        for arch in covering_chains(space, 1, make_rngs(0).numpy)[:50]:
+            pointers = [
+                tensor.data_ptr()
+                for spec in space.layer_specs(arch)
+                for tensor in timer._module(spec).state_dict().values()
+            ]
+            assert len(set(pointers)) == len(pointers)
