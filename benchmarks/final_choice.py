@@ -47,7 +47,7 @@ from engine.adaption import (
     RANDOM_SEARCH_STREAM,
     TEST_TASK_STREAM,
     VALIDATION_TASK_STREAM,
-    _TimedFitness,
+    TimedFitness,
     load_supernet,
 )
 from engine.cost import arch_params
@@ -183,7 +183,7 @@ def main() -> None:
     )
     for index, budget in enumerate(budgets):
         torch.set_num_threads(1)
-        fitness = _TimedFitness(scorer, search + held_out, workers=2)
+        fitness = TimedFitness(scorer, search + held_out, workers=2)
         constraints = [Constraint(kind, budget)]
         config = GAConfig(pool_size=pool, iterations=iterations, tasks_per_slice=per_slice, num_slices=num_slices,
                           final_candidates=args.final_candidates, seed=derive_seed(args.seed, index))  # fmt: skip

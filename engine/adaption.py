@@ -518,7 +518,7 @@ def request_identity(data: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- preparation
 @dataclass
-class _TimedFitness:
+class TimedFitness:
     """The GA's fitness with a stopwatch (ms per evaluation is a reported figure).
 
     Evaluations run in ``workers`` processes (:class:`engine.search.parallel.ProcessFitness`,
@@ -579,7 +579,7 @@ class _Context:
     constraints: list[Constraint]
     config: GAConfig
     validation_tasks: list[Any]
-    fitness: _TimedFitness
+    fitness: TimedFitness
     scorer: SuperNetScorer
     support: Any
     preprocessing: Preprocessing
@@ -759,7 +759,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
         constraints=constraints,
         config=config,
         validation_tasks=tasks,
-        fitness=_TimedFitness(
+        fitness=TimedFitness(
             scorer,
             slices,
             workers=1 if request.device == "cuda" else request.search_workers or request.threads,
