@@ -367,9 +367,12 @@ def test_profiling_keeps_its_timings_when_killed_and_completes_the_table(broker,
     device_services.seed_builtin_devices()
     cpu = Device.objects.get(builtin_key="local-cpu")
     first = _worker(tmp_path, "first", own_redis)
+    # Isolated timings only (context_repeats=0), so the table must equal the stored timings; the
+    # in-context phase replaces every entry (tests/web/test_profiling_reference.py).
     job = device_services.profiling_start(
-        device=cpu, space=tiny_space(), repeats=1000, warmup=2, threads=1, overhead_subnets=0
-    )
+        device=cpu, space=tiny_space(), repeats=1000, warmup=2, threads=1, overhead_subnets=0,
+        context_repeats=0,
+    )  # fmt: skip
 
     # Killed in the same poll that sees 8 timings: on a quiet machine the 36 tiny layers take
     # about a second, so a separate wait-then-kill could land after the last one. (Not frozen
