@@ -24,7 +24,6 @@ reference call before each timed chain, every layer expressed at the reference s
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 from engine.latency.measure import (
     MeasurementError,
     SpeedReference,
+    _checked_reference,
     _load_tensors,
     _structure,
     script_module,
@@ -59,6 +59,11 @@ def supports(space: SearchSpace) -> bool:
     return space.backbone == "vgg9"
 
 
+def _require_chains(space: SearchSpace) -> None:
+    if not supports(space):
+        raise MeasurementError(f"only chain backbones (vgg9) can be timed in context, not {space.backbone!r}")
+
+
 def _conv_key(space: SearchSpace, index: int, in_channels: int, choice: LayerChoice) -> str:
     return LayerSpec(
         op="conv",
@@ -79,11 +84,9 @@ def covering_chains(space: SearchSpace, repeats_per_key: int, rng: np.random.Gen
     keys still short of ``repeats_per_key`` (ties: the deeper). On the VGG9 Omniglot space (2,800
     keys) one repeat needs 912 chains, close to the 882 that its 882 keys per deep position force.
     """
-    if not supports(space):
-        raise MeasurementError(f"only chain backbones (vgg9) can be timed in context, not {space.backbone!r}")
+    _require_chains(space)
     if isinstance(repeats_per_key, bool) or not isinstance(repeats_per_key, int) or repeats_per_key < 1:
         raise MeasurementError(f"repeats_per_key must be a positive int, got {repeats_per_key!r}")
-    keys = [spec.key for spec in space.all_layer_specs()]
     counts: Counter[str] = Counter()
     options = [
         [
@@ -96,11 +99,12 @@ def covering_chains(space: SearchSpace, repeats_per_key: int, rng: np.random.Gen
     ]
     key_cache: dict[tuple[int, int], list[str]] = {}
     chains: list[Arch] = []
-    short = len(keys)  # keys still below repeats_per_key
+    short = len(space.all_layer_specs())  # keys still below repeats_per_key
     # Counts grow wherever the greedy path goes, so it moves on to the least-occurred options and
     # reaches every key (912 chains for 2,800 keys at one repeat); the bound only guards against
     # an endless loop in a space where that would fail.
-    for _ in range(repeats_per_key * len(keys)):
+    max_chains = repeats_per_key * short
+    for _ in range(max_chains):
         if short == 0:
             return chains
         layers: list[LayerChoice] = []
@@ -155,12 +159,9 @@ class ChainTimer:
             raise MeasurementError(f"repeats must be a positive int, got {repeats!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise MeasurementError(f"warmup must be a non-negative int, got {warmup!r}")
+        _checked_reference(speed_reference, reference_base_ms, torch.device("cpu"))
         if speed_reference is not None and reference_base_ms is None:
             reference_base_ms = speed_reference.calibrate(threads=threads)
-        if reference_base_ms is not None and not (math.isfinite(reference_base_ms) and reference_base_ms > 0):
-            raise MeasurementError(
-                f"reference_base_ms must be a finite positive ms, got {reference_base_ms!r}"
-            )
         self.repeats = repeats
         self.warmup = warmup
         self.threads = threads
@@ -228,10 +229,7 @@ class ChainTimer:
         progress: ProgressCallback = null_progress,
     ) -> dict[str, list[float]]:
         """Per key, one sample (ms) per timed call of every chain it occurs in."""
-        if not supports(space):
-            raise MeasurementError(
-                f"only chain backbones (vgg9) can be timed in context, not {space.backbone!r}"
-            )
+        _require_chains(space)
         samples: dict[str, list[float]] = {}
         clock = time.perf_counter_ns
         reference = self.speed_reference
