@@ -57,6 +57,7 @@ from engine.search.adapt import (
     make_costs_fn,
     slice_tasks,
     task_slices,
+    task_tensors,
 )
 from engine.search.constraints import (
     COST_KINDS,
@@ -74,6 +75,7 @@ from engine.search.evolution import (
     check_reachable,
     run_ga,
 )
+from engine.search.memo import FitnessMemo, FitnessMemoError, arch_text, model_key, tasks_key
 from engine.search.package import (
     PackageInputs,
     Preprocessing,
@@ -110,7 +112,7 @@ __all__ = [
 
 STATE_VERSION = 1
 #: Request fields that say how to run the search here, not what it computes (see AdaptionRequest.identity).
-EXECUTION_FIELDS = ("threads", "search_workers")
+EXECUTION_FIELDS = ("threads", "search_workers", "fitness_memo")
 RESULT_NAME = "adaption.json"
 TASK_SOURCES = ("validation", "support")
 #: The final choice's criterion on held-out slices. The search itself always minimises the query
@@ -251,6 +253,10 @@ class AdaptionRequest:
     #: search then runs in this process). Packages are always built on the CPU. Part of the
     #: request's identity: scores on another device differ in float rounding.
     device: str = "cpu"
+    #: A SQLite file of losses kept across requests of this super-net (engine.search.memo);
+    #: None: none. A cache only - hits are the numbers a fresh evaluation gives - so not part of
+    #: the request's identity.
+    fitness_memo: str | None = None
 
     def __post_init__(self) -> None:
         _check_path("supernet", self.supernet, optional=False)
@@ -307,6 +313,7 @@ class AdaptionRequest:
         if self.task_source not in TASK_SOURCES:
             raise AdaptionRequestError(f"task_source must be one of {TASK_SOURCES}, got {self.task_source!r}")
         _check_path("support", self.support)
+        _check_path("fitness_memo", self.fitness_memo)
         if self.task_source == "support" and self.support is None:
             raise AdaptionRequestError("task_source='support' needs a support set")
         if self.weights is not None and self.weights not in WEIGHTS:
@@ -479,6 +486,11 @@ class AdaptionResult:
     elapsed_s: float
     out_dir: str
     resumed: bool = False
+    #: Every call of the fitness (the GA sweep's ``evaluations``, random search's, the final
+    #: choices' held-out scores) and how many of them the request's fitness memo answered;
+    #: ``ms_per_evaluation`` is over the others, the ones actually scored.
+    fitness_calls: int = 0
+    memo_hits: int = 0
 
     @property
     def constraints_met(self) -> bool:
@@ -533,30 +545,62 @@ class TimedFitness:
     #: "accuracy" they score the query error rate instead of the loss.
     search_slices: int | None = None
     final_metric: str = "loss"
+    #: Losses kept across requests (:mod:`engine.search.memo`); a hit is the same number a fresh
+    #: evaluation would give, so the search's choices do not depend on it.
+    memo: FitnessMemo | None = None
     seconds: float = 0.0
     calls: int = 0
+    #: Calls answered by ``memo`` (included in ``calls``).
+    memo_hits: int = 0
     parallel: ProcessFitness = field(init=False, repr=False)
+    _slice_keys: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.parallel = ProcessFitness(self._loss, self.workers)
 
+    def _held_out(self, slice_id: int) -> bool:
+        return self.search_slices is not None and slice_id >= self.search_slices
+
     def _loss(self, arch: Any, slice_id: int) -> float:
         score = self.scorer.score(arch, self.slices[slice_id])
-        held_out = self.search_slices is not None and slice_id >= self.search_slices
-        return 1.0 - score.accuracy if held_out and self.final_metric == "accuracy" else score.loss
+        return (
+            1.0 - score.accuracy
+            if self._held_out(slice_id) and self.final_metric == "accuracy"
+            else score.loss
+        )
+
+    def slice_key(self, slice_id: int) -> str:
+        """The memo's key of a slice: its tasks and what is scored on it (computed once)."""
+        if self._slice_keys is None:
+            self._slice_keys = [
+                tasks_key(
+                    [task_tensors(task) for task in tasks],
+                    "error" if self._held_out(index) and self.final_metric == "accuracy" else "loss",
+                )
+                for index, tasks in enumerate(self.slices)
+            ]
+        return self._slice_keys[slice_id]
+
+    def counters(self) -> dict[str, Any]:
+        """What a saved state keeps of the stopwatch (so a resumed run reports the whole run)."""
+        return {"fitness_s": self.seconds, "fitness_calls": self.calls, "memo_hits": self.memo_hits}
 
     def __call__(self, arch: Any, slice_id: int) -> float:
-        started = time.perf_counter()
-        try:
-            return self.parallel(arch, slice_id)
-        finally:
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
+        return self.many([(arch, slice_id)])[0]
 
     def many(self, pairs: Sequence[tuple[Any, int]]) -> list[float]:
         started = time.perf_counter()
         try:
-            return self.parallel.many(pairs)
+            if self.memo is None:
+                return self.parallel.many(pairs)
+            memo_keys = [(self.slice_key(slice_id), arch_text(arch)) for arch, slice_id in pairs]
+            known = self.memo.get_many(memo_keys)
+            missing = [index for index, key in enumerate(memo_keys) if key not in known]
+            scored = self.parallel.many([pairs[index] for index in missing])
+            new = dict(zip((memo_keys[index] for index in missing), scored, strict=True))
+            self.memo.put_many((tasks, arch, loss) for (tasks, arch), loss in new.items())
+            self.memo_hits += len(pairs) - len(missing)
+            return [known[key] if key in known else new[key] for key in memo_keys]
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += len(pairs)
@@ -746,6 +790,12 @@ def _prepare(request: AdaptionRequest) -> _Context:
     if final_tasks:
         slices += task_slices(final_tasks, config.tasks_per_slice)
     scorer = SuperNetScorer(supernet, inner_loop_from_learner(learner))
+    memo = None
+    if request.fitness_memo is not None:
+        try:
+            memo = FitnessMemo(request.fitness_memo, model_key(learner.state_dict(), request.device))
+        except FitnessMemoError as error:
+            raise AdaptionRequestError(str(error)) from None
     context = _Context(
         request=request,
         checkpoint_path=Path(request.supernet),
@@ -765,6 +815,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
             workers=1 if request.device == "cuda" else request.search_workers or request.threads,
             search_slices=config.num_slices,
             final_metric=request.final_metric_value,
+            memo=memo,
         ),
         scorer=scorer,
         support=support,
@@ -819,6 +870,7 @@ class _StateFile:
             "test": {},
             "fitness_s": 0.0,
             "fitness_calls": 0,
+            "memo_hits": 0,
         }
         if path is not None and path.exists():
             try:
@@ -924,6 +976,7 @@ def _sweep(
         cache.load_state(data["cache"], decode)
     fitness = context.fitness
     fitness.seconds, fitness.calls = float(data["fitness_s"]), int(data["fitness_calls"])
+    fitness.memo_hits = int(data.get("memo_hits", 0))  # states saved before the memo lack it
     budgets = len(context.constraints)
     for index in range(len(completed), budgets):
         constraint = context.constraints[index]
@@ -931,9 +984,7 @@ def _sweep(
         resume = data["ga_state"] if data["ga_index"] == index else None
 
         def on_state(ga_state: dict[str, Any], index: int = index) -> None:
-            data.update(
-                ga_index=index, ga_state=ga_state, fitness_s=fitness.seconds, fitness_calls=fitness.calls
-            )
+            data.update(ga_index=index, ga_state=ga_state, **fitness.counters())
             state.save()
 
         def forward(event: dict[str, Any], index: int = index) -> None:
@@ -957,8 +1008,7 @@ def _sweep(
             cache=cache.to_state(),
             ga_index=None,
             ga_state=None,
-            fitness_s=fitness.seconds,
-            fitness_calls=fitness.calls,
+            **fitness.counters(),
         )
         state.save()
     return completed, cache
@@ -988,7 +1038,7 @@ def _random_baselines(
                 seed=derive_seed(context.config.seed, RANDOM_SEARCH_STREAM + index),
             )
             stored[key] = result.to_dict()
-            state.data.update(fitness_s=context.fitness.seconds, fitness_calls=context.fitness.calls)
+            state.data.update(context.fitness.counters())
             state.save()
         results.append(_search_result_from_dict(stored[key], decode))
         _stage(progress, "random_search", index + 1, len(context.constraints), budget_index=index)
@@ -1375,12 +1425,16 @@ def run_adaption(
             device=context.lut.device if context.lut is not None else None,
             evaluations=cache.evaluations,
             cache_hits=cache.hits,
-            ms_per_evaluation=1000 * fitness.seconds / fitness.calls if fitness.calls else None,
+            ms_per_evaluation=1000 * fitness.seconds / scored
+            if (scored := fitness.calls - fitness.memo_hits)
+            else None,
             search_s=search_s,
             random_s=random_s,
             elapsed_s=time.perf_counter() - started,
             out_dir=str(out),
             resumed=state.resumed,
+            fitness_calls=fitness.calls,
+            memo_hits=fitness.memo_hits,
         )
         atomic_write_json(out / RESULT_NAME, strict_json(result.to_dict()))
     return result

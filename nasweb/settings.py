@@ -331,6 +331,10 @@ NASWEB_ADAPT_DEVICE = env_choice("NASWEB_ADAPT_DEVICE", "cpu", ("cpu", "cuda"))
 # Processes that score GA candidates of one adaption in parallel (one torch thread each): the
 # same share of the cores as the torch threads, unless set.
 NASWEB_SEARCH_WORKERS = env_int("NASWEB_SEARCH_WORKERS", NASWEB_TORCH_THREADS, minimum=1)
+# Keep each super-net's few-shot losses in a memo beside its checkpoint (engine.search.memo), so
+# a later adaption of the same super-net - another device, another budget - reuses what earlier
+# ones scored. Hits are the numbers a fresh evaluation gives: choices do not depend on it.
+NASWEB_FITNESS_MEMO = env_bool("NASWEB_FITNESS_MEMO", True)
 
 # Per-process memory cache (finished runs' Pareto fronts for the Compare page): no shared state is
 # kept here, so nothing needs a cache server; large enough for a few thousand runs' fronts.

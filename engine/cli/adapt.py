@@ -120,6 +120,12 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-latency", action="store_true", help="time the packages on this machine")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the search scores candidates")
+    parser.add_argument(
+        "--fitness-memo",
+        default=None,
+        help="SQLite file of few-shot losses shared by requests of one super-net (e.g. next to its "
+        "checkpoint): later requests - other devices, other budgets - reuse what earlier ones scored",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (one package per budget)")
     parser.add_argument(
         "--state", type=Path, default=None, help=f"resumable state (default OUT/{STATE_NAME})"
@@ -154,6 +160,7 @@ def _adapt(args: argparse.Namespace) -> int:
         measure_latency=args.measure_latency,
         threads=args.threads,
         device=args.device,
+        fitness_memo=args.fitness_memo,
     )
     state = args.state if args.state is not None else args.out / STATE_NAME
     bar = None if args.quiet else AdaptProgress()
@@ -174,6 +181,7 @@ def _adapt(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "evaluations": result.evaluations,
         "cache_hits": result.cache_hits,
+        "memo_hits": result.memo_hits,
         "ms_per_evaluation": result.ms_per_evaluation,
         "search_s": round(result.search_s, 3),
         "constraints_met": result.constraints_met,

@@ -543,7 +543,10 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
     if run.request and state_path.exists():
         stored = AdaptionRequest.from_dict(run.request)
         return replace(
-            stored, threads=settings.NASWEB_TORCH_THREADS, search_workers=_search_workers(stored.device)
+            stored,
+            threads=settings.NASWEB_TORCH_THREADS,
+            search_workers=_search_workers(stored.device),
+            fitness_memo=_fitness_memo(run.supernet),
         )
     lut_path = _ensure_table(run, progress)
     return AdaptionRequest(
@@ -559,7 +562,17 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         threads=settings.NASWEB_TORCH_THREADS,
         search_workers=_search_workers(settings.NASWEB_ADAPT_DEVICE),
         device=settings.NASWEB_ADAPT_DEVICE,
+        fitness_memo=_fitness_memo(run.supernet),
     )
+
+
+def _fitness_memo(supernet: MetaTrainingRun) -> str | None:
+    """The super-net's memo of few-shot losses (beside its checkpoint; deleted with the run's files)."""
+    if not settings.NASWEB_FITNESS_MEMO:
+        return None
+    from engine.search.memo import FITNESS_MEMO_NAME
+
+    return str(checkpoint_path(supernet).parent / FITNESS_MEMO_NAME)
 
 
 def _search_workers(device: str) -> int:

@@ -391,6 +391,60 @@ def test_search_in_spawned_worker_processes_gives_the_same_result(world, adapted
     assert comparable(spawned) == comparable(single)
 
 
+def test_fitness_memo_answers_later_requests_without_changing_any_choice(world, adapted, tmp_path):
+    """Requests sharing a memo choose exactly what they choose alone; a repeat scores nothing,
+    another device's request reuses what the first scored."""
+    from engine.search.memo import FitnessMemo, model_key
+
+    _, alone, _, _ = adapted
+    memo_path = tmp_path / "memo.sqlite"
+    first = run_adaption(
+        request_for(world, measure_latency=True, search_workers=2, fitness_memo=str(memo_path)),
+        out_dir=tmp_path / "first",
+    )
+    assert comparable(first) == comparable(alone)
+    # Random search re-meets architectures the GA scored on the same slice: answered by the memo.
+    assert 0 < first.memo_hits < first.evaluations
+    assert first.ms_per_evaluation is not None
+
+    repeat = run_adaption(
+        request_for(world, measure_latency=True, fitness_memo=str(memo_path)), out_dir=tmp_path / "r"
+    )
+    assert comparable(repeat) == comparable(alone)
+    assert repeat.memo_hits >= repeat.evaluations > 0 and repeat.ms_per_evaluation is None  # nothing scored
+
+    # Another device (its table twice as slow per layer) and one other budget: fitness does not
+    # depend on either, so the first request's losses are reused; the choice equals a memo-less run.
+    slow = LatencyTable.load(world["lut"])
+    slow = LatencyTable(
+        device="slow-board", entries={k: 2 * v for k, v in slow.entries.items()}, metadata=slow.metadata
+    )
+    slow.save(tmp_path / "slow.json")
+    other = dict(lut=str(tmp_path / "slow.json"), budgets=(2 * world["budgets"][1],), random_baseline=False)
+    cold = run_adaption(request_for(world, **other), out_dir=tmp_path / "cold")
+    warm = run_adaption(request_for(world, **other, fitness_memo=str(memo_path)), out_dir=tmp_path / "warm")
+    assert [o.arch for o in warm.outcomes] == [o.arch for o in cold.outcomes]
+    assert [o.search_loss for o in warm.outcomes] == [o.search_loss for o in cold.outcomes]
+    assert warm.evaluations == cold.evaluations and warm.memo_hits > 0
+
+    # A memo holds rows of this super-net only (its weights' digest).
+    weights = build_run(SPEC).learner.state_dict()  # untrained: not the checkpoint's weights
+    assert FitnessMemo(memo_path, model_key(weights, "cpu")).count() == 0
+    # What the result says is what the request kept: the memo path is not part of its identity.
+    assert AdaptionResult.load(tmp_path / "warm").memo_hits == warm.memo_hits
+    assert request_for(world, fitness_memo=str(memo_path)).identity() == request_for(world).identity()
+
+
+def test_a_fitness_memo_that_is_not_one_fails_before_anything_is_written(world, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 50)
+    with pytest.raises(AdaptionRequestError, match="not a fitness memo"):
+        run_adaption(request_for(world, fitness_memo=str(notes)), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and notes.read_text().startswith("not a database")
+    with pytest.raises(AdaptionRequestError, match="fitness_memo must be a non-empty path"):
+        request_for(world, fitness_memo="  ")
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_inputs_fail_before_anything_is_written(world, tmp_path):
     out = tmp_path / "out"

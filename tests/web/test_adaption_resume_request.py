@@ -55,11 +55,22 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
     request = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
     assert request.baseline_checkpoints == (checkpoint,)  # the measured reference point is included
     assert request.budgets == (3000.0, 5000.0) and request.lut is None
+    # Losses are kept beside the super-net's checkpoint for its later adaptions.
+    assert request.fitness_memo == str(tmp_path / "supernet" / "fitness-memo.sqlite")
+
+
+def test_the_fitness_memo_can_be_switched_off(adaption, tmp_path, settings):
+    settings.NASWEB_FITNESS_MEMO = False
+    assert (
+        services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None).fitness_memo
+        is None
+    )
 
 
 def test_a_resumed_attempt_keeps_the_saved_request_and_takes_only_how_to_run_it(adaption, tmp_path):
     first = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
     stored = {**first.to_dict(), "threads": 7, "search_workers": 5}  # another worker's machine
+    del stored["fitness_memo"]  # as saved before the memo existed
     AdaptionRun.objects.filter(pk=adaption.pk).update(request=stored)
     adaption.refresh_from_db()
     state = tmp_path / "run" / "state.json"
@@ -70,6 +81,7 @@ def test_a_resumed_attempt_keeps_the_saved_request_and_takes_only_how_to_run_it(
     resumed = services._adaption_request(adaption, state, progress=None)
     assert resumed.identity() == AdaptionRequest.from_dict(stored).identity()
     assert resumed.baseline_checkpoints == ()  # not the baseline that appeared in between
+    assert resumed.fitness_memo == first.fitness_memo  # a request saved before the memo gets it too
     assert (resumed.threads, resumed.search_workers) == (
         settings.NASWEB_TORCH_THREADS,
         settings.NASWEB_SEARCH_WORKERS,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 from channels.layers import get_channel_layer
@@ -87,6 +90,13 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
     adaption = _wait(adaption, celery_worker_process, timeout=400)
     assert adaption.status == JobStatus.SUCCEEDED, adaption.error
     assert adaption.request["search_workers"] == 2  # GA candidates scored in 2 forked processes
+    # The super-net's fitness memo sits beside its checkpoint; random search already re-met
+    # architectures the GA had scored on the same slices and took their losses from it.
+    memo = Path(run.out_dir) / "fitness-memo.sqlite"
+    assert adaption.request["fitness_memo"] == str(memo)
+    with closing(sqlite3.connect(memo)) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM fitness").fetchone()[0] > 0
+    assert adaption.result["memo_hits"] > 0
     generations = [
         m["payload"]
         for m in listen(timeout=0.5)
@@ -110,6 +120,7 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
     client.force_login(user)
     page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
     assert "params ≤ 3,000, 8,000" in page
+    assert f"{adaption.result['memo_hits']} from the fitness memo" in page
     for model in models:
         measured = model.card["latency_ms"]["measured_here"]["median_ms"]
         assert model.latency["measured_ms"] == measured > 0 and model.latency["predicted_ms"] is None
