@@ -1,6 +1,7 @@
 """Layer-wise latency LUT on the local CPU vs an OFA-style MLP predictor (H-Meta-NAS Table 3).
 
-1. Build the LUT of the whole VGG9 Omniglot search space (28x28x1, 20-way, 5x5 pool): every
+1. Build the LUT of the whole VGG9 Omniglot search space (28x28x1, 20-way, 5x5 pool; ``--backbone
+   resnet12`` and ``--shape miniimagenet`` (84x84x3, 5-way) choose another): every
    distinct layer timed as TorchScript; on the CPU, then every layer timed again inside chains of
    layers (``engine.latency.context``, ``--context-reps``, 0: off); then fit the per-network
    overhead on a few sub-nets. The isolated entries, fitted on the same sub-nets, are scored on
@@ -38,12 +39,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.latency.context import ChainTimer, refine_in_context  # noqa: E402
+from engine.latency.context import supports as supports_context  # noqa: E402
 from engine.latency.lut import LatencyTable, accuracy_report, build_lut, error_metrics, fit_overhead  # noqa: E402
 from engine.latency.measure import ArchTimer, LayerTimer, SpeedReference  # noqa: E402
 from engine.latency.predictor import train_predictor  # noqa: E402
 from engine.seeding import seed_everything  # noqa: E402
 from engine.space import Arch, SearchSpace  # noqa: E402
 from engine.supernet import SuperNet, extract_subnet  # noqa: E402
+
+SHAPES = {
+    "omniglot": {"in_channels": 1, "image_size": 28, "num_classes": 20},
+    "miniimagenet": {"in_channels": 3, "image_size": 84, "num_classes": 5},
+}
 
 
 def main() -> None:
@@ -71,6 +78,18 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--backbone",
+        choices=("vgg9", "resnet12"),
+        default="vgg9",
+        help="search space (resnet12: no in-context phase, its blocks are not chains of table layers)",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="omniglot",
+        help="input and classes: omniglot 28x28x1 20-way, miniimagenet 84x84x3 5-way",
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where layers and sub-nets run"
     )
     parser.add_argument(
@@ -93,7 +112,7 @@ def main() -> None:
 
     rngs = seed_everything(args.seed)
     torch.set_num_threads(args.threads)
-    space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
+    space = getattr(SearchSpace, args.backbone)(**SHAPES[args.shape], pool_size=5)
     supernet = SuperNet(space).eval()
     reference = SpeedReference(args.reference_channels) if use_reference else None
     layer_timer = LayerTimer(
@@ -123,7 +142,10 @@ def main() -> None:
         raw_networks.setdefault(arch.to_json(), []).append(stats.median_ms)
         return arch_timer.figure_ms(stats)
 
-    print(f"VGG9 Omniglot space: {space.size():.3g} archs, {len(space.all_layer_specs())} distinct layers")
+    print(
+        f"{args.backbone} {args.shape} space: {space.size():.3g} archs, "
+        f"{len(space.all_layer_specs())} distinct layers"
+    )
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}"
         + (f", GPU {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
@@ -135,7 +157,7 @@ def main() -> None:
     layers_s = time.perf_counter() - started
     isolated = LatencyTable.from_dict(table.to_dict())
     context = None
-    if args.context_reps > 0 and args.device == "cpu":
+    if args.context_reps > 0 and args.device == "cpu" and supports_context(space):
         chain_timer = ChainTimer(
             threads=args.threads,
             speed_reference=reference,
@@ -281,6 +303,8 @@ def main() -> None:
         "net_repeats": net_repeats,
         "quick": args.quick,
         "seed": args.seed,
+        "backbone": args.backbone,
+        "shape": args.shape,
     }
     print(json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}))
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.latency.measure import (
+    MIN_LAYER_MS,
     MeasurementError,
     SpeedReference,
     _checked_reference,
@@ -306,7 +307,7 @@ def refine_in_context(
     for key, values in samples.items():
         ms = statistics.median(values)
         ratios.append(ms / table.entries[key])
-        table.set(key, max(ms, 1e-4))
+        table.set(key, max(ms, MIN_LAYER_MS))
     summary = {
         "chains": len(chains),
         "repeats_per_key": repeats_per_key,

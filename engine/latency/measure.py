@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: Scale that turns a median absolute deviation into a standard-deviation estimate (normal data).
 MAD_TO_SIGMA = 1.4826
+#: The least a table entry may hold, in ms: a layer whose call overhead was subtracted can come
+#: out at zero or below, and a table of zeros would call every such layer free.
+MIN_LAYER_MS = 1e-4
 
 
 class MeasurementError(ValueError):
@@ -343,7 +346,7 @@ class LayerTimer:
         threads: int | None = None,
         device: str | torch.device = "cpu",
         subtract_call_overhead: bool = False,
-        min_ms: float = 1e-4,
+        min_ms: float = MIN_LAYER_MS,
         reuse_compiled: bool = True,
         speed_reference: SpeedReference | None = None,
         reference_base_ms: float | None = None,
