@@ -409,13 +409,13 @@ def _profile_holding(job: ProfilingJob, lease) -> ProfilingJob:
             metadata={**metadata, "search_space": job.space},
         )
         ProfilingJob.objects.filter(pk=job.pk).update(done_layers=len(table))
-        _refine_in_context(job, space, table, progress)
+        isolated = _refine_in_context(job, space, table, progress)
         if simulator is not None:
             simulator.save()
         elif job.overhead_subnets or job.accuracy_subnets:
             # A simulated accelerator has no end-to-end run to compare with: its network latency
             # is by construction the sum of its layers' cycles.
-            _local_validation(job, space, table, progress)
+            table = _local_validation(job, space, table, progress, isolated=isolated)
         lease.check()
         _store_table(job, table)
     except LeaseLost:
@@ -445,16 +445,19 @@ def times_in_context(device: Device) -> bool:
     return device.kind == DeviceKind.LOCAL_CPU
 
 
-def _refine_in_context(job: ProfilingJob, space, table, progress) -> None:
+def _refine_in_context(job: ProfilingJob, space, table, progress):
     """This server's CPU only: time every layer again inside chains of layers and use those
-    timings (engine.latency.context). Not resumable on its own: it takes seconds, and a job
-    killed during it finds every isolated timing stored and runs it again."""
+    timings (engine.latency.context); returns a copy of the isolated table (for _keep_better),
+    None where nothing was timed in context. Not resumable on its own: it takes seconds, and a
+    job killed during it finds every isolated timing stored and runs it again."""
     from engine.latency import context
+    from engine.latency.lut import LatencyTable
     from engine.latency.measure import SpeedReference
     from engine.seeding import make_rngs
 
     if not times_in_context(job.device) or job.context_repeats < 1 or not context.supports(space):
-        return
+        return None
+    isolated = LatencyTable.from_dict(table.to_dict())
     # Seeded by the job, so a resumed job times the same chains.
     timer = context.ChainTimer(
         repeats=max(1, min(job.repeats, 5)),
@@ -466,10 +469,42 @@ def _refine_in_context(job: ProfilingJob, space, table, progress) -> None:
     context.refine_in_context(
         space, table, timer, make_rngs(job.pk).numpy, repeats_per_key=job.context_repeats, progress=progress
     )
+    return isolated
 
 
-def _local_validation(job, space, table, progress) -> None:
-    """Time the job's fit and check sub-nets end to end on this machine (see _fit_and_check).
+def _keep_better(space, in_context, isolated, measured: list[tuple[str, object, float]]):
+    """The table closer to the sub-nets the job timed end to end: in-context or isolated entries.
+
+    Timing layers in context made tables far more accurate on an AMD EPYC and less accurate on
+    an Intel Xeon (docs/BENCHMARKS.md, "Layers timed in context"), so the job does not assume:
+    both tables are fitted on its fit sub-nets (_fit_and_check) and scored on every sub-net it
+    measured (fit and check: the fit alone may be all there is); the lower mean absolute
+    percentage error wins, a tie keeps the in-context one. Both scores stay in the table's
+    ``metadata["context"]["choice"]``."""
+    from engine.latency.lut import error_metrics
+
+    actual = [ms for _, _, ms in measured]
+    scores = {
+        name: error_metrics([table.predict(space, arch) for _, arch, _ in measured], actual)
+        for name, table in (("in_context", in_context), ("isolated", isolated))
+    }
+    kept = "in_context" if scores["in_context"]["mape"] <= scores["isolated"]["mape"] else "isolated"
+    summary = in_context.metadata["context"]
+    summary["choice"] = {
+        "kept": kept,
+        "networks": len(measured),
+        **{name: {"within_10pct": m["within_10pct"], "mape": m["mape"]} for name, m in scores.items()},
+    }
+    if kept == "in_context":
+        return in_context
+    isolated.metadata["context"] = summary
+    return isolated
+
+
+def _local_validation(job, space, table, progress, isolated=None):
+    """Time the job's fit and check sub-nets end to end on this machine (see _fit_and_check) and
+    return the table to store: ``table``, or with ``isolated`` (the entries before the context
+    phase) the better of the two (_keep_better).
 
     On the CPU at the same reference speed as the table's entries."""
     from engine.latency.measure import ArchTimer
@@ -490,6 +525,10 @@ def _local_validation(job, space, table, progress) -> None:
         progress({"kind": "profile", "phase": "validation", "current": done, "total": len(networks),
                   "message": f"end-to-end sub-net {done}/{len(networks)}"})  # fmt: skip
     _fit_and_check(space, table, measured)
+    if isolated is None or not measured:
+        return table
+    _fit_and_check(space, isolated, measured)
+    return _keep_better(space, table, isolated, measured)
 
 
 def _store_table(job: ProfilingJob, table) -> LatencyTableRecord:

@@ -217,6 +217,15 @@ def test_the_device_page_lists_every_search_space_and_shows_the_chosen_table(
     twenty_way.save()
     chosen = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}")
     assert "each layer in ≥ 2 of 1821 chains, 45675 layer timings, 6.4 s" in chosen.content.decode()
+    assert "lut-context-choice" not in chosen.content.decode()  # a table from before the choice
+    # ... and which entries the job kept: those closer to the sub-nets it timed whole.
+    twenty_way.table["metadata"]["context"]["choice"] = {
+        "kept": "isolated", "networks": 8, "in_context": {"mape": 14.68, "within_10pct": 0.357},
+        "isolated": {"mape": 4.83, "within_10pct": 0.887},
+    }  # fmt: skip
+    twenty_way.save()
+    page = client.get(f"/devices/{device.pk}/?table={twenty_way.pk}").content.decode()
+    assert "kept the isolated entries (MAPE 14.68 % in context, 4.83 % isolated, over 8 sub-nets" in page
     assert f"#{twenty_way.pk}: VGG9, 1×32×32 input, 20-way" in chosen.content.decode()
     assert f"table.json?table={twenty_way.pk}" in chosen.content.decode()  # the charts follow the choice
 

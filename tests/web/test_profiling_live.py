@@ -154,6 +154,11 @@ def test_builtin_cpu_and_eyeriss_are_profiled_by_a_worker(celery_worker_process)
     # The CPU's layers were timed again inside chains (the job's default 2 chains per layer).
     assert cpu_table.table["metadata"]["context"]["repeats_per_key"] == 2
     assert cpu_table.table["metadata"]["context"]["chains"] > 0
+    # Both tables were scored on the 8 sub-nets timed whole (5 fit + 3 check) and one was kept.
+    choice = cpu_table.table["metadata"]["context"]["choice"]
+    assert choice["networks"] == 8 and choice["kept"] in ("in_context", "isolated")
+    kept, other = (choice["in_context"], choice["isolated"])[:: 1 if choice["kept"] == "in_context" else -1]
+    assert kept["mape"] <= other["mape"]
     assert set(cpu_table.accuracy) >= {"within_10pct", "mape", "mse"}
     assert cpu_table.accuracy["overhead_fit_networks"] == 5
     # Held out from the fit, each prediction has the right order of magnitude (a wrong unit, a

@@ -105,3 +105,35 @@ def test_simulated_devices_and_residual_spaces_keep_their_isolated_entries():
     table = _isolated_table(resnet)
     services._refine_in_context(job, resnet, table, lambda event: None)
     assert "context" not in table.metadata and set(table.entries.values()) == {0.01}
+
+
+def test_the_job_keeps_whichever_table_is_closer_to_the_sub_nets_it_timed_whole():
+    """On one machine the in-context entries were better, on another the isolated ones: both are
+    fitted on the same sub-nets and the one with the lower MAPE over every measured sub-net stays."""
+    from engine.latency.lut import LatencyTable
+    from engine.seeding import make_rngs
+
+    space = tiny_space()
+    rng = make_rngs(0).numpy
+    archs = [space.sample(rng) for _ in range(8)]
+    truth = {spec.key: 0.01 + 1e-7 * spec.macs() for spec in space.all_layer_specs()}
+
+    def table_with(entries):
+        return LatencyTable(device="test", entries=dict(entries), metadata={"context": {"chains": 3}})
+
+    measured = [("fit" if i < 5 else "check", arch, sum(truth[s.key] for s in space.layer_specs(arch)))
+                for i, arch in enumerate(archs)]  # fmt: skip
+    skewed = {key: ms * (3.0 if key.startswith("head") else 1.0) for key, ms in truth.items()}
+    for in_context, isolated, kept in ((truth, skewed, "in_context"), (skewed, truth, "isolated")):
+        a, b = table_with(in_context), table_with(isolated)
+        b.metadata.pop("context")  # the isolated copy is taken before the context phase
+        services._fit_and_check(space, a, measured)
+        services._fit_and_check(space, b, measured)
+        chosen = services._keep_better(space, a, b, measured)
+        assert chosen is (a if kept == "in_context" else b)
+        choice = chosen.metadata["context"]["choice"]
+        assert choice["kept"] == kept and choice["networks"] == 8
+        assert (
+            choice[kept]["mape"] < 1e-6 < choice["isolated" if kept == "in_context" else "in_context"]["mape"]
+        )
+        assert chosen.metadata["context"]["chains"] == 3  # the context summary goes with either
