@@ -44,7 +44,7 @@ from engine.latency.lut import LatencyTable, accuracy_report, build_lut, error_m
 from engine.latency.measure import ArchTimer, LayerTimer, SpeedReference  # noqa: E402
 from engine.latency.predictor import train_predictor  # noqa: E402
 from engine.seeding import seed_everything  # noqa: E402
-from engine.space import Arch, SearchSpace  # noqa: E402
+from engine.space import BACKBONES, Arch, SearchSpace  # noqa: E402
 from engine.supernet import SuperNet, extract_subnet  # noqa: E402
 
 SHAPES = {
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--backbone",
-        choices=("vgg9", "resnet12"),
+        choices=BACKBONES,
         default="vgg9",
         help="search space (resnet12: no in-context phase, its blocks are not chains of table layers)",
     )
