@@ -452,7 +452,6 @@ def _refine_in_context(job: ProfilingJob, space, table, progress):
     job killed during it finds every isolated timing stored and runs it again."""
     from engine.latency import context
     from engine.latency.lut import LatencyTable
-    from engine.latency.measure import SpeedReference
     from engine.seeding import make_rngs
 
     if not times_in_context(job.device) or job.context_repeats < 1 or not context.supports(space):
@@ -463,7 +462,7 @@ def _refine_in_context(job: ProfilingJob, space, table, progress):
         repeats=max(1, min(job.repeats, 5)),
         warmup=min(job.warmup, 2),
         threads=job.threads,
-        speed_reference=SpeedReference() if job.speed_reference else None,
+        speed_reference=_speed_reference(job),
         reference_base_ms=job.reference_ms if job.speed_reference else None,
     )
     context.refine_in_context(

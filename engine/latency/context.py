@@ -66,15 +66,8 @@ def _require_chains(space: SearchSpace) -> None:
 
 
 def _conv_key(space: SearchSpace, index: int, in_channels: int, choice: LayerChoice) -> str:
-    return LayerSpec(
-        op="conv",
-        in_size=space.in_size(index),
-        in_channels=in_channels,
-        out_channels=int(round(space.base_channels[index] * choice.width)),
-        kernel=choice.kernel,
-        stride=space.strides[index],
-        activation=choice.activation,
-    ).key
+    out_channels = int(round(space.base_channels[index] * choice.width))
+    return space._conv_spec(index, in_channels, out_channels, choice.kernel, choice.activation).key
 
 
 def covering_chains(space: SearchSpace, repeats_per_key: int, rng: np.random.Generator) -> list[Arch]:
