@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 
 import pytest
@@ -85,9 +86,11 @@ def test_a_layer_doing_far_more_work_takes_longer_in_its_chain():
     stride 2 at 14x14 (25 MMAC) against the 20-way head behind it (a pool and a 3,600 x 20 linear)."""
     space = SearchSpace.vgg9(in_channels=1, image_size=28, num_classes=20, pool_size=5)
     arch = space.largest().with_depth(2)
-    samples = ChainTimer(repeats=5, warmup=2, threads=1).time_chains(space, [arch])
+    samples = ChainTimer(repeats=7, warmup=2, threads=1).time_chains(space, [arch])
     conv, head = (spec.key for spec in space.layer_specs(arch)[1:])
-    assert min(samples[conv]) > 3 * max(samples[head])
+    # Medians, not min against max: one preempted head sample (0.25 ms against a 0.135 ms median
+    # in a CI run) must not fail a test about which layer does more work.
+    assert statistics.median(samples[conv]) > 3 * statistics.median(samples[head])
 
 
 def test_refine_replaces_every_entry_with_its_context_median_and_records_how():
