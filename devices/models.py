@@ -163,8 +163,9 @@ class ProfilingJob(Job):
         default=2,
         help_text="local CPU, VGG9 spaces: after its own timing every layer is timed again inside at "
         "least this many whole chains of layers, where a network runs it, and its entry becomes the "
-        "median of those timings (a few seconds more; measured more accurate, docs/PROFILING.md); "
-        "0: isolated entries only. Boards, GPUs and ResNet12 spaces keep isolated entries",
+        "median of those timings (a few seconds more); the job keeps whichever table, in-context or "
+        "isolated, is closer to the sub-nets it timed whole (docs/PROFILING.md). 0: isolated entries "
+        "only. Boards, GPUs and ResNet12 spaces keep isolated entries",
     )
     reference_ms = models.FloatField(
         null=True,
