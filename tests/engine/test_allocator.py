@@ -51,12 +51,12 @@ def scoring_page_faults(_request: object = None) -> int:
 
 
 def large_block_page_faults(_request: object = None) -> int:
-    """Minor page faults of writing a fresh 64 MiB tensor eight times, each freed before the next:
+    """Minor page faults of writing a fresh 64 MiB tensor sixteen times, each freed before the next:
     above glibc's largest mmap threshold (32 MiB), like one 84x84 layer output of a Mini-ImageNet
     meta-batch."""
     torch.empty(16 << 20).fill_(1.0)  # the first one may fault in wherever it comes from
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(8):
+    for _ in range(16):
         torch.empty(16 << 20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
@@ -111,7 +111,10 @@ def test_a_worker_process_faults_far_less_than_a_default_process_on_the_same_wor
 @needs_glibc
 def test_a_worker_reuses_blocks_above_the_largest_mmap_threshold():
     default_faults, worker_faults = _faults_in_a_default_process_and_a_worker("large_block_page_faults")
-    # By default every 64 MiB block is a fresh mmap: 16,384 faults each, 131,072 for eight. A
-    # worker serves them from its heap (M_MMAP_MAX 0) and faults none of them in again.
-    assert default_faults > 8 * 15_000, default_faults
-    assert worker_faults < 2_000, worker_faults
+    # By default every 64 MiB block is a fresh mmap: 16,384 faults each, 262,144 for sixteen. A
+    # worker serves them from its heap (M_MMAP_MAX 0). Seen in 24 fresh workers: at most two
+    # blocks faulted in again, often none (the heap's layout varies from process to process; a
+    # first version of this test that allowed none failed once in CI). Without M_MMAP_MAX 0 it
+    # faults every block.
+    assert default_faults > 16 * 15_000, default_faults
+    assert worker_faults < 8 * 16_384, worker_faults
