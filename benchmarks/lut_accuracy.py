@@ -155,7 +155,7 @@ def main() -> None:
     started = time.perf_counter()
     table = build_lut(space, measure_layer, device=args.device, metadata=layer_timer.metadata())
     layers_s = time.perf_counter() - started
-    isolated = LatencyTable.from_dict(table.to_dict())
+    isolated = table.copy()
     context = None
     if args.context_reps > 0 and args.device == "cpu" and supports_context(space):
         chain_timer = ChainTimer(

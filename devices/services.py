@@ -451,12 +451,11 @@ def _refine_in_context(job: ProfilingJob, space, table, progress):
     None where nothing was timed in context. Not resumable on its own: it takes seconds, and a
     job killed during it finds every isolated timing stored and runs it again."""
     from engine.latency import context
-    from engine.latency.lut import LatencyTable
     from engine.seeding import make_rngs
 
     if not times_in_context(job.device) or job.context_repeats < 1 or not context.supports(space):
         return None
-    isolated = LatencyTable.from_dict(table.to_dict())
+    isolated = table.copy()
     # Seeded by the job, so a resumed job times the same chains.
     timer = context.ChainTimer(
         repeats=max(1, min(job.repeats, 5)),

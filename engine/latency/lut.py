@@ -13,6 +13,7 @@ accuracy report against end-to-end timings of random sub-networks.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -153,6 +154,11 @@ class LatencyTable:
             )
         except (KeyError, AttributeError, TypeError) as error:
             raise LatencyTableError(f"malformed latency table: {error!r}") from None
+
+    def copy(self) -> LatencyTable:
+        """An independent copy: entries, fit and metadata (e.g. the isolated entries, kept before
+        the in-context phase replaces them)."""
+        return LatencyTable.from_dict(copy.deepcopy(self.to_dict()))
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a reader sees the previous table or this one, never half of one."""

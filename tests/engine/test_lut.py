@@ -188,6 +188,20 @@ def test_fit_overhead_recovers_a_per_network_and_a_per_layer_term_despite_an_out
     assert restored.predict(space, archs[1]) == pytest.approx(table.predict(space, archs[1]))
 
 
+def test_a_copy_keeps_everything_and_shares_nothing():
+    table = LatencyTable(
+        device="cpu", entries={"a": 0.5, "b": 0.25}, overhead_ms=0.1, per_layer_ms=-0.01,
+        metadata={"speed_reference": {"base_ms": 0.2}}, accuracy={"mape": 3.0},
+    )  # fmt: skip
+    copied = table.copy()
+    assert copied.to_dict() == table.to_dict()
+    copied.set("a", 0.75)
+    copied.metadata["speed_reference"]["base_ms"] = 0.3
+    copied.accuracy["mape"] = 9.0
+    assert table.entries["a"] == 0.5
+    assert table.metadata["speed_reference"]["base_ms"] == 0.2 and table.accuracy["mape"] == 3.0
+
+
 def test_fit_overhead_never_predicts_a_network_at_or_below_zero():
     # CI: entries timed alone each carry a call cost; fitted on deep networks as one constant, the
     # overhead came out negative and a depth-1 network was predicted at -0.036 ms.
