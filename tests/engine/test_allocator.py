@@ -61,43 +61,33 @@ def large_block_page_faults(_request: object = None) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def _python(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter with glibc's own allocator settings."""
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    return run.stdout
+
+
 def _faults_in_a_default_process_and_a_worker(measure: str) -> tuple[int, int]:
     """Faults of ``measure`` (a function of this module) in a fresh interpreter with glibc's own
     thresholds, and in a spawned engine.forked worker (a forked one's first writes to its
     parent's memory would add copy-on-write faults)."""
-    default = subprocess.run(
-        [sys.executable, "-c", f"from tests.engine.test_allocator import {measure} as f; print(f())"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    default = _python(f"from tests.engine.test_allocator import {measure} as f; print(f())")
     [worker] = start_workers(globals()[measure], 1, SpawnedWorker)
     try:
         worker.send(None)
         worker_faults = worker.receive()
     finally:
         worker.close()
-    return int(default.stdout.strip().splitlines()[-1]), worker_faults
+    return int(default.strip().splitlines()[-1]), worker_faults
 
 
 @needs_glibc
 def test_retain_freed_memory_takes_effect_and_is_idempotent():
     # In a fresh interpreter: the setting is process-wide and would stay with the test process.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from engine.allocator import retain_freed_memory as r; print(r(), r())",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert result.stdout.split() == ["True", "True"]
+    printed = _python("from engine.allocator import retain_freed_memory as r; print(r(), r())")
+    assert printed.split() == ["True", "True"]
 
 
 @needs_glibc
