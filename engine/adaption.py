@@ -887,7 +887,7 @@ class _StateFile:
 
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_json(self.path, self.data)
+            atomic_write_json(self.path, self.data, compact=True)
 
 
 # --------------------------------------------------------------------------- events

@@ -34,6 +34,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    payload = json.dumps(obj, indent=2, sort_keys=True).encode()
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, compact: bool = False) -> Path:
+    """``obj`` as JSON, indented for people to read; ``compact`` for machine state that is
+    rewritten often (an adaption's or a GA's state after every generation): without ``indent``
+    the json module uses its C encoder, 4-5x faster on a 1.7 MB state, and the file is half as big."""
+    if compact:
+        payload = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    else:
+        payload = json.dumps(obj, indent=2, sort_keys=True).encode()
     return atomic_write_bytes(path, payload)

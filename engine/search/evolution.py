@@ -903,7 +903,7 @@ def run_ga(
 
 def save_state(path: str | Path, state: GAState) -> Path:
     """Write a GA state atomically (a reader never sees half a checkpoint)."""
-    return atomic_write_json(path, state)
+    return atomic_write_json(path, state, compact=True)
 
 
 def load_state(path: str | Path) -> GAState:
