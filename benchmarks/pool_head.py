@@ -1,7 +1,8 @@
-"""The super-net's pooling + classifier: pooling first (``adaptive_avg_pool2d``) against the
-averaging folded into the classifier's weight (``ElasticLinear.forward`` on the unpooled map).
+"""The super-net's pooling + classifier: pooling first against the averaging folded into the
+classifier's weight (``ElasticLinear.forward`` on the unpooled map), and how maps too big to fold
+are pooled.
 
-Two parts, both with the pool-first way as the baseline of the same run:
+Four parts, each with a baseline timed in the same run:
 
 1. the head alone, forward and backward, on the feature maps a sub-net can end with (320 images:
    a 16-task slice of 20-way 1-shot support sets), 1 thread, best of ``--repeats``;
@@ -13,8 +14,14 @@ Two parts, both with the pool-first way as the baseline of the same run:
     python benchmarks/pool_head.py --supernet RUN/checkpoint.pt [--archs 24] [--cheap 0.3]
     python benchmarks/pool_head.py --quick   # a tiny super-net trained for seconds
 
-The last stdout line is one JSON object: per-shape speed-ups of the head and the mean ms per
-evaluation both ways.
+3. the pooling alone (maps above the fold limit: 14x14, 28x28), ``F.adaptive_avg_pool2d``
+   against ``engine.ops.pool_maps`` (one matrix product, what the head uses since 2026-12-06),
+   forward and backward;
+4. whole GA fitness evaluations of random sub-nets whose last map is above the fold limit, both
+   poolings alternately.
+
+The last stdout line is one JSON object: per-shape speed-ups of the head and of the pooling, and
+the mean ms per evaluation each way.
 """
 
 from __future__ import annotations
@@ -53,6 +60,45 @@ def best_us(fn: Callable[[], object], repeats: int, calls: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - started) / calls)
     return 1e6 * best
+
+
+#: (maps, channels, side) pooled to 5x5 on their own: a 16-task slice's support sets in the grouped
+#: path's layout (20 images, 16 tasks x C channels) and one task's, at the sides above the fold limit.
+POOL_SHAPES = [(20, 16 * 16, 14), (20, 16 * 72, 14), (20, 16 * 16, 28), (20, 72, 14), (20, 16, 28)]
+
+
+@contextlib.contextmanager
+def adaptive_pooling() -> Iterator[None]:
+    """Pool as before 2026-12-06: ``F.adaptive_avg_pool2d`` instead of ``engine.ops.pool_maps``."""
+    saved = ops_module.pool_maps
+    ops_module.pool_maps = lambda x, out_size: F.adaptive_avg_pool2d(x, out_size)
+    try:
+        yield
+    finally:
+        ops_module.pool_maps = saved
+
+
+def time_pooling(repeats: int, calls: int) -> list[dict]:
+    """Forward and backward of the pooling alone, ``adaptive_avg_pool2d`` against ``pool_maps``."""
+    rows = []
+    for images, channels, side in POOL_SHAPES:
+        x = torch.randn(images, channels, side, side, requires_grad=True)
+        outgoing = torch.randn(images, channels, 5, 5)
+        row = {"shape": f"{images}x{channels}x{side}x{side}"}
+        for name, pool in (("adaptive", F.adaptive_avg_pool2d), ("matmul", ops_module.pool_maps)):
+            row[f"{name}_us"] = best_us(lambda pool=pool: torch.autograd.grad(pool(x, 5), x, outgoing), repeats, calls)
+        row["speedup"] = row["adaptive_us"] / row["matmul_us"]
+        rows.append(row)
+        print(
+            f"{row['shape']} -> 5x5: adaptive_avg_pool2d {row['adaptive_us']:8.0f} us, "
+            f"one matmul {row['matmul_us']:8.0f} us ({row['speedup']:.2f}x)"
+        )
+    return rows
+
+
+def final_side(space, arch) -> int:
+    last = [spec for spec in space.layer_specs(arch) if spec.op != "head"][-1]
+    return -(-last.in_size // last.stride)
 
 
 @contextlib.contextmanager
@@ -144,6 +190,31 @@ def main() -> None:
         print(
             f"pool first {first_ms[-1]:7.1f} ms  folded {folded_ms[-1]:7.1f} ms  ({first_ms[-1] / folded_ms[-1]:.2f}x)"
         )
+
+    print("\n== pooling alone, forward and backward, 1 thread ==")
+    pool_rows = time_pooling(repeats=3 if args.quick else 7, calls=3 if args.quick else 10)
+    print("\n== GA fitness evaluations of sub-nets whose last map is above the fold limit ==")
+    rng = np.random.default_rng(ARCH_STREAM)
+    big_maps = []
+    while len(big_maps) < (3 if args.quick else 12):
+        arch = space.sample(rng)
+        if final_side(space, arch) ** 2 > ops_module.FOLD_POOL_MAX_PIXELS:
+            big_maps.append(arch)
+    adaptive_ms, matmul_ms = [], []
+    for arch in big_maps:
+        times = {"adaptive": [], "matmul": []}
+        for _ in range(args.repeats):
+            for way in ("adaptive", "matmul"):
+                with adaptive_pooling() if way == "adaptive" else contextlib.nullcontext():
+                    started = time.perf_counter()
+                    scorer.score(arch, tasks)
+                    times[way].append(1000 * (time.perf_counter() - started))
+        adaptive_ms.append(min(times["adaptive"]))
+        matmul_ms.append(min(times["matmul"]))
+        print(
+            f"last map {final_side(space, arch)}x{final_side(space, arch)}: adaptive_avg_pool2d "
+            f"{adaptive_ms[-1]:7.1f} ms  one matmul {matmul_ms[-1]:7.1f} ms ({adaptive_ms[-1] / matmul_ms[-1]:.2f}x)"
+        )
     speedups = [row["speedup"] for row in head_rows]
     summary = {
         **bench.summary_head(args),
@@ -157,6 +228,10 @@ def main() -> None:
         "ms_per_evaluation_pool_first": round(float(np.mean(first_ms)), 1),
         "ms_per_evaluation_folded": round(float(np.mean(folded_ms)), 1),
         "evaluation_speedup": round(float(np.mean(first_ms)) / float(np.mean(folded_ms)), 2),
+        "pool_matmul_speedup_by_shape": {row["shape"]: round(row["speedup"], 2) for row in pool_rows},
+        "ms_per_evaluation_big_map_adaptive": round(float(np.mean(adaptive_ms)), 1),
+        "ms_per_evaluation_big_map_matmul": round(float(np.mean(matmul_ms)), 1),
+        "big_map_evaluation_speedup": round(float(np.mean(adaptive_ms)) / float(np.mean(matmul_ms)), 2),
     }
     print(json.dumps(summary))
 

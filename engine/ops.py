@@ -113,6 +113,19 @@ def fold_pooling(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return folded.reshape(*leading, channels * height * width)
 
 
+def pool_maps(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, out_size)`` of maps ``[..., H, W]`` as one matrix product over
+    their flattened pixels (:func:`pooling_matrix`; same bins, sums in another order).
+
+    Why: CPU ``adaptive_avg_pool2d`` is slow on these maps. As one GEMM, forward and backward of
+    the pooling alone took 1.9-4.8x less time, and whole GA evaluations of sub-nets ending at 14x14
+    1.38x less (benchmarks/pool_head.py, Intel Xeon, 1 thread; docs/BENCHMARKS.md, "Pooling as one
+    matrix product"). Matmul has every derivative MAML++ needs."""
+    height, width = x.shape[-2:]
+    matrix = pooling_matrix(height, width, out_size, x.device, x.dtype)  # [p*p, H*W]
+    return torch.matmul(x.flatten(-2), matrix.t()).unflatten(-1, (out_size, out_size))
+
+
 def pool_or_fold(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and the flat classifier weight that together give the pooled classifier's logits.
 
@@ -125,7 +138,7 @@ def pool_or_fold(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, t
     pool = weight.shape[-1]
     if (height, width) != (pool, pool):
         if height * width > FOLD_POOL_MAX_PIXELS:
-            x = F.adaptive_avg_pool2d(x, pool)
+            x = pool_maps(x, pool)
         else:
             return x, fold_pooling(weight, height, width)
     return x, weight.flatten(-3)

@@ -11,7 +11,8 @@ from torch.func import functional_call, grad, vmap
 
 from engine.baselines import MamlConvNet, ceil_pooling_macs, maml_miniimagenet, maml_omniglot
 from engine.cost import count_params
-from engine.ops import FOLD_POOL_MAX_PIXELS, ElasticConv2d, ElasticLinear, FixedAvgPool2d, pooling_matrix
+import engine.ops as ops_module
+from engine.ops import FOLD_POOL_MAX_PIXELS, ElasticConv2d, ElasticLinear, FixedAvgPool2d, pool_maps, pooling_matrix
 from engine.seeding import make_rngs
 from engine.space import Arch, ArchError, SearchSpace
 from engine.supernet import SuperNet, extract_subnet
@@ -200,6 +201,22 @@ def test_fixed_avg_pool_matches_adaptive_pooling():
             )
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 14, 14), (2, 5, 28, 28), (7, 11, 6), (2, 3, 1, 1)])
+@pytest.mark.parametrize("out_size", [1, 5])
+def test_pool_maps_is_adaptive_average_pooling_with_its_first_and_second_derivatives(shape, out_size):
+    generator = torch.Generator().manual_seed(sum(shape) + out_size)
+    x = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    got, want = pool_maps(x, out_size), F.adaptive_avg_pool2d(x, out_size)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    outgoing = torch.randn(want.shape, dtype=torch.float64, generator=generator)
+    (first,) = torch.autograd.grad((got * outgoing).sum() ** 2, x, create_graph=True)
+    (expected,) = torch.autograd.grad((want * outgoing).sum() ** 2, x, create_graph=True)
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-12)
+    (second,) = torch.autograd.grad((first**2).sum(), x)
+    (second_expected,) = torch.autograd.grad((expected**2).sum(), x)
+    torch.testing.assert_close(second, second_expected, rtol=1e-10, atol=1e-10)
+
+
 def test_pooling_matrix_is_adaptive_average_pooling_on_flattened_pixels():
     for height, width in ((1, 1), (2, 2), (3, 5), (7, 7), (6, 11), (14, 14)):
         for out_size in (1, 5):
@@ -245,13 +262,13 @@ def test_the_head_folds_small_maps_and_pools_large_ones_first(monkeypatch):
     head = ElasticLinear(max_channels=4, pool_size=5, num_classes=3)
     side = int(FOLD_POOL_MAX_PIXELS**0.5)
     pooled_shapes = []
-    adaptive_avg_pool2d = F.adaptive_avg_pool2d
+    pool_maps = ops_module.pool_maps
 
     def recording_pool(x, *args, **kwargs):
         pooled_shapes.append(tuple(x.shape))
-        return adaptive_avg_pool2d(x, *args, **kwargs)
+        return pool_maps(x, *args, **kwargs)
 
-    monkeypatch.setattr(F, "adaptive_avg_pool2d", recording_pool)
+    monkeypatch.setattr(ops_module, "pool_maps", recording_pool)
     head(torch.randn(2, 4, side, side))
     assert pooled_shapes == []
     head(torch.randn(2, 4, side + 1, side + 1))
