@@ -4,15 +4,17 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('devices', '0007_profiling_context_repeats'),
+        ("devices", "0007_profiling_context_repeats"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='profilingjob',
-            name='context_repeats',
-            field=models.PositiveSmallIntegerField(default=2, help_text='local CPU, VGG9 spaces: after its own timing every layer is timed again inside at least this many whole chains of layers, where a network runs it, and its entry becomes the median of those timings (a few seconds more); the job keeps whichever table, in-context or isolated, is closer to the sub-nets it timed whole (docs/PROFILING.md). 0: isolated entries only. Boards, GPUs and ResNet12 spaces keep isolated entries'),
+            model_name="profilingjob",
+            name="context_repeats",
+            field=models.PositiveSmallIntegerField(
+                default=2,
+                help_text="local CPU, VGG9 spaces: after its own timing every layer is timed again inside at least this many whole chains of layers, where a network runs it, and its entry becomes the median of those timings (a few seconds more); the job keeps whichever table, in-context or isolated, is closer to the sub-nets it timed whole (docs/PROFILING.md). 0: isolated entries only. Boards, GPUs and ResNet12 spaces keep isolated entries",
+            ),
         ),
     ]

@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+import engine.ops as ops_module
 from engine.baselines import MamlConvNet, ceil_pooling_macs, maml_miniimagenet, maml_omniglot
 from engine.cost import count_params
-import engine.ops as ops_module
-from engine.ops import FOLD_POOL_MAX_PIXELS, ElasticConv2d, ElasticLinear, FixedAvgPool2d, pool_maps, pooling_matrix
+from engine.ops import (
+    FOLD_POOL_MAX_PIXELS,
+    ElasticConv2d,
+    ElasticLinear,
+    FixedAvgPool2d,
+    pool_maps,
+    pooling_matrix,
+)
 from engine.seeding import make_rngs
 from engine.space import Arch, ArchError, SearchSpace
 from engine.supernet import SuperNet, extract_subnet
