@@ -36,7 +36,8 @@ comparison, which needs one trained for longer than seconds, e.g. (about 30 minu
 ``--synthetic`` keeps the earlier SYNTHETIC mode (clearly labelled in its output): GA vs random on
 an analytic loss model, for the GA's search dynamics at the paper's P=100, M=200.
 
-Then the issue's own request is timed: P=100, M=200 (quick: 2), 16-task slices, one budget, with
+Then the issue's own request is timed, as the ``paper`` preset makes it: P=100, M=200 (quick: 2),
+one 16-task data slice (``--paper-slices`` for more), the middle budget, with
 one search process and with ``--search-workers`` processes (the ratio is a figure);
 ``--paper-production-only`` times the production way alone (at M=200 each way takes minutes);
 ``--paper-devices cpu,cuda`` also times it on this machine's GPU; ``--sweep-device cuda`` scores
@@ -62,7 +63,7 @@ import torch
 
 import engine.search.adapt as adapt_module
 from benchmarks._scoring import scoring_path
-from engine.adaption import AdaptionRequest, load_supernet, run_adaption
+from engine.adaption import ADAPTION_PRESETS, AdaptionRequest, load_supernet, run_adaption
 from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
 from engine.latency.measure import LayerTimer
@@ -383,6 +384,7 @@ def time_paper_ga(
     production_only: bool = False,
     devices: tuple[str, ...] = ("cpu",),
     extra_paths: tuple[str, ...] = (),
+    slices: int | None = None,
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
     latency budget, same request three ways: 1 search process scoring tasks one at a time on the
@@ -392,8 +394,12 @@ def time_paper_ga(
     scoring paths forced for every slice (e.g. "batched", the production path before "auto", or
     "grouped"). ``devices`` with
     "cuda" adds the same request scored on this machine's GPU (one process, production path:
-    batched there) as a last row."""
+    batched there) as a last row. The request is the ``paper`` preset's (its final choice: 10
+    finalists on 4 held-out slices); ``slices`` overrides its one 16-task data slice (None: the
+    preset's). Until 2026-12-06 this timed the ``tiny`` preset's final choice (3 finalists, 1
+    held-out slice) with 3 search slices."""
     rows = []
+    slices = ADAPTION_PRESETS["paper"].num_slices if slices is None else slices
     variants = [(1, "reference", "cpu"), (1, "auto", "cpu")] + (
         [(workers, "auto", "cpu")] if workers > 1 else []
     )
@@ -411,10 +417,11 @@ def time_paper_ga(
             constraint="latency_ms",
             budgets=(budget,),
             lut=str(lut_path),
-            preset="tiny",
+            preset="paper",
             pool_size=100,
             iterations=iterations,
             tasks_per_slice=16,
+            num_slices=slices,
             seed=seed,
             search_queries=1,
             test_tasks=0,
@@ -430,6 +437,7 @@ def time_paper_ga(
         rows.append(
             {
                 "search_workers": search_workers,
+                "slices": slices,
                 "path": path,
                 "device": device,
                 "search_s": round(result.search_s, 2),
@@ -440,7 +448,7 @@ def time_paper_ga(
             }
         )
         print(
-            f"P=100 M={iterations} 16 tasks, {device}, {search_workers} search process(es), {path}: "
+            f"P=100 M={iterations} {slices} slice(s) x 16 tasks, {device}, {search_workers} search process(es), {path}: "
             f"{result.search_s:.1f} s, "
             f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
             f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code}"
@@ -655,6 +663,7 @@ def real_main(args: argparse.Namespace) -> None:
             devices=tuple(args.paper_devices.split(",")),
             # --paper-batched is the older spelling of --paper-paths batched.
             extra_paths=(("batched",) if args.paper_batched else ()) + args.paper_paths,
+            slices=args.paper_slices,
         )
         if paper_iterations > 0
         else []
@@ -785,6 +794,12 @@ def main() -> None:
         type=int,
         default=None,
         help="M of the timed P=100 adaption (200; quick 2; 0 skips it)",
+    )
+    real.add_argument(
+        "--paper-slices",
+        type=int,
+        default=None,
+        help="16-task slices of the timed P=100 adaption (default: the paper preset's one data slice)",
     )
     real.add_argument(
         "--paper-production-only",
