@@ -100,6 +100,32 @@ def time_pooling(repeats: int, calls: int) -> list[dict]:
     return rows
 
 
+def compare_evaluations(
+    scorer,
+    archs: list,
+    tasks: list,
+    repeats: int,
+    baseline: Callable[[], contextlib.AbstractContextManager],
+    describe: Callable[[object, float, float], str],
+) -> tuple[list[float], list[float]]:
+    """Best ms of one GA fitness evaluation of each architecture inside the ``baseline`` context
+    and as the code runs, the two ways alternated ``repeats`` times so a drift in the machine hits
+    both; prints ``describe(arch, baseline_ms, production_ms)`` per architecture."""
+    baseline_ms, production_ms = [], []
+    for arch in archs:
+        times: dict[str, list[float]] = {"baseline": [], "production": []}
+        for _ in range(repeats):
+            for way, context in (("baseline", baseline), ("production", contextlib.nullcontext)):
+                with context():
+                    started = time.perf_counter()
+                    scorer.score(arch, tasks)
+                    times[way].append(1000 * (time.perf_counter() - started))
+        baseline_ms.append(min(times["baseline"]))
+        production_ms.append(min(times["production"]))
+        print(describe(arch, baseline_ms[-1], production_ms[-1]))
+    return baseline_ms, production_ms
+
+
 def final_side(space, arch) -> int:
     last = [spec for spec in space.layer_specs(arch) if spec.op != "head"][-1]
     return -(-last.in_size // last.stride)
@@ -179,21 +205,10 @@ def main() -> None:
         archs = [arch for arch, m in zip(archs, macs, strict=True) if m <= np.quantile(macs, args.cheap)]
     archs = archs[: 6 if args.quick else len(archs)]
     scorer.score(archs[0], tasks)  # warm-up
-    folded_ms, first_ms = [], []
-    for arch in archs:
-        times = {"folded": [], "first": []}
-        for _ in range(args.repeats):
-            for way in ("first", "folded"):
-                context = pooling_first() if way == "first" else contextlib.nullcontext()
-                with context:
-                    started = time.perf_counter()
-                    scorer.score(arch, tasks)
-                    times[way].append(1000 * (time.perf_counter() - started))
-        first_ms.append(min(times["first"]))
-        folded_ms.append(min(times["folded"]))
-        print(
-            f"pool first {first_ms[-1]:7.1f} ms  folded {folded_ms[-1]:7.1f} ms  ({first_ms[-1] / folded_ms[-1]:.2f}x)"
-        )
+    first_ms, folded_ms = compare_evaluations(
+        scorer, archs, tasks, args.repeats, pooling_first,
+        lambda arch, first, folded: f"pool first {first:7.1f} ms  folded {folded:7.1f} ms  ({first / folded:.2f}x)",
+    )  # fmt: skip
 
     print("\n== pooling alone, forward and backward, 1 thread ==")
     pool_rows = time_pooling(repeats=3 if args.quick else 7, calls=3 if args.quick else 10)
@@ -204,21 +219,11 @@ def main() -> None:
         arch = space.sample(rng)
         if final_side(space, arch) ** 2 > ops_module.FOLD_POOL_MAX_PIXELS:
             big_maps.append(arch)
-    adaptive_ms, matmul_ms = [], []
-    for arch in big_maps:
-        times = {"adaptive": [], "matmul": []}
-        for _ in range(args.repeats):
-            for way in ("adaptive", "matmul"):
-                with adaptive_pooling() if way == "adaptive" else contextlib.nullcontext():
-                    started = time.perf_counter()
-                    scorer.score(arch, tasks)
-                    times[way].append(1000 * (time.perf_counter() - started))
-        adaptive_ms.append(min(times["adaptive"]))
-        matmul_ms.append(min(times["matmul"]))
-        print(
-            f"last map {final_side(space, arch)}x{final_side(space, arch)}: adaptive_avg_pool2d "
-            f"{adaptive_ms[-1]:7.1f} ms  one matmul {matmul_ms[-1]:7.1f} ms ({adaptive_ms[-1] / matmul_ms[-1]:.2f}x)"
-        )
+    adaptive_ms, matmul_ms = compare_evaluations(
+        scorer, big_maps, tasks, args.repeats, adaptive_pooling,
+        lambda arch, adaptive, matmul: f"last map {final_side(space, arch)}x{final_side(space, arch)}: "
+        f"adaptive_avg_pool2d {adaptive:7.1f} ms  one matmul {matmul:7.1f} ms ({adaptive / matmul:.2f}x)",
+    )  # fmt: skip
     speedups = [row["speedup"] for row in head_rows]
     summary = {
         **bench.summary_head(args),
