@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -67,15 +68,9 @@ def best_us(fn: Callable[[], object], repeats: int, calls: int) -> float:
 POOL_SHAPES = [(20, 16 * 16, 14), (20, 16 * 72, 14), (20, 16 * 16, 28), (20, 72, 14), (20, 16, 28)]
 
 
-@contextlib.contextmanager
-def adaptive_pooling() -> Iterator[None]:
+def adaptive_pooling() -> contextlib.AbstractContextManager:
     """Pool as before 2026-12-06: ``F.adaptive_avg_pool2d`` instead of ``engine.ops.pool_maps``."""
-    saved = ops_module.pool_maps
-    ops_module.pool_maps = lambda x, out_size: F.adaptive_avg_pool2d(x, out_size)
-    try:
-        yield
-    finally:
-        ops_module.pool_maps = saved
+    return mock.patch.object(ops_module, "pool_maps", F.adaptive_avg_pool2d)
 
 
 def time_pooling(repeats: int, calls: int) -> list[dict]:
@@ -127,8 +122,8 @@ def compare_evaluations(
 
 
 def final_side(space, arch) -> int:
-    last = [spec for spec in space.layer_specs(arch) if spec.op != "head"][-1]
-    return -(-last.in_size // last.stride)
+    """Side of the map the sub-net's head pools: the head layer's input size."""
+    return next(spec.in_size for spec in space.layer_specs(arch) if spec.op == "head")
 
 
 @contextlib.contextmanager

@@ -269,11 +269,11 @@ def test_the_head_folds_small_maps_and_pools_large_ones_first(monkeypatch):
     head = ElasticLinear(max_channels=4, pool_size=5, num_classes=3)
     side = int(FOLD_POOL_MAX_PIXELS**0.5)
     pooled_shapes = []
-    pool_maps = ops_module.pool_maps
+    real_pool_maps = ops_module.pool_maps
 
     def recording_pool(x, *args, **kwargs):
         pooled_shapes.append(tuple(x.shape))
-        return pool_maps(x, *args, **kwargs)
+        return real_pool_maps(x, *args, **kwargs)
 
     monkeypatch.setattr(ops_module, "pool_maps", recording_pool)
     head(torch.randn(2, 4, side, side))
