@@ -74,6 +74,7 @@ from engine.search.evolution import (
     SearchResult,
     check_reachable,
     run_ga,
+    sweep_order,
 )
 from engine.search.memo import FitnessMemo, FitnessMemoError, arch_text, model_key, tasks_key
 from engine.search.package import (
@@ -174,17 +175,20 @@ class AdaptionPreset:
     finalists_from: str = "last"
     #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
     finetune_factor: int = 3
+    #: A sweep's budgets run loosest first and each GA's pool starts with at most this many of
+    #: the best feasible architectures already scored (GAConfig.warm_start); 0: random Init(P).
+    warm_start: int = 0
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
     # Seconds on 2 cores with a tiny super-net: tests, demos, smoke checks.
     "tiny": AdaptionPreset("tiny", pool_size=12, iterations=6, tasks_per_slice=4, num_slices=3,
                            final_candidates=3, test_tasks=40, final_slices=1, final_metric="accuracy",
-                           finalists_from="archive"),
+                           finalists_from="archive", warm_start=2),
     # Minutes on a CPU server: a smaller pool and fewer generations than the paper.
     "cpu": AdaptionPreset("cpu", pool_size=50, iterations=40, tasks_per_slice=16, num_slices=4,
                           final_candidates=5, test_tasks=600, final_slices=4, final_metric="accuracy",
-                          finalists_from="archive"),
+                          finalists_from="archive", warm_start=5),
     # Algorithm 1 as in the paper (Appendix E): P=100, M=200, one data slice of 16 tasks ("pick
     # 16 tasks to build a data slice for the architectures to traverse"); 600 test tasks. The
     # final choice among its 10 finalists (which the paper leaves open) is ours, as in "cpu".
@@ -193,7 +197,7 @@ ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
     # evaluations (docs/BENCHMARKS.md, "One data slice").
     "paper": AdaptionPreset("paper", pool_size=100, iterations=200, tasks_per_slice=16, num_slices=1,
                             final_candidates=10, test_tasks=600, final_slices=4, final_metric="accuracy",
-                            finalists_from="archive"),
+                            finalists_from="archive", warm_start=10),
 }  # fmt: skip
 
 
@@ -238,6 +242,7 @@ class AdaptionRequest:
     final_slices: int | None = None
     final_metric: str | None = None
     finalists_from: str | None = None
+    warm_start: int | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -292,6 +297,7 @@ class AdaptionRequest:
             _check_int(name, getattr(self, name), 1)
         _check_int("final_candidates", self.final_candidates, 0)
         _check_int("final_slices", self.final_slices, 0)
+        _check_int("warm_start", self.warm_start, 0)
         if self.final_metric is not None and self.final_metric not in FINAL_METRICS:
             raise AdaptionRequestError(
                 f"final_metric must be one of {FINAL_METRICS}, got {self.final_metric!r}"
@@ -376,6 +382,7 @@ class AdaptionRequest:
             final_candidates=pick("final_candidates"),
             final_slices=pick("final_slices"),
             finalists_from=pick("finalists_from"),
+            warm_start=pick("warm_start"),
             seed=self.seed,
         )
 
@@ -527,9 +534,19 @@ class AdaptionResult:
             raise AdaptionStateError(f"{path}: not a readable adaption result ({error!r})") from None
 
 
+#: AdaptionRequest fields whose default is None ("the preset's value", "none").
+_OPTIONAL_OVERRIDES = frozenset(f.name for f in fields(AdaptionRequest) if f.default is None)
+
+
 def request_identity(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A request's JSON without :data:`EXECUTION_FIELDS` (see :meth:`AdaptionRequest.identity`)."""
-    return {name: value for name, value in data.items() if name not in EXECUTION_FIELDS}
+    """A request's JSON without :data:`EXECUTION_FIELDS` (see :meth:`AdaptionRequest.identity`)
+    and without the optional overrides left unset (``None``), so that a request saved before
+    such an override existed still matches its state."""
+    return {
+        name: value
+        for name, value in data.items()
+        if name not in EXECUTION_FIELDS and not (value is None and name in _OPTIONAL_OVERRIDES)
+    }
 
 
 # --------------------------------------------------------------------------- preparation
@@ -902,9 +919,11 @@ def _round(value: Any, digits: int = 5) -> Any:
 
 
 def _compact_adapt_event(
-    event: Mapping[str, Any], index: int, budgets: int, decode: Callable
+    event: Mapping[str, Any], index: int, position: int, budgets: int, decode: Callable
 ) -> dict[str, Any]:
-    """run_ga's per-generation event, small enough to stream (< 20 KB even at P=100)."""
+    """run_ga's per-generation event, small enough to stream (< 20 KB even at P=100).
+    ``index``: the budget's place in the request; ``position``: how many budgets ran before it
+    (a warm-started sweep runs them loosest first), so ``current`` only ever grows."""
     iterations = int(event["total"])
     front = [
         {
@@ -920,7 +939,7 @@ def _compact_adapt_event(
         front = [front[i] for i in keep]
     return {
         "kind": "adapt",
-        "current": index * iterations + int(event["current"]),
+        "current": position * iterations + int(event["current"]),
         "total": budgets * iterations,
         "budget_index": index,
         "budgets": budgets,
@@ -982,7 +1001,12 @@ def _sweep(
     fitness.seconds, fitness.calls = float(data["fitness_s"]), int(data["fitness_calls"])
     fitness.memo_hits = int(data.get("memo_hits", 0))  # states saved before the memo lack it
     budgets = len(context.constraints)
-    for index in range(len(completed), budgets):
+    order = data.setdefault(
+        "order", sweep_order([c.base_limit for c in context.constraints], config.warm_start)
+    )
+    # ``completed`` is in run order; the results go back in the request's order at the end.
+    for position in range(len(completed), budgets):
+        index = order[position]
         constraint = context.constraints[index]
         budget_config = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
         resume = data["ga_state"] if data["ga_index"] == index else None
@@ -991,8 +1015,8 @@ def _sweep(
             data.update(ga_index=index, ga_state=ga_state, **fitness.counters())
             state.save()
 
-        def forward(event: dict[str, Any], index: int = index) -> None:
-            progress(_compact_adapt_event(event, index, budgets, decode))
+        def forward(event: dict[str, Any], index: int = index, position: int = position) -> None:
+            progress(_compact_adapt_event(event, index, position, budgets, decode))
 
         result = run_ga(
             space,
@@ -1015,38 +1039,51 @@ def _sweep(
             **fitness.counters(),
         )
         state.save()
-    return completed, cache
+    by_index = dict(zip(order, completed, strict=True))
+    return [by_index[index] for index in range(budgets)], cache
 
 
 def _random_baselines(
     context: _Context, ga_results: Sequence[SearchResult], state: _StateFile, progress: ProgressCallback
 ) -> list[SearchResult | None]:
+    """Random search per budget at its GA's evaluation count. Against a warm-started sweep they
+    run in the sweep's order on one cache of their own, so each may choose among what the
+    earlier random searches scored, as each GA could start from what the earlier GAs found."""
     decode = type(context.space.smallest()).from_dict
-    results: list[SearchResult | None] = []
-    stored = state.data["random"]
-    for index, (constraint, ga) in enumerate(zip(context.constraints, ga_results, strict=True)):
-        if not context.request.random_baseline:
-            results.append(None)
-            continue
+    if not context.request.random_baseline:
+        return [None] * len(context.constraints)
+    data = state.data
+    stored = data["random"]
+    shared = context.config.warm_start > 0
+    cache = FitnessCache()
+    if shared and data.get("random_cache") is not None:
+        cache.load_state(data["random_cache"], decode)
+    screening_slice = None
+    for done, index in enumerate(data["order"], start=1):
         key = str(index)
         if key not in stored:
             result = random_search(
                 context.space,
                 context.fitness,
                 context.cost_model,
-                (constraint,),
-                evaluations=max(1, ga.evaluations),
+                (context.constraints[index],),
+                evaluations=max(1, ga_results[index].evaluations),
                 num_slices=context.config.num_slices,
                 final_candidates=context.config.final_candidates,
                 final_slices=context.config.final_slices,
                 seed=derive_seed(context.config.seed, RANDOM_SEARCH_STREAM + index),
+                cache=cache if shared else None,
+                screening_slice=screening_slice,
             )
             stored[key] = result.to_dict()
-            state.data.update(context.fitness.counters())
+            if shared:
+                data["random_cache"] = cache.to_state()
+            data.update(context.fitness.counters())
             state.save()
-        results.append(_search_result_from_dict(stored[key], decode))
-        _stage(progress, "random_search", index + 1, len(context.constraints), budget_index=index)
-    return results
+        if shared:  # the later ones screen where the first did, so its losses serve them
+            screening_slice = stored[key]["stats"]["screening_slice"]
+        _stage(progress, "random_search", done, len(context.constraints), budget_index=index)
+    return [_search_result_from_dict(stored[str(index)], decode) for index in range(len(context.constraints))]
 
 
 def _test_batches(context: _Context) -> list[Any]:
@@ -1273,6 +1310,8 @@ def _write_packages(
                     "search_loss": _finite(rs.best_loss),
                     "final_choice": _final_choice_summary(rs, context),
                     "evaluations": rs.evaluations,
+                    # Candidates it took from the earlier budgets' random searches (free).
+                    "inherited": rs.stats.get("inherited", 0),
                     "elapsed_s": rs.elapsed_s,
                     "test_accuracy": accuracies.get(rs.best_arch.canonical().to_json()),
                 }
@@ -1306,6 +1345,8 @@ def _write_packages(
                     "method": "ga",
                     "loss": _finite(ga.best_loss),
                     "evaluations": ga.evaluations,
+                    # How many of its first pool the looser budgets' GAs had found (warm start).
+                    "warm_start_seeds": ga.stats.get("warm_start_seeds", 0),
                     "task_source": request.task_source,
                     # How the finalists were compared ("loss" above stays the search slices' mean).
                     "final_choice": _final_choice_summary(ga, context),
@@ -1401,6 +1442,10 @@ def run_adaption(
     with torch_threads(request.threads):
         context = _prepare(request)
         state = _StateFile(Path(state_path) if state_path is not None else None, request)
+        if state.resumed and "order" not in state.data:
+            # A state saved before sweeps warm-started (2026-12-06) resumes as it ran: budgets in
+            # the given order, random Init(P), random searches on caches of their own.
+            context.config = GAConfig.from_dict({**context.config.to_dict(), "warm_start": 0})
         search_started = time.perf_counter()
         try:
             ga_results, cache = _sweep(context, state, progress)

@@ -107,6 +107,13 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the GA's finalists: the last generation's best, or the best of every architecture it scored",
     )
+    parser.add_argument(
+        "--warm-start",
+        type=int,
+        default=None,
+        help="each budget's GA starts with at most this many of the best fitting sub-nets the looser "
+        "budgets' GAs scored (they run first; 0: random initial pools, in the given order)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -146,6 +153,7 @@ def _adapt(args: argparse.Namespace) -> int:
         final_slices=args.final_slices,
         final_metric=args.final_metric,
         finalists_from=args.finalists_from,
+        warm_start=args.warm_start,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

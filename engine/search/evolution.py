@@ -42,7 +42,9 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   not the last generation's neighbourhood of the elites.
 * **Budget sweeps (Pareto fronts).** :func:`search_budgets` runs one GA per budget, all sharing
   one :class:`FitnessCache` and one cost cache, and reports the front over every architecture
-  evaluated for any budget plus each budget's choice.
+  evaluated for any budget plus each budget's choice. With ``warm_start > 0`` it runs the
+  loosest budget first and each later GA's pool starts with the best feasible architectures
+  already in the cache (:func:`warm_start_seeds`), the rest random as in Init(P).
 
 Determinism: every random decision (slice draw, sampling, mutation, crossover) comes from one
 ``numpy.random.Generator`` made by :func:`engine.seeding.make_rngs` from ``config.seed``. Its
@@ -115,6 +117,13 @@ class GAConfig:
     #: "archive", the best of every architecture this run scored by mean rank within each
     #: search slice (see :func:`archive_ranking`).
     finalists_from: str = "last"
+    #: In a budget sweep, a GA starts its pool with at most this many of the best feasible
+    #: architectures the shared cache already holds (by :func:`archive_ranking`), the rest being
+    #: Algorithm 1's random Init(P); the sweep then runs its budgets loosest first, so a tighter
+    #: budget starts from what the looser searches found inside it. 0: random Init(P) only, in
+    #: the order given. Why: one GA per budget can settle in a local optimum while a looser
+    #: budget's GA has already scored better architectures that fit (docs/ADAPTION.md).
+    warm_start: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +136,7 @@ class GAConfig:
         _positive_int("max_mutation_tries", self.max_mutation_tries)
         _positive_int("final_candidates", self.final_candidates, 0)
         _positive_int("final_slices", self.final_slices, 0)
+        _positive_int("warm_start", self.warm_start, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
@@ -469,6 +479,7 @@ class SearchLog:
         self.cache_hits = 0
         self.history: list[dict[str, Any]] = []
         self.stats: dict[str, int] = {
+            "warm_start_seeds": 0,
             "init_samples": 0,
             "init_mutation_fill": 0,
             "init_duplicates": 0,
@@ -556,10 +567,14 @@ class _Search:
                 return arch
         return None
 
-    def initial_population(self) -> list[Any]:
-        """Init(P): P distinct feasible random architectures, with bounded fallbacks."""
+    def initial_population(self, seeds: Sequence[Any] = ()) -> list[Any]:
+        """Init(P): ``seeds`` (feasible, distinct; see :func:`warm_start_seeds`), then distinct
+        feasible random architectures up to P, with bounded fallbacks."""
         config = self.config
         found: dict[Any, Any] = {}
+        for arch in seeds[: config.pool_size]:
+            found.setdefault(arch.canonical(), arch)
+        self.run.stats["warm_start_seeds"] = len(found)
         for _ in range(config.max_init_tries):
             if len(found) >= config.pool_size:
                 break
@@ -713,6 +728,35 @@ def archive_ranking(archs: Sequence[Any], cache: FitnessCache, num_slices: int) 
     )
 
 
+def warm_start_seeds(
+    cache: FitnessCache,
+    cost_model: CostModel,
+    constraints: Sequence[Constraint],
+    num_slices: int,
+    count: int,
+) -> list[Any]:
+    """The ``count`` best architectures in ``cache`` that meet ``constraints`` and have a finite
+    loss, best first by :func:`archive_ranking` (rank within each slice, so architectures scored
+    on different slices compare fairly); ``[]`` for ``count=0`` or an empty cache."""
+    if count == 0:
+        return []
+    feasible = [
+        key
+        for key in cache.archs()
+        if math.isfinite(cache.mean_loss(key)) and cost_model.feasible(key, constraints)
+    ]
+    return archive_ranking(feasible, cache, num_slices)[:count]
+
+
+def sweep_order(budgets: Sequence[float], warm_start: int) -> list[int]:
+    """The indices of ``budgets`` (upper limits of one cost kind) in the order a sweep runs them:
+    loosest first when warm starting - a tighter budget's feasible set lies inside a looser
+    one's, so the looser GAs' best architectures that fit can seed it - else as given."""
+    if warm_start == 0:
+        return list(range(len(budgets)))
+    return sorted(range(len(budgets)), key=lambda index: (-float(budgets[index]), index))
+
+
 def final_slice_ids(num_slices: int, final_slices: int) -> range:
     """The held-out slices ``num_slices ..`` when ``final_slices`` > 0, else the search slices."""
     if final_slices:
@@ -801,7 +845,8 @@ def run_ga(
 
     if state is None:
         check_reachable(space, cost_model, constraints)
-        population = search.initial_population()
+        seeds = warm_start_seeds(cache, cost_model, constraints, config.num_slices, config.warm_start)
+        population = search.initial_population(seeds)
         start = 0
     else:
         _check_state(state, config, constraints)
@@ -957,6 +1002,10 @@ def search_budgets(
 ) -> BudgetSweepResult:
     """A Pareto sweep: one GA per budget (seed ``derive_seed(config.seed, index)``), one shared cache.
 
+    With ``config.warm_start`` the budgets run loosest first (:func:`sweep_order`) and each GA
+    starts from the best feasible architectures the earlier ones scored; results are in the
+    order of ``budgets`` either way.
+
     Every budget is validated and checked for reachability before anything is evaluated, so a
     bad list fails at once. The returned front covers every architecture evaluated for any
     budget: ``kind`` cost against the mean loss over the slices the architecture was scored on.
@@ -972,26 +1021,25 @@ def search_budgets(
     for constraints in constraint_sets:
         check_reachable(space, cost_model, check_constraints(constraints))
     evaluations_before, hits_before = cache.evaluations, cache.hits
-    results = []
-    for index, constraints in enumerate(constraint_sets):
+    results: dict[int, SearchResult] = {}
+    for index in sweep_order(budgets, config.warm_start):
+        constraints = constraint_sets[index]
         budget_config = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
-        results.append(
-            run_ga(
-                space,
-                fitness_fn,
-                cost_model,
-                constraints,
-                budget_config,
-                progress=progress,
-                cache=cache,
-                event_extra={"budget_index": index, "budget": constraints[0].to_dict()},
-            )
+        results[index] = run_ga(
+            space,
+            fitness_fn,
+            cost_model,
+            constraints,
+            budget_config,
+            progress=progress,
+            cache=cache,
+            event_extra={"budget_index": index, "budget": constraints[0].to_dict()},
         )
     return BudgetSweepResult(
         kind=kind,
         unit=constraint_sets[0][0].unit,
         budgets=tuple(float(b) for b in budgets),
-        results=tuple(results),
+        results=tuple(results[index] for index in range(len(budgets))),
         front=_front(cache.archs(), cache, cost_model, kind),
         evaluations=cache.evaluations - evaluations_before,
         cache_hits=cache.hits - hits_before,

@@ -7,6 +7,8 @@ then, exactly as the GA does, the top ``final_candidates`` are scored on every s
 ``final_slices > 0``: on the held-out slices ``num_slices ..`` instead) and the lowest mean loss
 wins. ``evaluations`` counts fitness-function calls, so "the same number of
 evaluations" means the same number of (architecture, slice) scorings as the GA paid for.
+Against a warm-started GA sweep, the random searches of the budgets share one cache in the same
+order, so each may also choose among what the earlier ones scored (``cache=``).
 """
 
 from __future__ import annotations
@@ -46,12 +48,21 @@ def random_search(
     final_slices: int = 0,
     seed: int = 0,
     max_tries_per_sample: int = 1000,
+    cache: FitnessCache | None = None,
+    screening_slice: int | None = None,
 ) -> SearchResult:
     """Best of uniformly sampled feasible architectures, using at most ``evaluations`` scorings.
 
     Uses its own fitness cache so it never profits from another search's evaluations. Stops
     early (with what it has) when rejection sampling cannot find a new feasible architecture in
     ``max_tries_per_sample`` draws - the feasible set is then nearly exhausted.
+
+    ``cache``: the cache of a random-search *sweep* (the counterpart of a warm-started GA
+    sweep, :func:`engine.search.evolution.search_budgets`): the feasible architectures it
+    already holds with a loss on the screening slice join the candidates without counting as
+    evaluations (cache hits), and new samples are drawn beside them. Without it, a fresh cache.
+    ``screening_slice``: screen on this slice instead of a random one (a sweep's random searches
+    all screen on the first one's, so what one scored can serve the next).
     """
     if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 1:
         raise ValueError(f"evaluations must be a positive int, got {evaluations!r}")
@@ -66,7 +77,7 @@ def random_search(
     check_reachable(space, cost_model, constraints)
     started = time.perf_counter()
     rng = make_rngs(seed).numpy
-    cache = FitnessCache()
+    cache = cache if cache is not None else FitnessCache()
     run = SearchLog(cost_model, constraints[0].kind)
 
     # The final choice scores each candidate on the slices it has not seen yet: the other
@@ -76,10 +87,20 @@ def random_search(
     reserve = candidates_wanted * per_finalist
     screening_budget = max(candidates_wanted, evaluations - reserve)
     slice_id = int(rng.integers(num_slices))
+    if screening_slice is not None:
+        if not 0 <= screening_slice < num_slices:
+            raise ValueError(f"screening_slice must be in [0, {num_slices}), got {screening_slice!r}")
+        slice_id = screening_slice
+    # What an earlier budget of the sweep already scored on this slice and fits this one.
+    inherited = [
+        key
+        for key in cache.archs()
+        if cache.contains(key, slice_id) and cost_model.feasible(key, constraints)
+    ]
     # Draw the distinct feasible samples first (sampling never depends on a loss), then score
     # them together: in parallel when fitness_fn can (engine.search.parallel).
     chosen: list[Any] = []
-    seen: set[Any] = set()
+    seen: set[Any] = set(cache.archs())
     stopped_early = False
     while len(chosen) < screening_budget:
         arch = None
@@ -96,7 +117,8 @@ def random_search(
         chosen.append(arch)
     scorer = prefetched(cache, fitness_fn, [(arch, slice_id) for arch in chosen])
     scored: list[tuple[float, int, Any]] = [
-        (run.score(cache, arch, slice_id, scorer), index, arch) for index, arch in enumerate(chosen)
+        (run.score(cache, arch, slice_id, scorer), index, arch)
+        for index, arch in enumerate(inherited + chosen)
     ]
     if not scored:
         raise InfeasibleBudgetError(
@@ -131,6 +153,7 @@ def random_search(
         front=run.front(),
         stats={
             "screened": len(scored),
+            "inherited": len(inherited),
             "screening_slice": slice_id,
             "final_candidates": min(len(scored), candidates_wanted),
             **final_stats,

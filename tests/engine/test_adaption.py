@@ -265,6 +265,55 @@ def test_progress_events_are_small_json_with_population_front_and_best(adapted):
         assert all(p["costs"]["latency_ms"] <= event["budget"]["limit"] for p in event["population"])
     stages = {e["stage"] for e in events.of_kind("adapt_stage")}
     assert stages == {"random_search", "evaluate", "package"}
+    # The tiny preset warm-starts: the looser budget's GA runs first and seeds the tighter one.
+    assert [e["budget_index"] for e in generations] == [1] * 6 + [0] * 6
+    assert [e["budget_index"] for e in events.of_kind("adapt_stage") if e["stage"] == "random_search"] == [
+        1,
+        0,
+    ]
+    assert result.outcomes[1].random["inherited"] == 0 and result.outcomes[0].random["inherited"] > 0
+    seeds = [o.model_card["search"]["warm_start_seeds"] for o in result.outcomes]
+    assert seeds == [2, 0]
+
+
+def test_a_state_saved_before_warm_starts_resumes_as_it_ran(world, adapted, tmp_path):
+    """States written before 2026-12-06 have no run order (and their requests no warm_start
+    field): they finish in the given order with random initial pools, as they started."""
+    cold = request_for(world, warm_start=0, measure_latency=False)
+    uninterrupted = run_adaption(cold, out_dir=tmp_path / "cold", progress=ListProgress())
+    state = tmp_path / "state.json"
+    with pytest.raises(JobCancelled):
+        run_adaption(request_for(world, measure_latency=False), out_dir=tmp_path / "out",
+                     progress=_cancel_at_adapt_event(9), state_path=state)  # fmt: skip
+    assert json.loads(state.read_text())["order"] == [1, 0]
+    with pytest.raises(JobCancelled):
+        run_adaption(
+            cold,
+            out_dir=tmp_path / "out2",
+            progress=_cancel_at_adapt_event(9),
+            state_path=tmp_path / "old.json",
+        )
+    old = json.loads((tmp_path / "old.json").read_text())
+    assert old.pop("order") == [0, 1]
+    del old["request"]["warm_start"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    resumed = run_adaption(
+        request_for(world, measure_latency=False), out_dir=tmp_path / "out2", state_path=tmp_path / "old.json"
+    )
+    assert resumed.resumed and comparable(resumed) == comparable(uninterrupted)
+    assert [o.model_card["search"]["warm_start_seeds"] for o in resumed.outcomes] == [0, 0]
+
+
+def _cancel_at_adapt_event(count: int):
+    seen = []
+
+    def progress(event: dict) -> None:
+        if event["kind"] == "adapt":
+            seen.append(event)
+            if len(seen) == count:
+                raise JobCancelled()
+
+    return progress
 
 
 def test_exported_model_classifies_the_support_set_in_a_process_without_engine(world, adapted):
@@ -691,6 +740,6 @@ def test_adapt_events_stay_small_at_the_papers_pool_size():
     )
     decode = Arch.from_dict
     for event in events.of_kind("adapt"):
-        compact = _compact_adapt_event(event, 0, 1, decode)
+        compact = _compact_adapt_event(event, 0, 0, 1, decode)
         assert len(compact["population"]) == 100
         assert len(json.dumps(compact, allow_nan=False)) < 20_000

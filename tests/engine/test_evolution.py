@@ -32,6 +32,8 @@ from engine.search.evolution import (
     run_ga,
     save_state,
     search_budgets,
+    sweep_order,
+    warm_start_seeds,
 )
 from engine.search.pareto import dominates, pareto_front
 from engine.search.random_search import random_search
@@ -559,6 +561,98 @@ def test_budget_sweep_shares_evaluations_and_returns_a_front(space, enumerated):
     points = [(p.costs["params"], p.loss) for p in sweep.front]
     assert sorted(pareto_front(points)) == list(range(len(points)))
     json.dumps(sweep.to_dict(), allow_nan=False)
+
+
+def test_sweep_order_is_loosest_first_only_when_warm_starting():
+    assert sweep_order([3.0, 1.0, 2.0, 3.0], warm_start=5) == [0, 3, 2, 1]  # ties keep the given order
+    assert sweep_order([3.0, 1.0, 2.0], warm_start=0) == [0, 1, 2]
+
+
+def test_warm_start_seeds_are_the_best_fitting_archs_in_the_cache(space, enumerated):
+    archs, params = enumerated
+    fitness = SyntheticFitness(space)
+    costs = CostModel(costs_fn_for(space))
+    rng = np.random.default_rng(0)
+    cache = FitnessCache()
+    picked = [archs[i] for i in rng.choice(len(archs), 300, replace=False)]
+    for position, arch in enumerate(picked):
+        cache.lookup(arch, position % 2, fitness)  # two slices of different difficulty
+    limit = float(np.median([arch_params(space, arch) for arch in picked]))
+    constraint = [Constraint("params", limit)]
+    seeds = warm_start_seeds(cache, costs, constraint, 2, 7)
+    assert len(seeds) == 7 and all(costs.feasible(arch, constraint) for arch in seeds)
+    feasible = [arch.canonical() for arch in picked if costs.feasible(arch, constraint)]
+    assert seeds == archive_ranking(feasible, cache, 2)[:7]
+    assert warm_start_seeds(cache, costs, constraint, 2, 0) == []
+    assert warm_start_seeds(FitnessCache(), costs, constraint, 2, 7) == []
+
+
+def test_warm_started_sweep_runs_loosest_first_and_never_ends_worse_than_its_seeds(space, enumerated):
+    _, params = enumerated
+    budgets = [float(np.quantile(params, q)) for q in (0.1, 0.3, 0.6)]
+    config = small_config(iterations=8, warm_start=4)
+    costs = CostModel(costs_fn_for(space))
+    fitness = SyntheticFitness(space)
+    progress = ListProgress()
+    sweep = search_budgets(space, fitness, costs, "params", budgets, config, progress=progress)
+    # Results in the given order; the GAs ran loosest first.
+    assert [r.constraints[0].limit for r in sweep.results] == budgets
+    ran = list(dict.fromkeys(e["budget_index"] for e in progress.of_kind("adapt")))
+    assert ran == [2, 1, 0]
+    assert sweep.results[2].stats["warm_start_seeds"] == 0  # the first GA finds an empty cache
+    # Replay: the cache as the looser GAs left it gives each tighter GA its seeds, and the same
+    # GA started from them chooses what the sweep chose, never worse than its best seed.
+    from engine.seeding import derive_seed
+
+    cache = FitnessCache()
+    for index in ran:
+        constraint = [Constraint("params", budgets[index])]
+        seeds = warm_start_seeds(cache, costs, constraint, config.num_slices, config.warm_start)
+        seeded = GAConfig.from_dict({**config.to_dict(), "seed": derive_seed(config.seed, index)})
+        alone = run_ga(space, SyntheticFitness(space), costs, constraint, seeded, cache=cache)
+        result = sweep.results[index]
+        assert alone.best_arch == result.best_arch and result.constraint_met
+        assert result.stats["warm_start_seeds"] == len(seeds)
+        if index != 2:
+            assert len(seeds) == config.warm_start
+            assert fitness.true_loss(result.best_arch) <= min(fitness.true_loss(s) for s in seeds) + 1e-12
+    # Without warm starts: the given order, random pools.
+    cold = search_budgets(
+        space, SyntheticFitness(space), costs, "params", budgets, small_config(iterations=8)
+    )
+    assert all(r.stats["warm_start_seeds"] == 0 for r in cold.results)
+
+
+def test_random_search_in_a_sweep_chooses_among_what_earlier_budgets_scored(space, enumerated):
+    _, params = enumerated
+    loose, tight = (float(np.quantile(params, q)) for q in (0.9, 0.4))
+    fitness = SyntheticFitness(space)
+    costs = CostModel(costs_fn_for(space))
+    cache = FitnessCache()
+    common = dict(num_slices=1, final_candidates=3, cache=cache)
+    first = random_search(
+        space, fitness, costs, [Constraint("params", loose)], evaluations=60, seed=1, **common
+    )
+    inherited = [a for a in cache.archs() if costs.feasible(a, [Constraint("params", tight)])]
+    assert first.stats["inherited"] == 0 and inherited
+    calls_before = len(fitness.calls)
+    second = random_search(
+        space, fitness, costs, [Constraint("params", tight)], evaluations=10, seed=2, **common
+    )
+    assert second.stats["inherited"] == len(inherited)
+    assert second.evaluations == len(fitness.calls) - calls_before <= 10  # inherited losses are free
+    assert second.constraint_met
+    best_inherited = min(fitness.true_loss(a) for a in inherited)
+    assert fitness.true_loss(second.best_arch) <= best_inherited + 1e-12
+    # Never an architecture scored twice: the new samples avoid what the cache holds.
+    assert len({(a.canonical(), s) for a, s in fitness.calls}) == len(fitness.calls)
+    # With several slices a sweep pins the screening slice, so the next search can inherit.
+    pinned = random_search(space, fitness, costs, [Constraint("params", tight)], evaluations=10,
+                           num_slices=3, screening_slice=2, seed=3)  # fmt: skip
+    assert pinned.stats["screening_slice"] == 2
+    with pytest.raises(ValueError, match="screening_slice"):
+        random_search(space, fitness, costs, [Constraint("params", tight)], evaluations=10, num_slices=3,
+                      screening_slice=3)  # fmt: skip
 
 
 def test_fitness_cache_state_round_trip(space):
