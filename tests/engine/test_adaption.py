@@ -683,6 +683,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "loss",
         "--finalists-from",
         "last",
+        "--warm-start",
+        "0",
         "--no-onnx",
         "--quiet",
     ]
@@ -702,6 +704,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert card["search"]["final_choice"]["held_out_slices"] == 1
     assert card["search"]["final_choice"]["metric"] == "loss"
     assert card["search"]["final_choice"]["finalists_from"] == "last"
+    assert AdaptionResult.load(tmp_path / "out").request.warm_start == 0
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
         [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],
