@@ -1054,10 +1054,10 @@ def _random_baselines(
         return [None] * len(context.constraints)
     data = state.data
     stored = data["random"]
-    shared = context.config.warm_start > 0
-    cache = FitnessCache()
-    if shared and data.get("random_cache") is not None:
-        cache.load_state(data["random_cache"], decode)
+    # Against a cold sweep each random search keeps a cache of its own (random_search's default).
+    shared = FitnessCache() if context.config.warm_start > 0 else None
+    if shared is not None and data.get("random_cache") is not None:
+        shared.load_state(data["random_cache"], decode)
     screening_slice = None
     for done, index in enumerate(data["order"], start=1):
         key = str(index)
@@ -1072,15 +1072,15 @@ def _random_baselines(
                 final_candidates=context.config.final_candidates,
                 final_slices=context.config.final_slices,
                 seed=derive_seed(context.config.seed, RANDOM_SEARCH_STREAM + index),
-                cache=cache if shared else None,
+                cache=shared,
                 screening_slice=screening_slice,
             )
             stored[key] = result.to_dict()
-            if shared:
-                data["random_cache"] = cache.to_state()
+            if shared is not None:
+                data["random_cache"] = shared.to_state()
             data.update(context.fitness.counters())
             state.save()
-        if shared:  # the later ones screen where the first did, so its losses serve them
+        if shared is not None:  # the later ones screen where the first did, so its losses serve them
             screening_slice = stored[key]["stats"]["screening_slice"]
         _stage(progress, "random_search", done, len(context.constraints), budget_index=index)
     return [_search_result_from_dict(stored[str(index)], decode) for index in range(len(context.constraints))]

@@ -92,15 +92,16 @@ def random_search(
             raise ValueError(f"screening_slice must be in [0, {num_slices}), got {screening_slice!r}")
         slice_id = screening_slice
     # What an earlier budget of the sweep already scored on this slice and fits this one.
+    scored_before = cache.archs()
     inherited = [
         key
-        for key in cache.archs()
+        for key in scored_before
         if cache.contains(key, slice_id) and cost_model.feasible(key, constraints)
     ]
     # Draw the distinct feasible samples first (sampling never depends on a loss), then score
     # them together: in parallel when fitness_fn can (engine.search.parallel).
     chosen: list[Any] = []
-    seen: set[Any] = set(cache.archs())
+    seen: set[Any] = set(scored_before)
     stopped_early = False
     while len(chosen) < screening_budget:
         arch = None
