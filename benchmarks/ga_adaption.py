@@ -350,7 +350,10 @@ def paper_ga_summary(rows: list[dict]) -> dict:
         matches = [
             row["search_s"]
             for row in rows
-            if row["path"] == path and row["device"] == device and workers in (None, row["search_workers"])
+            if row["path"] == path
+            and row["device"] == device
+            and workers in (None, row["search_workers"])
+            and not row.get("patience")
         ]
         return matches[-1] if matches else None
 
@@ -366,6 +369,14 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             summary["paper_ga_speedup_vs_1_process"] = round(single / production, 2)
         if batched:
             summary["paper_ga_speedup_vs_batched"] = round(batched / production, 2)
+    stopped = {row["patience"]: row for row in rows if row.get("patience")}
+    if stopped:
+        summary["paper_ga_patience_s"] = {str(k): row["search_s"] for k, row in stopped.items()}
+        summary["paper_ga_patience_generations"] = {str(k): row["generations"] for k, row in stopped.items()}
+        if production:
+            summary["paper_ga_patience_speedup"] = {
+                str(k): round(production / row["search_s"], 2) for k, row in stopped.items()
+            }
     if cuda:
         summary["paper_ga_cuda_s"] = cuda
         if production:
@@ -385,6 +396,7 @@ def time_paper_ga(
     devices: tuple[str, ...] = ("cpu",),
     extra_paths: tuple[str, ...] = (),
     slices: int | None = None,
+    patiences: tuple[int, ...] = (0,),
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
     latency budget, same request three ways: 1 search process scoring tasks one at a time on the
@@ -397,7 +409,9 @@ def time_paper_ga(
     batched there) as a last row. The request is the ``paper`` preset's (its final choice: 10
     finalists on 4 held-out slices); ``slices`` overrides its one 16-task data slice (None: the
     preset's). Until 2026-12-06 this timed the ``tiny`` preset's final choice (3 finalists, 1
-    held-out slice) with 3 search slices."""
+    held-out slice) with 3 search slices. ``patiences`` repeats the production way (the last
+    ``workers`` processes, "auto") with each ``GAConfig.patience`` after the first (0: all
+    ``iterations``, Algorithm 1)."""
     rows = []
     slices = ADAPTION_PRESETS["paper"].num_slices if slices is None else slices
     variants = [(1, "reference", "cpu"), (1, "auto", "cpu")] + (
@@ -409,9 +423,12 @@ def time_paper_ga(
         variants.insert(len(variants) - 1, (variants[-1][0], extra, "cpu"))
     if "cpu" not in devices:
         variants = []
+    variants = [(*variant, patiences[0]) for variant in variants]
+    if variants and variants[-1][2] == "cpu":
+        variants += [(*variants[-1][:3], patience) for patience in patiences[1:]]
     if "cuda" in devices:
-        variants.append((1, "auto", "cuda"))
-    for search_workers, path, device in variants:
+        variants.append((1, "auto", "cuda", patiences[0]))
+    for search_workers, path, device, patience in variants:
         request = AdaptionRequest(
             supernet=checkpoint,
             constraint="latency_ms",
@@ -431,9 +448,12 @@ def time_paper_ga(
             threads=1,
             search_workers=search_workers,
             device=device,
+            patience=patience,
         )
+        name = f"paper_ga_{search_workers}_{path}_{device}" + (f"_patience{patience}" if patience else "")
         with scoring_path(path):
-            result = run_adaption(request, out_dir=folder / f"paper_ga_{search_workers}_{path}_{device}")
+            result = run_adaption(request, out_dir=folder / name)
+        search = result.outcomes[0].model_card["search"]
         rows.append(
             {
                 "search_workers": search_workers,
@@ -445,13 +465,18 @@ def time_paper_ga(
                 "cache_hits": result.cache_hits,
                 "ms_per_evaluation": round(result.ms_per_evaluation, 1),
                 "arch": result.outcomes[0].arch_code,
+                "loss": search["loss"],
+                "patience": patience,
+                "generations": search["generations"],
             }
         )
         print(
-            f"P=100 M={iterations} {slices} slice(s) x 16 tasks, {device}, {search_workers} search process(es), {path}: "
+            f"P=100 M={iterations} {slices} slice(s) x 16 tasks, {device}, {search_workers} search process(es), {path}, "
+            f"patience {patience or 'none'} ({search['generations']} generations run): "
             f"{result.search_s:.1f} s, "
             f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
-            f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code}"
+            f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code} "
+            f"(search loss {search['loss']})"
         )
     return rows
 
@@ -594,6 +619,7 @@ def real_main(args: argparse.Namespace) -> None:
         finalists_from=args.finalists_from,
         # The paper preset's 10 at P=100: the best 10 %, as many as survive as elites.
         warm_start=max(1, round(0.1 * pool)) if args.warm_start is None else args.warm_start,
+        patience=args.patience,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -608,6 +634,7 @@ def real_main(args: argparse.Namespace) -> None:
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
         f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
+        f"patience {ga_config.patience or 'none'}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -642,6 +669,7 @@ def real_main(args: argparse.Namespace) -> None:
                 "random_evaluations": rs["evaluations"],
                 "cache_hits": outcome.cache_hits,
                 "warm_start_seeds": outcome.model_card["search"]["warm_start_seeds"],
+                "generations": outcome.model_card["search"]["generations"],
                 "random_inherited": rs["inherited"],
                 "constraint_met": outcome.constraint_met and rs["constraint_met"],
             }
@@ -651,7 +679,8 @@ def real_main(args: argparse.Namespace) -> None:
             f"budget {r['budget_ms']:.4g} ms: GA {r['ga_acc']:.2f} ± {r['ga_ci95']:.2f} % ({r['ga_arch']}, "
             f"{r['ga_latency_ms']:.4g} ms) vs random {r['random_acc']:.2f} ± {r['random_ci95']:.2f} % "
             f"({r['random_arch']}, {r['random_latency_ms']:.4g} ms) | GA {r['evaluations']} evals, "
-            f"{r['cache_hits']} hits, {r['warm_start_seeds']} seeds, {r['adapt_s']:.1f} s; random "
+            f"{r['cache_hits']} hits, {r['warm_start_seeds']} seeds, {r['generations']} generations, "
+            f"{r['adapt_s']:.1f} s; random "
             f"{r['random_evaluations']} evals, {r['random_inherited']} inherited"
         )
     paper_iterations = (2 if quick else 200) if args.paper_iterations is None else args.paper_iterations
@@ -669,6 +698,7 @@ def real_main(args: argparse.Namespace) -> None:
             # --paper-batched is the older spelling of --paper-paths batched.
             extra_paths=(("batched",) if args.paper_batched else ()) + args.paper_paths,
             slices=args.paper_slices,
+            patiences=args.paper_patience,
         )
         if paper_iterations > 0
         else []
@@ -713,6 +743,7 @@ def real_main(args: argparse.Namespace) -> None:
             "final_metric": request.final_metric_value,
             "finalists_from": ga_config.finalists_from,
             "warm_start": ga_config.warm_start,
+            "patience": ga_config.patience,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -730,6 +761,16 @@ def _quantiles(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if len(values) < 2 or not all(0 < value < 1 for value in values) or list(values) != sorted(set(values)):
         raise argparse.ArgumentTypeError(f"expected two or more increasing quantiles in (0, 1), got {text!r}")
+    return values
+
+
+def _patiences(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 0 for value in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
     return values
 
 
@@ -814,6 +855,19 @@ def main() -> None:
         type=int,
         default=None,
         help="16-task slices of the timed P=100 adaption (default: the paper preset's one data slice)",
+    )
+    real.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="the sweep's GAs stop once their elites stood still this many generations (default: none)",
+    )
+    real.add_argument(
+        "--paper-patience",
+        type=_patiences,
+        default=(0,),
+        help="comma-separated GA patiences of the timed P=100 adaption; the production way runs once per "
+        "value after the first (default 0: all M generations, Algorithm 1), e.g. 0,20",
     )
     real.add_argument(
         "--paper-production-only",

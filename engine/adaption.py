@@ -178,6 +178,9 @@ class AdaptionPreset:
     #: A sweep's budgets run loosest first and each GA's pool starts with at most this many of
     #: the best feasible architectures already scored (GAConfig.warm_start); 0: random Init(P).
     warm_start: int = 0
+    #: Stop a GA once its elites have stood still this many generations (GAConfig.patience);
+    #: 0: all ``iterations``, as Algorithm 1. No preset sets it: it is the request's choice.
+    patience: int = 0
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
@@ -243,6 +246,7 @@ class AdaptionRequest:
     final_metric: str | None = None
     finalists_from: str | None = None
     warm_start: int | None = None
+    patience: int | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -298,6 +302,7 @@ class AdaptionRequest:
         _check_int("final_candidates", self.final_candidates, 0)
         _check_int("final_slices", self.final_slices, 0)
         _check_int("warm_start", self.warm_start, 0)
+        _check_int("patience", self.patience, 0)
         if self.final_metric is not None and self.final_metric not in FINAL_METRICS:
             raise AdaptionRequestError(
                 f"final_metric must be one of {FINAL_METRICS}, got {self.final_metric!r}"
@@ -383,6 +388,7 @@ class AdaptionRequest:
             final_slices=pick("final_slices"),
             finalists_from=pick("finalists_from"),
             warm_start=pick("warm_start"),
+            patience=pick("patience"),
             seed=self.seed,
         )
 
@@ -946,6 +952,7 @@ def _compact_adapt_event(
         "budget": event["budget"],
         "generation": event["generation"],
         "generations": iterations,
+        "stopped_early": bool(event.get("stopped_early", False)),
         "slice": event["slice"],
         "population": [
             {"costs": {k: _round(v) for k, v in p["costs"].items()}, "fitness": _round(p["fitness"])}
@@ -1347,6 +1354,8 @@ def _write_packages(
                     "evaluations": ga.evaluations,
                     # How many of its first pool the looser budgets' GAs had found (warm start).
                     "warm_start_seeds": ga.stats.get("warm_start_seeds", 0),
+                    # Fewer than the request's iterations when its patience stopped the GA.
+                    "generations": len(ga.history),
                     "task_source": request.task_source,
                     # How the finalists were compared ("loss" above stays the search slices' mean).
                     "final_choice": _final_choice_summary(ga, context),

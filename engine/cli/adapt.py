@@ -114,6 +114,13 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="each budget's GA starts with at most this many of the best fitting sub-nets the looser "
         "budgets' GAs scored (they run first; 0: random initial pools, in the given order)",
     )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop a budget's GA once its best 10 %% (its elites) stayed the same this many generations "
+        "in a row (0: run all iterations)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -154,6 +161,7 @@ def _adapt(args: argparse.Namespace) -> int:
         final_metric=args.final_metric,
         finalists_from=args.finalists_from,
         warm_start=args.warm_start,
+        patience=args.patience,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

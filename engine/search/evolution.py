@@ -124,6 +124,12 @@ class GAConfig:
     #: the order given. Why: one GA per budget can settle in a local optimum while a looser
     #: budget's GA has already scored better architectures that fit (docs/ADAPTION.md).
     warm_start: int = 0
+    #: Stop before ``iterations`` once the elite set (the best ``elite_size``, which parent the
+    #: next pool) has come through this many generations in a row unchanged; 0: always run all
+    #: ``iterations`` (Algorithm 1). Why: on one slice the elites are the best architectures
+    #: scored so far, so while they stand still the generations only add children that rank
+    #: below them, and a request can spend most of its time there (docs/ADAPTION.md).
+    patience: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +143,7 @@ class GAConfig:
         _positive_int("final_candidates", self.final_candidates, 0)
         _positive_int("final_slices", self.final_slices, 0)
         _positive_int("warm_start", self.warm_start, 0)
+        _positive_int("patience", self.patience, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
@@ -864,7 +871,10 @@ def run_ga(
         start = int(state["generation"])
 
     extra = dict(event_extra or {})
+    previous_elites = _elite_keys(search, ranked) if ranked else None
     for generation in range(start, config.iterations):
+        if _patience_spent(run.history, config.patience):
+            break  # a resumed run that had already stopped early
         slice_id = int(rng.integers(config.num_slices))
         scorer = prefetched(cache, fitness_fn, [(arch.canonical(), slice_id) for arch in population])
         losses = [run.score(cache, arch, slice_id, scorer) for arch in population]
@@ -872,6 +882,7 @@ def run_ga(
         ranked = [population[i] for i in order]
         last_losses = [losses[i] for i in order]
         finite = [loss for loss in losses if math.isfinite(loss)]
+        elites = _elite_keys(search, ranked)
         run.history.append(
             {
                 "generation": generation,
@@ -880,9 +891,12 @@ def run_ga(
                 "mean_loss": float(sum(finite) / len(finite)) if finite else None,
                 "evaluations": run.evaluations,
                 "cache_hits": run.cache_hits,
+                "elites_changed": elites != previous_elites,
             }
         )
-        if generation < config.iterations - 1:
+        previous_elites = elites
+        stopping = _patience_spent(run.history, config.patience)
+        if generation < config.iterations - 1 and not stopping:
             population = search.next_population(ranked)
         if on_state is not None:
             on_state(
@@ -919,6 +933,7 @@ def run_ga(
                 "front": [point.to_dict() for point in front],
                 "front_cost": primary,
                 "best": ranked[0].to_dict(),
+                "stopped_early": stopping and generation < config.iterations - 1,
                 "best_fitness": _json_loss(last_losses[0]),
                 "mean_fitness": run.history[-1]["mean_loss"],
                 "evaluations": run.evaluations,
@@ -941,9 +956,28 @@ def run_ga(
         evaluated_archs=len(run.archs),
         front=run.front(),
         history=tuple(run.history),
-        stats={**run.stats, **final_stats, "elite_size": config.elite_size, "non_finite": cache.non_finite},
+        stats={
+            **run.stats,
+            **final_stats,
+            "elite_size": config.elite_size,
+            "generations": len(run.history),
+            "non_finite": cache.non_finite,
+        },
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _elite_keys(search: _Search, ranked: Sequence[Any]) -> frozenset[Any]:
+    return frozenset(arch.canonical() for arch in search.elites(ranked))
+
+
+def _patience_spent(history: Sequence[Mapping[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` generations all left the elite set as it was (``GAConfig.
+    patience``; 0 never stops). A history saved before the knob existed has no ``elites_changed``
+    and reads as changed, so such a run goes on to its ``iterations``."""
+    if patience == 0 or len(history) < patience:
+        return False
+    return not any(entry.get("elites_changed", True) for entry in history[-patience:])
 
 
 def save_state(path: str | Path, state: GAState) -> Path:

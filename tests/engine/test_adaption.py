@@ -177,6 +177,7 @@ def test_request_round_trips_through_json(world):
         ({"lut": None}, "needs a latency table"),
         ({"preset": "huge"}, "unknown preset"),
         ({"pool_size": 1}, "pool_size"),
+        ({"patience": -1}, "patience"),
         ({"test_tasks": 1}, "test_tasks"),
         ({"task_source": "web"}, "task_source"),
         ({"task_source": "support", "support": None}, "needs a support set"),
@@ -274,6 +275,9 @@ def test_progress_events_are_small_json_with_population_front_and_best(adapted):
     assert result.outcomes[1].random["inherited"] == 0 and result.outcomes[0].random["inherited"] > 0
     seeds = [o.model_card["search"]["warm_start_seeds"] for o in result.outcomes]
     assert seeds == [2, 0]
+    # No patience in the preset: every GA runs all its generations.
+    assert not any(e["stopped_early"] for e in generations)
+    assert [o.model_card["search"]["generations"] for o in result.outcomes] == [6, 6]
 
 
 def test_a_state_saved_before_warm_starts_resumes_as_it_ran(world, adapted, tmp_path):
@@ -685,6 +689,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "last",
         "--warm-start",
         "0",
+        "--patience",
+        "1",
         "--no-onnx",
         "--quiet",
     ]
@@ -704,7 +710,9 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert card["search"]["final_choice"]["held_out_slices"] == 1
     assert card["search"]["final_choice"]["metric"] == "loss"
     assert card["search"]["final_choice"]["finalists_from"] == "last"
-    assert AdaptionResult.load(tmp_path / "out").request.warm_start == 0
+    saved = AdaptionResult.load(tmp_path / "out").request
+    assert saved.warm_start == 0 and saved.patience == 1
+    assert 1 <= card["search"]["generations"] <= saved.ga_config().iterations
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
         [*common, "--budget", "latency_ms=-3", *tiny, "--out", str(tmp_path / "bad")],

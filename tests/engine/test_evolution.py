@@ -623,6 +623,67 @@ def test_warm_started_sweep_runs_loosest_first_and_never_ends_worse_than_its_see
     assert all(r.stats["warm_start_seeds"] == 0 for r in cold.results)
 
 
+def test_patience_stops_once_the_elites_stand_still_and_changes_nothing_before(space):
+    constraint = [Constraint("params", 60_000)]
+    full_config = small_config(iterations=60, num_slices=1)
+    config = small_config(iterations=60, num_slices=1, patience=4)
+    full = run_ga(space, SyntheticFitness(space, num_slices=1), costs_fn_for(space), constraint, full_config)
+    progress = ListProgress()
+    fitness = SyntheticFitness(space, num_slices=1)
+    stopped = run_ga(space, fitness, costs_fn_for(space), constraint, config, progress=progress)
+
+    generations = len(stopped.history)
+    assert stopped.stats["generations"] == generations < 60
+    assert full.stats["generations"] == 60
+    # Until it stops it is the same run: same slices, same pools, same counts.
+    assert list(stopped.history) == list(full.history[:generations])
+    changed = [entry["elites_changed"] for entry in stopped.history]
+    assert changed[0] and changed[-4:] == [False] * 4
+    assert not any(changed[i : i + 4] == [False] * 4 for i in range(generations - 4))
+    assert stopped.evaluations < full.evaluations and len(fitness.calls) == stopped.evaluations
+    events = progress.of_kind("adapt")
+    assert len(events) == generations
+    assert [e["stopped_early"] for e in events] == [False] * (generations - 1) + [True]
+    # The elites are the best scored so far on the one slice, so the choice stays among them.
+    assert stopped.best_loss == full.history[generations - 1]["best_loss"]
+    assert full.stats["generations"] == 60 and not full.history[-1]["elites_changed"]
+
+
+def test_a_stopped_run_resumes_stopped_and_a_run_cut_before_its_stop_stops_the_same(space, tmp_path):
+    constraint = [Constraint("params", 60_000)]
+    config = small_config(iterations=60, num_slices=1, patience=4)
+    uninterrupted = run_ga(
+        space, SyntheticFitness(space, num_slices=1), costs_fn_for(space), constraint, config
+    )
+    states: list[dict] = []
+    run_ga(
+        space, SyntheticFitness(space, num_slices=1), costs_fn_for(space), constraint, config,
+        on_state=lambda state: states.append(json.loads(json.dumps(state))),
+    )  # fmt: skip
+    assert len(states) == len(uninterrupted.history)
+
+    def comparable(result):
+        data = result.to_dict()
+        data["elapsed_s"] = 0
+        return data
+
+    for state in (states[2], states[-1]):
+        fitness = SyntheticFitness(space, num_slices=1)
+        resumed = run_ga(space, fitness, costs_fn_for(space), constraint, config, state=state)
+        assert comparable(resumed) == comparable(uninterrupted)
+    assert fitness.calls == []  # resumed after its stop: nothing left to score
+    # A history saved before the knob existed has no elites_changed: it reads as "changed".
+    legacy = json.loads(json.dumps(states[-1]))
+    for entry in legacy["history"]:
+        del entry["elites_changed"]
+    longer = run_ga(
+        space, SyntheticFitness(space, num_slices=1), costs_fn_for(space), constraint, config, state=legacy
+    )
+    assert len(longer.history) >= len(uninterrupted.history) + 4
+    with pytest.raises(GAConfigError, match="patience"):
+        small_config(patience=-1)
+
+
 def test_random_search_in_a_sweep_chooses_among_what_earlier_budgets_scored(space, enumerated):
     _, params = enumerated
     loose, tight = (float(np.quantile(params, q)) for q in (0.9, 0.4))
