@@ -18,7 +18,7 @@ from nasweb.core.pagination import LIST_PARAMETERS, HeaderLimitOffsetPagination,
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
 from nasweb.runs.forms import CONSTRAINTS, PRESETS
-from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 from nasweb.runs.views import adaption_payload, model_file_response
 
 JOB_FIELDS = [
@@ -98,6 +98,7 @@ class AdaptionOutput(serializers.ModelSerializer):
             "constraint",
             "budgets",
             "preset",
+            "patience",
             "support_set",
             "models",
         ]
@@ -113,6 +114,10 @@ class AdaptionInput(serializers.Serializer):
     constraint = serializers.ChoiceField(choices=[c for c, _ in CONSTRAINTS])
     budgets = serializers.ListField(child=serializers.FloatField(), min_length=1, max_length=10)
     preset = serializers.ChoiceField(choices=[p for p, _ in PRESETS], default="tiny")
+    patience = serializers.IntegerField(
+        min_value=0, max_value=MAX_PATIENCE, default=0,
+        help_text="stop a budget's GA once its best 10 % stood still this many generations (0: never)",
+    )  # fmt: skip
     support_zip = serializers.FileField(required=False)
 
 

@@ -1,6 +1,6 @@
 from django import forms
 
-from nasweb.runs.models import Method
+from nasweb.runs.models import MAX_PATIENCE, Method
 
 PRESETS = [
     ("tiny", "tiny: seconds (demo)"),
@@ -66,6 +66,11 @@ class AdaptionForm(forms.Form):
     constraint = forms.ChoiceField(choices=CONSTRAINTS, initial="latency_ms")
     budgets = BudgetsField(max_length=200, help_text="one value, or several separated by commas for a sweep")
     preset = forms.ChoiceField(choices=PRESETS, initial="tiny", label="Search preset")
+    patience = forms.IntegerField(
+        min_value=0, max_value=MAX_PATIENCE, initial=0, required=False, label="Stop early after",
+        help_text="generations without a change among the search's best 10 % (0: run every generation of "
+        "the preset; on one data slice, as the paper preset searches, nothing better comes after that)",
+    )  # fmt: skip
     support_zip = forms.FileField(
         required=False, label="Support set (optional)",
         help_text="a zip of class folders, one per class, for fine-tuning; else the validation tasks are used",
@@ -75,3 +80,6 @@ class AdaptionForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["supernet"].queryset = supernets
         self.fields["device"].queryset = devices
+
+    def clean_patience(self) -> int:
+        return self.cleaned_data.get("patience") or 0  # blank: never stop early

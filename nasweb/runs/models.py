@@ -8,6 +8,9 @@ from django.urls import reverse
 
 from nasweb.core.models import Job
 
+#: More generations than any preset runs: a larger patience could never stop a search.
+MAX_PATIENCE = 1000
+
 
 class Method(models.TextChoices):
     HMETANAS = "hmetanas", "H-Meta-NAS super-net (MAML++ + progressive shrinking)"
@@ -94,6 +97,10 @@ class AdaptionRun(Job):
     constraint = models.CharField(max_length=16, default="latency_ms")
     budgets = models.JSONField(help_text="list of budget values (a sweep)")
     preset = models.CharField(max_length=16, default="tiny")
+    #: engine.search.evolution.GAConfig.patience: 0 runs every generation of the preset.
+    patience = models.PositiveSmallIntegerField(
+        default=0, help_text="stop a budget's GA once its elites stood still this many generations (0: never)"
+    )
     support_set = models.ForeignKey(SupportSet, null=True, blank=True, on_delete=models.SET_NULL)
     request = models.JSONField(default=dict, blank=True, help_text="engine.adaption.AdaptionRequest")
     out_dir = models.CharField(max_length=500, blank=True)

@@ -21,7 +21,7 @@ from devices.models import Device, DeviceKind, DeviceStatus, LatencyTableRecord
 from nasweb.core.models import JobStatus
 from nasweb.core.progress import JobProgress, broadcast_status
 from nasweb.core.recovery import LeaseLost, job_claim
-from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
+from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
 
 HISTORY_LIMIT = 2000
 METHOD_BACKBONE = {Method.MAMLPP: "maml", Method.MAML: "maml", Method.METANAS: "darts"}
@@ -321,6 +321,7 @@ def adaption_start(
     preset: str = "tiny",
     support_set: SupportSet | None = None,
     name: str = "",
+    patience: int = 0,
 ) -> AdaptionRun:
     import math
 
@@ -330,6 +331,10 @@ def adaption_start(
         raise RunInputError("choose a finished H-Meta-NAS super-net or MetaNAS meta-training run")
     if not budgets:
         raise RunInputError("give at least one budget")
+    if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= MAX_PATIENCE:
+        raise RunInputError(f"patience must be a whole number of generations from 0 to {MAX_PATIENCE}")
+    if patience and not supernet.is_supernet:
+        raise RunInputError("patience stops the architecture search of a super-net; a MetaNAS run has none")
     for budget in budgets:
         if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
             raise RunInputError(f"budget {budget!r} must be a finite positive number")
@@ -361,6 +366,7 @@ def adaption_start(
             constraint=constraint,
             budgets=[float(b) for b in budgets],
             preset=preset,
+            patience=patience,
             support_set=support_set,
         )
         run.out_dir = str(_run_dir("adaption", run.pk))
@@ -555,6 +561,7 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         budgets=tuple(run.budgets),
         lut=str(lut_path) if lut_path else None,
         preset=run.preset,
+        patience=run.patience,
         task_source="support" if run.support_set else "validation",
         support=run.support_set.path if run.support_set else None,
         measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,

@@ -55,6 +55,10 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
     request = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
     assert request.baseline_checkpoints == (checkpoint,)  # the measured reference point is included
     assert request.budgets == (3000.0, 5000.0) and request.lut is None
+    assert request.patience == 0  # the run's own: every generation
+    AdaptionRun.objects.filter(pk=adaption.pk).update(patience=9)
+    adaption.refresh_from_db()
+    assert services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None).patience == 9
     # Losses are kept beside the super-net's checkpoint for its later adaptions.
     assert request.fitness_memo == str(tmp_path / "supernet" / "fitness-memo.sqlite")
 

@@ -178,6 +178,48 @@ def test_a_support_set_with_the_wrong_class_count_is_refused(client, users, runs
     assert "not a zip file" in response.content.decode()
 
 
+def test_patience_goes_from_the_form_and_the_api_to_the_run(client, users, runs):
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    fields = {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": "3000",
+        "preset": "tiny",
+    }
+    response = client.post("/runs/adapt/", {**fields, "patience": "15"})
+    assert response.status_code == 302
+    run = AdaptionRun.objects.latest("pk")
+    assert run.patience == 15
+    assert "stood still 15 generations" in client.get(run.get_absolute_url()).content.decode()
+    assert client.post("/runs/adapt/", {**fields, "patience": ""}).status_code == 302
+    assert AdaptionRun.objects.latest("pk").patience == 0  # blank: every generation
+    before = AdaptionRun.objects.count()
+    for bad in ("-1", "1001", "ten"):
+        refused = client.post("/runs/adapt/", {**fields, "patience": bad})
+        assert refused.status_code == 400 and "patience" in refused.content.decode()
+    assert AdaptionRun.objects.count() == before
+
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    body = {"supernet": supernet.pk, "device": cpu.pk, "constraint": "params", "budgets": [3000]}
+    created = api.post("/api/runs/adapt/", {**body, "patience": 5}, format="json")
+    assert created.status_code == 201 and created.json()["patience"] == 5
+    assert AdaptionRun.objects.get(pk=created.json()["id"]).patience == 5
+    assert api.post("/api/runs/adapt/", body, format="json").json()["patience"] == 0
+    refused = api.post("/api/runs/adapt/", {**body, "patience": -2}, format="json")
+    assert refused.status_code == 400 and "patience" in str(refused.json())
+
+    # A MetaNAS run searches no architectures per budget: nothing for patience to stop.
+    metanas = MetaTrainingRun.objects.create(
+        owner=users["owner"], method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED,
+    )  # fmt: skip
+    refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, "patience": 5}, format="json")
+    assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
+
+
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
     supernet, adaption, model = runs
     client = APIClient()
