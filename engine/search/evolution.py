@@ -835,7 +835,9 @@ def run_ga(
     ``progress`` leaves a state that resumes at the next generation. One
     ``{"kind": "adapt", ...}`` event per generation carries the pool's (costs, fitness) points,
     the current front (primary constraint's cost vs. estimated loss over every architecture
-    this run evaluated), the best architecture, evaluations and cache hits.
+    this run evaluated), the best architecture, evaluations and cache hits. With
+    ``config.patience`` the run ends once its elites stood still that many generations; the last
+    event then has ``stopped_early`` and ``stats["generations"]`` says how many ran.
     """
     config = config if config is not None else GAConfig()
     constraints = check_constraints(constraints)
