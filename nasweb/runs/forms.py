@@ -68,8 +68,8 @@ class AdaptionForm(forms.Form):
     preset = forms.ChoiceField(choices=PRESETS, initial="tiny", label="Search preset")
     patience = forms.IntegerField(
         min_value=0, max_value=MAX_PATIENCE, initial=0, required=False, label="Stop early after",
-        help_text="generations without a change among the search's best 10 % (0: run every generation of "
-        "the preset; on one data slice, as the paper preset searches, nothing better comes after that)",
+        help_text="generations in a row without a change among the search's best 10 %, after which a "
+        "budget's search ends (0: run every generation of the preset)",
     )  # fmt: skip
     support_zip = forms.FileField(
         required=False, label="Support set (optional)",
