@@ -874,9 +874,11 @@ def run_ga(
 
     extra = dict(event_extra or {})
     previous_elites = _elite_keys(search, ranked) if ranked else None
+    # True from the start only for a resumed run that had already stopped early.
+    stopping = _patience_spent(run.history, config.patience)
     for generation in range(start, config.iterations):
-        if _patience_spent(run.history, config.patience):
-            break  # a resumed run that had already stopped early
+        if stopping:
+            break
         slice_id = int(rng.integers(config.num_slices))
         scorer = prefetched(cache, fitness_fn, [(arch.canonical(), slice_id) for arch in population])
         losses = [run.score(cache, arch, slice_id, scorer) for arch in population]
