@@ -107,6 +107,7 @@ __all__ = [
     "BudgetOutcome",
     "InfeasibleBudgetError",
     "RetrainResult",
+    "paired_difference",
     "retrain_subnet",
     "run_adaption",
 ]
@@ -1125,10 +1126,41 @@ def _test_accuracies(
             accuracies: list[float] = []
             for batch in batches:
                 accuracies.extend(context.scorer.score(arch, batch).task_accuracies)
-            stored[key] = {**_accuracy(accuracies), "split": "test", "dataset": context.spec.dataset}
+            stored[key] = {
+                **_accuracy(accuracies),
+                "split": "test",
+                "dataset": context.spec.dataset,
+                "task_accuracies": [float(value) for value in accuracies],
+            }
             state.save()
             _stage(progress, "evaluate", done, len(missing), arch=arch_code(arch))
+    # With the per-task lists (paired differences); cards and results get _without_task_list.
     return {key: stored.get(key) for key in wanted}
+
+
+def _without_task_list(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    return {k: v for k, v in entry.items() if k != "task_accuracies"}
+
+
+def paired_difference(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Mean ± 95 % CI of ``first - second`` task by task, for two archs scored on the same tasks.
+
+    The test tasks are drawn once per request, so the GA's choice and random search's meet the
+    same ones; the per-task differences cancel what makes a task hard for both, which is most of
+    each accuracy's own CI. None where either entry predates the per-task lists (2026-12-06)."""
+    if first is None or second is None:
+        return None
+    a, b = first.get("task_accuracies"), second.get("task_accuracies")
+    if a is None or b is None or len(a) != len(b) or not a:
+        return None
+    difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return {
+        "mean": float(difference.mean()),
+        "ci95": _finite(confidence_interval95(difference)),
+        "tasks": int(difference.size),
+    }
 
 
 def _paper_baseline_module(spec: RunSpec, space: Any) -> tuple[Any, int]:
@@ -1306,9 +1338,11 @@ def _write_packages(
                 measured = stats.to_dict()
                 if reference is not None:
                     at_reference = stats.at_reference(reference_base)
-            accuracy = accuracies.get(arch.canonical().to_json())
+            scored = accuracies.get(arch.canonical().to_json())
+            accuracy = _without_task_list(scored)
             random_summary = None
             if rs is not None:
+                random_scored = accuracies.get(rs.best_arch.canonical().to_json())
                 random_summary = {
                     "arch": rs.best_arch.to_dict(),
                     "arch_code": arch_code(rs.best_arch),
@@ -1320,7 +1354,9 @@ def _write_packages(
                     # Candidates it took from the earlier budgets' random searches (free).
                     "inherited": rs.stats.get("inherited", 0),
                     "elapsed_s": rs.elapsed_s,
-                    "test_accuracy": accuracies.get(rs.best_arch.canonical().to_json()),
+                    "test_accuracy": _without_task_list(random_scored),
+                    # The GA's choice minus this one, task by task on the same test tasks.
+                    "ga_minus_random": paired_difference(scored, random_scored),
                 }
             card_extra = {
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),

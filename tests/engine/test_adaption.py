@@ -31,6 +31,7 @@ from engine.adaption import (
     AdaptionResult,
     AdaptionStateError,
     InfeasibleBudgetError,
+    paired_difference,
     retrain_subnet,
     run_adaption,
 )
@@ -251,6 +252,64 @@ def test_every_budget_gets_a_feasible_package_with_a_model_card(world, adapted):
         and "no baseline checkpoint" in baselines["MAML 4-conv"]["accuracy_note"]
     )
     assert result.ms_per_evaluation > 0 and result.evaluations > 0
+
+
+def test_ga_minus_random_is_paired_on_the_same_test_tasks(world, adapted):
+    """The GA's choice and random search's are scored on the same test tasks, so the card states
+    their difference task by task; the per-task lists stay in the state, out of cards."""
+    _, result, _, _ = adapted
+    state = json.loads((world["root"] / "state.json").read_text())
+    for outcome in result.outcomes:
+        ga_key = Arch.from_dict(outcome.arch).canonical().to_json()
+        random_key = Arch.from_dict(outcome.random["arch"]).canonical().to_json()
+        ga_tasks = state["test"][ga_key]["task_accuracies"]
+        random_tasks = state["test"][random_key]["task_accuracies"]
+        assert len(ga_tasks) == len(random_tasks) == 10
+        assert np.mean(ga_tasks) == pytest.approx(outcome.test_accuracy["mean"])
+        difference = np.subtract(ga_tasks, random_tasks)
+        paired = outcome.random["ga_minus_random"]
+        assert paired == outcome.model_card["random_search"]["ga_minus_random"]
+        assert paired["tasks"] == 10
+        assert paired["mean"] == pytest.approx(difference.mean())
+        assert paired["mean"] == pytest.approx(
+            outcome.test_accuracy["mean"] - outcome.random["test_accuracy"]["mean"]
+        )
+        assert paired["ci95"] == pytest.approx(1.96 * difference.std(ddof=1) / math.sqrt(10))
+        assert "task_accuracies" not in outcome.test_accuracy
+        assert "task_accuracies" not in outcome.model_card["random_search"]["test_accuracy"]
+    assert "task_accuracies" not in json.dumps(result.to_dict())
+
+
+def test_a_state_scored_before_the_per_task_lists_resumes_without_a_paired_difference(
+    world, adapted, tmp_path
+):
+    request, result, _, _ = adapted
+    old = json.loads((world["root"] / "state.json").read_text())
+    for entry in old["test"].values():
+        del entry["task_accuracies"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    resumed = run_adaption(request, out_dir=tmp_path / "out", state_path=tmp_path / "old.json")
+    assert resumed.resumed
+    for before, after in zip(result.outcomes, resumed.outcomes, strict=True):
+        assert after.random["ga_minus_random"] is None
+        assert after.test_accuracy == before.test_accuracy  # taken from the state, not re-scored
+        assert after.random["test_accuracy"] == before.random["test_accuracy"]
+
+
+def test_paired_difference_of_two_score_lists():
+    def scored(values):
+        return {"mean": float(np.mean(values)), "task_accuracies": list(values)}
+
+    ga, rival = scored([0.5, 0.75, 1.0, 0.25]), scored([0.25, 0.5, 1.0, 0.25])
+    paired = paired_difference(ga, rival)
+    assert paired["mean"] == pytest.approx(0.125) and paired["tasks"] == 4
+    assert paired["ci95"] == pytest.approx(1.96 * np.std([0.25, 0.25, 0.0, 0.0], ddof=1) / 2)
+    # The same architecture on both sides: exactly no difference, no spread.
+    assert paired_difference(ga, ga) == {"mean": 0.0, "ci95": 0.0, "tasks": 4}
+    # Entries scored before the per-task lists were kept, or on other task counts: no claim.
+    assert paired_difference({"mean": 0.5}, rival) is None
+    assert paired_difference(ga, scored([0.5])) is None
+    assert paired_difference(None, rival) is None
 
 
 def test_progress_events_are_small_json_with_population_front_and_best(adapted):

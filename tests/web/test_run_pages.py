@@ -447,13 +447,41 @@ def test_costs_are_written_in_their_unit(value, kind, expected):
 
 
 def test_budget_lists_and_accuracies_are_written_for_people():
-    from nasweb.runs.templatetags.run_format import accuracy, costs, percent
+    from nasweb.runs.templatetags.run_format import accuracy, costs, percent, points
 
     assert costs([3000.0, 8000.0], "params") == "3,000, 8,000"
     assert costs([0.05, 0.2], "latency_ms") == "0.05 ms, 0.2 ms"
     assert percent(0.4351) == "43.5" and percent(None) == "—"
     assert accuracy({"mean": 0.4351, "ci95": 0.0404}) == "43.5 ± 4.0 %"
     assert accuracy({"mean": 0.5}) == "50.0 ± — %"
+    assert points({"mean": 0.0593, "ci95": 0.0112, "tasks": 600}) == "+5.9 ± 1.1 points"
+    assert points({"mean": -0.0014, "ci95": 0.0}) == "-0.1 ± 0.0 points"
+    assert points(None) == "—" and points({"mean": float("nan")}) == "—"
+
+
+def test_the_detail_page_sets_each_model_against_random_search(client, users, runs):
+    _, adaption, model = runs
+    client.force_login(users["owner"])
+    page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
+    assert "Against random search" in page and "random search:" not in page  # no random search in this card
+    model.card = {
+        **model.card,
+        "accuracy": {"mean": 0.4881, "ci95": 0.0059, "tasks": 600},
+        "random_search": {
+            "arch_code": "d2:5/0.75/leakyrelu,5/2.25/selu",
+            "test_accuracy": {"mean": 0.4288, "ci95": 0.006, "tasks": 600},
+            "ga_minus_random": {"mean": 0.0593, "ci95": 0.0071, "tasks": 600},
+        },
+    }
+    model.save()
+    page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
+    assert "+5.9 ± 0.7 points" in page
+    assert "random search: 42.9 ± 0.6 %, <code>d2:5/0.75/leakyrelu,5/2.25/selu</code>" in page
+    # A card written before the paired difference: random search's accuracy alone.
+    model.card["random_search"]["ga_minus_random"] = None
+    model.save()
+    page = client.get(f"/runs/adapt/{adaption.pk}/").content.decode()
+    assert "ga-minus-random" not in page and "random search: 42.9 ± 0.6 %" in page
 
 
 def test_the_training_page_writes_accuracies_to_one_decimal(client, users, runs):

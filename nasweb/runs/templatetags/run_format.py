@@ -47,3 +47,13 @@ def accuracy(summary) -> str:
     """An accuracy summary (``mean``, ``ci95`` as fractions) as ``43.5 ± 4.0 %``."""
     summary = summary if isinstance(summary, dict) else {}
     return f"{percent(summary.get('mean'))} ± {percent(summary.get('ci95'))} %"
+
+
+@register.filter
+def points(summary) -> str:
+    """A paired difference of accuracies (``mean``, ``ci95`` as fractions) as ``+5.9 ± 1.1 points``."""
+    summary = summary if isinstance(summary, dict) else {}
+    mean, ci95 = _number(summary.get("mean")), _number(summary.get("ci95"))
+    if mean is None:
+        return MISSING
+    return f"{100 * mean:+.1f} ± {percent(ci95)} points"
