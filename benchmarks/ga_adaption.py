@@ -616,6 +616,7 @@ def real_main(args: argparse.Namespace) -> None:
         final_candidates=min(3 if quick else 5, pool),
         final_slices=(1 if quick else 4) if args.final_slices is None else args.final_slices,
         final_metric=args.final_metric,
+        search_metric=args.search_metric,
         finalists_from=args.finalists_from,
         # The paper preset's 10 at P=100: the best 10 %, as many as survive as elites.
         warm_start=max(1, round(0.1 * pool)) if args.warm_start is None else args.warm_start,
@@ -632,7 +633,8 @@ def real_main(args: argparse.Namespace) -> None:
     final_slices = ga_config.final_slices
     print(
         f"GA: P={pool} M={iterations}, {slices} slices x {tasks_per_slice} tasks, on {args.sweep_device}, "
-        f"query images/class while searching: {search_queries or spec.query_count}; test tasks {test_tasks}; "
+        f"query images/class while searching: {search_queries or spec.query_count}, minimising the "
+        f"{'error rate' if request.search_metric_value == 'accuracy' else 'loss'}; test tasks {test_tasks}; "
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
         f"patience {ga_config.patience or 'none'}; "
         f"final choice on {final_slices or 'the search'} slices"
@@ -759,6 +761,7 @@ def real_main(args: argparse.Namespace) -> None:
             "slices": slices,
             "final_slices": final_slices,
             "final_metric": request.final_metric_value,
+            "search_metric": request.search_metric_value,
             "finalists_from": ga_config.finalists_from,
             "warm_start": ga_config.warm_start,
             "patience": ga_config.patience,
@@ -833,6 +836,12 @@ def main() -> None:
         choices=("loss", "accuracy"),
         default=None,
         help="the final choice's criterion on the held-out slices (default: accuracy, the preset's)",
+    )
+    real.add_argument(
+        "--search-metric",
+        choices=("loss", "accuracy"),
+        default=None,
+        help="what the GA and random search minimise while searching (default: loss, Algorithm 1's)",
     )
     real.add_argument(
         "--finalists-from",

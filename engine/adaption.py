@@ -182,6 +182,10 @@ class AdaptionPreset:
     #: Stop a GA once its elites have stood still this many generations (GAConfig.patience);
     #: 0: all ``iterations``, as Algorithm 1. No preset sets it: it is the request's choice.
     patience: int = 0
+    #: What the GA minimises on its search slices: "loss" (Algorithm 1's mean query loss, every
+    #: preset) or "accuracy" (the query error rate, an experiment: docs/BENCHMARKS.md, "Searching
+    #: on the error rate"). See FINAL_METRICS.
+    search_metric: str = "loss"
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
@@ -248,6 +252,7 @@ class AdaptionRequest:
     finalists_from: str | None = None
     warm_start: int | None = None
     patience: int | None = None
+    search_metric: str | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -304,10 +309,10 @@ class AdaptionRequest:
         _check_int("final_slices", self.final_slices, 0)
         _check_int("warm_start", self.warm_start, 0)
         _check_int("patience", self.patience, 0)
-        if self.final_metric is not None and self.final_metric not in FINAL_METRICS:
-            raise AdaptionRequestError(
-                f"final_metric must be one of {FINAL_METRICS}, got {self.final_metric!r}"
-            )
+        for name in ("final_metric", "search_metric"):
+            value = getattr(self, name)
+            if value is not None and value not in FINAL_METRICS:
+                raise AdaptionRequestError(f"{name} must be one of {FINAL_METRICS}, got {value!r}")
         if self.finalists_from is not None and self.finalists_from not in FINALISTS_FROM:
             raise AdaptionRequestError(
                 f"finalists_from must be one of {FINALISTS_FROM}, got {self.finalists_from!r}"
@@ -364,6 +369,10 @@ class AdaptionRequest:
     @property
     def final_metric_value(self) -> str:
         return self.preset_values.final_metric if self.final_metric is None else self.final_metric
+
+    @property
+    def search_metric_value(self) -> str:
+        return self.preset_values.search_metric if self.search_metric is None else self.search_metric
 
     @property
     def test_task_count(self) -> int:
@@ -573,6 +582,8 @@ class TimedFitness:
     #: "accuracy" they score the query error rate instead of the loss.
     search_slices: int | None = None
     final_metric: str = "loss"
+    #: "accuracy": the search slices score the query error rate too (AdaptionPreset.search_metric).
+    search_metric: str = "loss"
     #: Losses kept across requests (:mod:`engine.search.memo`); a hit is the same number a fresh
     #: evaluation would give, so the search's choices do not depend on it.
     memo: FitnessMemo | None = None
@@ -589,21 +600,20 @@ class TimedFitness:
     def _held_out(self, slice_id: int) -> bool:
         return self.search_slices is not None and slice_id >= self.search_slices
 
+    def _scores_error(self, slice_id: int) -> bool:
+        metric = self.final_metric if self._held_out(slice_id) else self.search_metric
+        return metric == "accuracy"
+
     def _loss(self, arch: Any, slice_id: int) -> float:
         score = self.scorer.score(arch, self.slices[slice_id])
-        return (
-            1.0 - score.accuracy
-            if self._held_out(slice_id) and self.final_metric == "accuracy"
-            else score.loss
-        )
+        return 1.0 - score.accuracy if self._scores_error(slice_id) else score.loss
 
     def slice_key(self, slice_id: int) -> str:
         """The memo's key of a slice: its tasks and what is scored on it (computed once)."""
         if self._slice_keys is None:
             self._slice_keys = [
                 tasks_key(
-                    [task_tensors(task) for task in tasks],
-                    "error" if self._held_out(index) and self.final_metric == "accuracy" else "loss",
+                    [task_tensors(task) for task in tasks], "error" if self._scores_error(index) else "loss"
                 )
                 for index, tasks in enumerate(self.slices)
             ]
@@ -843,6 +853,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
             workers=1 if request.device == "cuda" else request.search_workers or request.threads,
             search_slices=config.num_slices,
             final_metric=request.final_metric_value,
+            search_metric=request.search_metric_value,
             memo=memo,
         ),
         scorer=scorer,
@@ -978,7 +989,9 @@ def _final_choice_summary(result: SearchResult, context: _Context) -> dict[str, 
         "candidates": result.stats.get("final_candidates"),
         "held_out_slices": config.final_slices,
         "tasks_per_slice": config.tasks_per_slice,
-        "metric": context.request.final_metric_value if config.final_slices else "loss",
+        "metric": context.request.final_metric_value
+        if config.final_slices
+        else context.request.search_metric_value,
     }
     if result.method == "ga":
         summary["finalists_from"] = config.finalists_from
@@ -1387,6 +1400,9 @@ def _write_packages(
                 "search": {
                     "method": "ga",
                     "loss": _finite(ga.best_loss),
+                    # What "loss" (and random search's search_loss) measures: "loss", the mean
+                    # query loss, or "accuracy", for which it is the query error rate.
+                    "metric": request.search_metric_value,
                     "evaluations": ga.evaluations,
                     # How many of its first pool the looser budgets' GAs had found (warm start).
                     "warm_start_seeds": ga.stats.get("warm_start_seeds", 0),

@@ -102,6 +102,13 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the final choice minimises on the held-out slices: loss or accuracy (error rate)",
     )
     parser.add_argument(
+        "--search-metric",
+        choices=FINAL_METRICS,
+        default=None,
+        help="what the GA and random search minimise on the search slices: loss (Algorithm 1, every "
+        "preset's) or accuracy (the query error rate)",
+    )
+    parser.add_argument(
         "--finalists-from",
         choices=FINALISTS_FROM,
         default=None,
@@ -159,6 +166,7 @@ def _adapt(args: argparse.Namespace) -> int:
         num_slices=args.slices,
         final_slices=args.final_slices,
         final_metric=args.final_metric,
+        search_metric=args.search_metric,
         finalists_from=args.finalists_from,
         warm_start=args.warm_start,
         patience=args.patience,

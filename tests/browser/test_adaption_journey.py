@@ -74,6 +74,10 @@ def test_metatrain_adapt_watch_the_front_and_download(daphne_server, browser_pag
         chart
     )
     assert page.locator("#models .latency-measured").count() == 2  # this server is the device
+    # Each model against random search with as many evaluations, paired on the same test tasks.
+    assert page.locator("#models .against-random .ga-minus-random").count() == 2
+    assert page.locator("#models .against-random .random-choice").count() == 2
+    assert " points" in page.inner_text("#models .ga-minus-random >> nth=0")
     screenshot(page, "adaption")
     assert page.js_errors == []
 

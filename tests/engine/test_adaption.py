@@ -695,6 +695,44 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
     assert request_for(world, finalists_from="last").ga_config().finalists_from == "last"
 
 
+def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_path):
+    """search_metric "accuracy": the search slices score the query error rate too (an option;
+    Algorithm 1 and every preset search on the loss), in memo entries of their own."""
+    from engine.adaption import _prepare
+
+    request = request_for(
+        world, support=None, search_metric="accuracy", final_slices=1, pool_size=6, iterations=2,
+        num_slices=2, final_candidates=2, test_tasks=0, export_onnx=False,
+    )  # fmt: skip
+    assert request.search_metric_value == "accuracy" and request_for(world).search_metric_value == "loss"
+    context = _prepare(request)
+    by_loss = _prepare(replace(request, search_metric=None))
+    arch = world["space"].largest()
+    slices = context.fitness.slices
+    for slice_id in (0, 1, 2):  # two search slices, one held out
+        score = context.scorer.score(arch, slices[slice_id])
+        assert context.fitness._loss(arch, slice_id) == pytest.approx(1.0 - score.accuracy)
+    assert by_loss.fitness._loss(arch, 0) == pytest.approx(context.scorer.score(arch, slices[0]).loss)
+    # The same tasks, another number: a memo shared with loss-searching requests must not mix them.
+    assert context.fitness.slice_key(0) != by_loss.fitness.slice_key(0)
+    assert context.fitness.slice_key(2) == by_loss.fitness.slice_key(2)  # held out: error rate in both
+    context.fitness.close()
+    by_loss.fitness.close()
+
+    result = run_adaption(request, out_dir=tmp_path / "out")
+    for outcome in result.outcomes:
+        assert outcome.model_card["search"]["metric"] == "accuracy"
+        assert 0.0 <= outcome.search_loss <= 1.0 and 0.0 <= outcome.random["search_loss"] <= 1.0
+        # The mean error rate over the search slices it was scored on (one or both).
+        errors = [
+            1.0 - context.scorer.score(Arch.from_dict(outcome.arch), slices[i]).accuracy for i in (0, 1)
+        ]
+        assert any(outcome.search_loss == pytest.approx(e) for e in (*errors, np.mean(errors)))
+    assert all(0.0 <= point["loss"] <= 1.0 for point in result.front)
+    with pytest.raises(AdaptionRequestError, match="search_metric must be one of"):
+        request_for(world, search_metric="speed")
+
+
 def test_retrain_changes_only_the_subnets_weights(world, tmp_path):
     space = world["space"]
     arch = space.smallest().with_layer(0, kernel=3).with_depth(2)
@@ -750,6 +788,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "0",
         "--patience",
         "1",
+        "--search-metric",
+        "accuracy",
         "--no-onnx",
         "--quiet",
     ]
@@ -770,7 +810,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert card["search"]["final_choice"]["metric"] == "loss"
     assert card["search"]["final_choice"]["finalists_from"] == "last"
     saved = AdaptionResult.load(tmp_path / "out").request
-    assert saved.warm_start == 0 and saved.patience == 1
+    assert saved.warm_start == 0 and saved.patience == 1 and saved.search_metric == "accuracy"
+    assert card["search"]["metric"] == "accuracy" and 0.0 <= card["search"]["loss"] <= 1.0
     assert 1 <= card["search"]["generations"] <= saved.ga_config().iterations
     assert (tmp_path / "out" / ".adaption-state.json").exists()
     bad = subprocess.run(
