@@ -183,8 +183,8 @@ class AdaptionPreset:
     #: 0: all ``iterations``, as Algorithm 1. No preset sets it: it is the request's choice.
     patience: int = 0
     #: What the GA minimises on its search slices: "loss" (Algorithm 1's mean query loss, every
-    #: preset) or "accuracy" (the query error rate, an experiment: docs/BENCHMARKS.md, "Searching
-    #: on the error rate"). See FINAL_METRICS.
+    #: preset) or "accuracy" (the query error rate, an experiment that did worse: docs/BENCHMARKS.md,
+    #: "Searching on the error rate instead"). See FINAL_METRICS.
     search_metric: str = "loss"
 
 
