@@ -1168,12 +1168,7 @@ def paired_difference(first: dict[str, Any] | None, second: dict[str, Any] | Non
     a, b = first.get("task_accuracies"), second.get("task_accuracies")
     if a is None or b is None or len(a) != len(b) or not a:
         return None
-    difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return {
-        "mean": float(difference.mean()),
-        "ci95": _finite(confidence_interval95(difference)),
-        "tasks": int(difference.size),
-    }
+    return _accuracy(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
 
 
 def _paper_baseline_module(spec: RunSpec, space: Any) -> tuple[Any, int]:
