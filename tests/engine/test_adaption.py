@@ -698,7 +698,7 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
 def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_path):
     """search_metric "accuracy": the search slices score the query error rate too (an option;
     Algorithm 1 and every preset search on the loss), in memo entries of their own."""
-    from engine.adaption import _prepare
+    from engine.adaption import MAX_TIE_BREAK_LOSS, SEARCH_ERROR_TIE_BREAK, _prepare
 
     request = request_for(
         world, support=None, search_metric="accuracy", final_slices=1, pool_size=6, iterations=2,
@@ -709,9 +709,13 @@ def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_p
     by_loss = _prepare(replace(request, search_metric=None))
     arch = world["space"].largest()
     slices = context.fitness.slices
-    for slice_id in (0, 1, 2):  # two search slices, one held out
+    for slice_id in (0, 1):  # the search slices: the error rate, ties broken by the loss
         score = context.scorer.score(arch, slices[slice_id])
-        assert context.fitness._loss(arch, slice_id) == pytest.approx(1.0 - score.accuracy)
+        expected = 1.0 - score.accuracy + SEARCH_ERROR_TIE_BREAK * min(score.loss, MAX_TIE_BREAK_LOSS)
+        assert context.fitness._loss(arch, slice_id) == pytest.approx(expected, rel=1e-12, abs=0)
+        assert context.fitness._loss(arch, slice_id) != pytest.approx(1.0 - score.accuracy, rel=1e-12, abs=0)
+    held_out = context.scorer.score(arch, slices[2])  # the final choice's: the error rate alone
+    assert context.fitness._loss(arch, 2) == pytest.approx(1.0 - held_out.accuracy, rel=1e-12, abs=0)
     assert by_loss.fitness._loss(arch, 0) == pytest.approx(context.scorer.score(arch, slices[0]).loss)
     # The same tasks, another number: a memo shared with loss-searching requests must not mix them.
     assert context.fitness.slice_key(0) != by_loss.fitness.slice_key(0)
@@ -723,11 +727,10 @@ def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_p
     for outcome in result.outcomes:
         assert outcome.model_card["search"]["metric"] == "accuracy"
         assert 0.0 <= outcome.search_loss <= 1.0 and 0.0 <= outcome.random["search_loss"] <= 1.0
-        # The mean error rate over the search slices it was scored on (one or both).
-        errors = [
-            1.0 - context.scorer.score(Arch.from_dict(outcome.arch), slices[i]).accuracy for i in (0, 1)
-        ]
-        assert any(outcome.search_loss == pytest.approx(e) for e in (*errors, np.mean(errors)))
+        # The mean fitness (error rate, ties broken by the loss) over the search slices it was
+        # scored on (one or both).
+        errors = [context.fitness._loss(Arch.from_dict(outcome.arch), i) for i in (0, 1)]
+        assert any(outcome.search_loss == pytest.approx(e, rel=1e-9) for e in (*errors, np.mean(errors)))
     assert all(0.0 <= point["loss"] <= 1.0 for point in result.front)
     with pytest.raises(AdaptionRequestError, match="search_metric must be one of"):
         request_for(world, search_metric="speed")
