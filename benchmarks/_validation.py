@@ -1,4 +1,5 @@
-"""Validation tasks and mean ± 95 % CI, shared by the benchmarks that score sub-nets on them."""
+"""Validation tasks, mean ± 95 % CI and rank correlation, shared by the benchmarks that score
+sub-nets on them."""
 
 from __future__ import annotations
 
@@ -29,3 +30,21 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its normal-approximation 95 % CI (NaN for fewer than 2 values)."""
     array = np.asarray(values, dtype=float)
     return float(array.mean()), confidence_interval95(array)
+
+
+def average_ranks(values: Any) -> np.ndarray:
+    """0-based ranks, tied values sharing the mean of their positions (error rates tie often)."""
+    array = np.asarray(values, dtype=float)
+    order = np.argsort(array, kind="stable")
+    ranks = np.empty(len(array))
+    ranks[order] = np.arange(len(array))
+    for value in np.unique(array):
+        tied = array == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties: average ranks)."""
+    return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._validation import spearman
 from engine.adaption import (
     FINAL_TASK_STREAM,
     RANDOM_SEARCH_STREAM,
@@ -73,11 +74,6 @@ RULES = (
     ("B_held_out_loss", "held_out_loss", 1),
     ("C_held_out_accuracy", "held_out_acc", -1),
 )
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
 class Recorder:

@@ -32,18 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
+from benchmarks._validation import spearman  # noqa: E402
 from engine.search.adapt import SuperNetScorer  # noqa: E402
 
 #: Seed stream of the architectures scored (the tasks come from benchmarks._validation's).
 ARCH_STREAM = 31
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks (no ties among float losses in practice; argsort order breaks any)."""
-    order = np.argsort(values, kind="stable")
-    result = np.empty(len(values))
-    result[order] = np.arange(len(values))
-    return result
 
 
 def bf16_flags() -> list[str]:
@@ -56,10 +49,6 @@ def bf16_flags() -> list[str]:
         (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
     )
     return sorted(flag for flag in flags if "bf16" in flag)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def score_paths(scorer: SuperNetScorer, archs: list, tasks: list) -> dict[str, list[float]]:
