@@ -616,11 +616,12 @@ class TimedFitness:
         error = 1.0 - score.accuracy
         if self._held_out(slice_id):
             return error
-        # While searching, the error rate's ties are broken by the loss: on a slice's ~1,000 query
-        # images whole families of sub-nets share one error rate, and without an order among them
-        # the elites stood still and patience ended every GA within 23 generations
-        # (docs/BENCHMARKS.md, "Searching on the error rate instead"). The loss term stays below
-        # the smallest step of a mean error rate (SEARCH_ERROR_TIE_BREAK).
+        # While searching, equal error rates are ordered by the loss: on a slice's ~1,000 query
+        # images whole families of sub-nets share one error rate, and their order would otherwise
+        # be the pool's. (It did not make the GAs run longer before patience stopped them:
+        # docs/BENCHMARKS.md, "Which score ranks sub-nets".) The loss term stays below the
+        # smallest step of a mean error rate (SEARCH_ERROR_TIE_BREAK); a NaN loss makes the
+        # fitness NaN, which the GA treats as infinite, as it does in the loss search.
         return error + SEARCH_ERROR_TIE_BREAK * min(score.loss, MAX_TIE_BREAK_LOSS)
 
     def _memo_metric(self, slice_id: int) -> str:
