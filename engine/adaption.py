@@ -124,7 +124,7 @@ TASK_SOURCES = ("validation", "support")
 FINAL_METRICS = ("loss", "accuracy")
 #: Weight of the loss in the "accuracy" search fitness, error + weight * min(loss, cap). The term
 #: is at most 2e-5; a mean error rate over up to four slices of up to 12,000 query images each
-#: moves in steps of at least 2.1e-5, so the term only orders equal error rates.
+#: moves in steps of at least 1 / 48,000 = 2.08e-5, so the term only orders equal error rates.
 SEARCH_ERROR_TIE_BREAK = 1e-6
 MAX_TIE_BREAK_LOSS = 20.0
 WEIGHTS = ("meta", "finetuned")
@@ -605,16 +605,22 @@ class TimedFitness:
     def _held_out(self, slice_id: int) -> bool:
         return self.search_slices is not None and slice_id >= self.search_slices
 
-    def _scores_error(self, slice_id: int) -> bool:
+    def _scored(self, slice_id: int) -> str:
+        """What slice ``slice_id`` scores: "loss", "error" (a held-out slice's error rate) or
+        "error-then-loss" (a search slice's error rate, ties broken by the loss). Also the memo's
+        name for it, so that entries of one never answer for another."""
         metric = self.final_metric if self._held_out(slice_id) else self.search_metric
-        return metric == "accuracy"
+        if metric != "accuracy":
+            return "loss"
+        return "error" if self._held_out(slice_id) else "error-then-loss"
 
     def _loss(self, arch: Any, slice_id: int) -> float:
         score = self.scorer.score(arch, self.slices[slice_id])
-        if not self._scores_error(slice_id):
+        scored = self._scored(slice_id)
+        if scored == "loss":
             return score.loss
         error = 1.0 - score.accuracy
-        if self._held_out(slice_id):
+        if scored == "error":
             return error
         # While searching, equal error rates are ordered by the loss: on a slice's ~1,000 query
         # images whole families of sub-nets share one error rate, and their order would otherwise
@@ -624,16 +630,11 @@ class TimedFitness:
         # fitness NaN, which the GA treats as infinite, as it does in the loss search.
         return error + SEARCH_ERROR_TIE_BREAK * min(score.loss, MAX_TIE_BREAK_LOSS)
 
-    def _memo_metric(self, slice_id: int) -> str:
-        if not self._scores_error(slice_id):
-            return "loss"
-        return "error" if self._held_out(slice_id) else "error-then-loss"
-
     def slice_key(self, slice_id: int) -> str:
         """The memo's key of a slice: its tasks and what is scored on it (computed once)."""
         if self._slice_keys is None:
             self._slice_keys = [
-                tasks_key([task_tensors(task) for task in tasks], self._memo_metric(index))
+                tasks_key([task_tensors(task) for task in tasks], self._scored(index))
                 for index, tasks in enumerate(self.slices)
             ]
         return self._slice_keys[slice_id]
