@@ -683,8 +683,9 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
         # A mean query loss over the search slices it was scored on, not an error rate (which a
         # fixed threshold cannot tell apart: a well-adapted tiny net's loss can be below 0.5).
         chosen = Arch.from_dict(outcome.arch)
-        losses = [context.scorer.score(chosen, slices[i]).loss for i in (0, 1)]
-        errors = [1.0 - context.scorer.score(chosen, slices[i]).accuracy for i in (0, 1)]
+        scores = [context.scorer.score(chosen, slices[i]) for i in (0, 1)]
+        losses = [score.loss for score in scores]
+        errors = [1.0 - score.accuracy for score in scores]
         assert outcome.search_loss in [pytest.approx(v, rel=1e-3) for v in (*losses, sum(losses) / 2)]
         assert outcome.search_loss not in [pytest.approx(v, rel=1e-3) for v in (*errors, sum(errors) / 2)]
     by_loss = run_adaption(
