@@ -609,10 +609,10 @@ class TimedFitness:
         """What slice ``slice_id`` scores: "loss", "error" (a held-out slice's error rate) or
         "error-then-loss" (a search slice's error rate, ties broken by the loss). Also the memo's
         name for it, so that entries of one never answer for another."""
-        metric = self.final_metric if self._held_out(slice_id) else self.search_metric
-        if metric != "accuracy":
+        held_out = self._held_out(slice_id)
+        if (self.final_metric if held_out else self.search_metric) != "accuracy":
             return "loss"
-        return "error" if self._held_out(slice_id) else "error-then-loss"
+        return "error" if held_out else "error-then-loss"
 
     def _loss(self, arch: Any, slice_id: int) -> float:
         score = self.scorer.score(arch, self.slices[slice_id])
