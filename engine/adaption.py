@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.adaption_presets import ADAPTION_PRESETS, FINAL_METRICS, AdaptionPreset
 from engine.atomic import atomic_write_json
 from engine.cost import count_macs, count_params
 from engine.data.dataset import CIFAR100_NORMALIZATION, IMAGENET_NORMALIZATION, UNIT_RANGE, Normalization
@@ -117,11 +118,6 @@ STATE_VERSION = 1
 EXECUTION_FIELDS = ("threads", "search_workers", "fitness_memo")
 RESULT_NAME = "adaption.json"
 TASK_SOURCES = ("validation", "support")
-#: The final choice's criterion on held-out slices. The search itself always minimises the query
-#: loss (Algorithm 1); among its finalists, held-out query accuracy ranked test accuracy better
-#: than either loss (docs/BENCHMARKS.md, "final choice"): after a few inner steps the logits
-#: are flat (loss ~2 for 20 ways), so the loss mostly measures their scale, not which class wins.
-FINAL_METRICS = ("loss", "accuracy")
 #: Weight of the loss in the "accuracy" search fitness, error + weight * min(loss, cap). The term
 #: is at most 2e-5; a mean error rate over up to four slices of up to 12,000 query images each
 #: moves in steps of at least 1 / 48,000 = 2.08e-5, so the term only orders equal error rates.
@@ -156,62 +152,6 @@ class AdaptionRequestError(ValueError):
 
 class AdaptionStateError(ValueError):
     """A saved adaption state that belongs to another request or is damaged."""
-
-
-# --------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class AdaptionPreset:
-    """GA and evaluation sizes of a request (any of them can be overridden in the request)."""
-
-    name: str
-    pool_size: int
-    iterations: int
-    tasks_per_slice: int
-    num_slices: int
-    final_candidates: int
-    test_tasks: int
-    #: Held-out slices of fresh tasks (with the super-net's own query count, not
-    #: ``search_queries``) that only the final choice scores on; 0: it uses the search slices.
-    final_slices: int = 0
-    #: What the final choice minimises on held-out slices: "loss" or "accuracy" (the query
-    #: error rate). See FINAL_METRICS.
-    final_metric: str = "loss"
-    #: Where the GA's finalists come from: "last" (the last generation's best) or "archive"
-    #: (every architecture it scored, ranked within slices). See GAConfig.finalists_from.
-    finalists_from: str = "last"
-    #: Fine-tuning steps on a support set = this x the learner's evaluation inner steps.
-    finetune_factor: int = 3
-    #: A sweep's budgets run loosest first and each GA's pool starts with at most this many of
-    #: the best feasible architectures already scored (GAConfig.warm_start); 0: random Init(P).
-    warm_start: int = 0
-    #: Stop a GA once its elites have stood still this many generations (GAConfig.patience);
-    #: 0: all ``iterations``, as Algorithm 1. No preset sets it: it is the request's choice.
-    patience: int = 0
-    #: What the GA minimises on its search slices: "loss" (Algorithm 1's mean query loss, every
-    #: preset) or "accuracy" (the query error rate, ties broken by the loss; an experiment:
-    #: docs/BENCHMARKS.md, "Searching on the error rate instead"). See FINAL_METRICS.
-    search_metric: str = "loss"
-
-
-ADAPTION_PRESETS: dict[str, AdaptionPreset] = {
-    # Seconds on 2 cores with a tiny super-net: tests, demos, smoke checks.
-    "tiny": AdaptionPreset("tiny", pool_size=12, iterations=6, tasks_per_slice=4, num_slices=3,
-                           final_candidates=3, test_tasks=40, final_slices=1, final_metric="accuracy",
-                           finalists_from="archive", warm_start=2),
-    # Minutes on a CPU server: a smaller pool and fewer generations than the paper.
-    "cpu": AdaptionPreset("cpu", pool_size=50, iterations=40, tasks_per_slice=16, num_slices=4,
-                          final_candidates=5, test_tasks=600, final_slices=4, final_metric="accuracy",
-                          finalists_from="archive", warm_start=5),
-    # Algorithm 1 as in the paper (Appendix E): P=100, M=200, one data slice of 16 tasks ("pick
-    # 16 tasks to build a data slice for the architectures to traverse"); 600 test tasks. The
-    # final choice among its 10 finalists (which the paper leaves open) is ours, as in "cpu".
-    # One slice, not several drawn in turn (8 until 2026-12-06): on a `cpu`-preset super-net it
-    # chose the same sub-nets as 4 slices at the 30 % and 60 % budgets with a third of the
-    # evaluations (docs/BENCHMARKS.md, "One data slice").
-    "paper": AdaptionPreset("paper", pool_size=100, iterations=200, tasks_per_slice=16, num_slices=1,
-                            final_candidates=10, test_tasks=600, final_slices=4, final_metric="accuracy",
-                            finalists_from="archive", warm_start=10),
-}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the request
@@ -535,6 +475,9 @@ class AdaptionResult:
         data["front"] = list(self.front)
         data["baselines"] = list(self.baselines)
         data["constraints_met"] = self.constraints_met
+        # What the front's and the outcomes' search losses measure (the preset's metric when the
+        # request left it open), so that a reader need not know the presets of this version.
+        data["search_metric"] = self.request.search_metric_value
         return data
 
     @classmethod
@@ -921,6 +864,9 @@ class _StateFile:
         self.data: dict[str, Any] = {
             "version": STATE_VERSION,
             "request": request.to_dict(),
+            # The request may leave the metric to its preset, and a preset's metric can change
+            # between versions (`cpu`'s did): a sweep must not switch metric when it resumes.
+            "search_metric": request.search_metric_value,
             "completed": [],
             "cache": None,
             "ga_index": None,
@@ -941,6 +887,14 @@ class _StateFile:
             saved_request = stored.get("request")
             if not isinstance(saved_request, dict) or request_identity(saved_request) != request.identity():
                 raise AdaptionStateError(f"{path}: the saved state belongs to a different adaption request")
+            # States saved before the field existed searched on the loss (every preset did then).
+            saved_metric = stored.get("search_metric", "loss")
+            if saved_metric != request.search_metric_value:
+                raise AdaptionStateError(
+                    f"{path}: the saved state's search minimised the {saved_metric!r} metric, this "
+                    f"request's minimises {request.search_metric_value!r} (its preset's default "
+                    "changed); start the request again"
+                )
             self.data = stored
             self.resumed = True
 
@@ -957,11 +911,12 @@ def _round(value: Any, digits: int = 5) -> Any:
 
 
 def _compact_adapt_event(
-    event: Mapping[str, Any], index: int, position: int, budgets: int, decode: Callable
+    event: Mapping[str, Any], index: int, position: int, budgets: int, decode: Callable, metric: str
 ) -> dict[str, Any]:
     """run_ga's per-generation event, small enough to stream (< 20 KB even at P=100).
     ``index``: the budget's place in the request; ``position``: how many budgets ran before it
-    (a warm-started sweep runs them loosest first), so ``current`` only ever grows."""
+    (a warm-started sweep runs them loosest first), so ``current`` only ever grows. ``metric``:
+    the request's search metric, what every "fitness" and "loss" of the event measures."""
     iterations = int(event["total"])
     front = [
         {
@@ -982,6 +937,7 @@ def _compact_adapt_event(
         "budget_index": index,
         "budgets": budgets,
         "budget": event["budget"],
+        "metric": metric,
         "generation": event["generation"],
         "generations": iterations,
         "stopped_early": bool(event.get("stopped_early", False)),
@@ -1042,6 +998,7 @@ def _sweep(
     fitness.seconds, fitness.calls = float(data["fitness_s"]), int(data["fitness_calls"])
     fitness.memo_hits = int(data.get("memo_hits", 0))  # states saved before the memo lack it
     budgets = len(context.constraints)
+    metric = context.request.search_metric_value
     order = data.setdefault(
         "order", sweep_order([c.base_limit for c in context.constraints], config.warm_start)
     )
@@ -1057,7 +1014,7 @@ def _sweep(
             state.save()
 
         def forward(event: dict[str, Any], index: int = index, position: int = position) -> None:
-            progress(_compact_adapt_event(event, index, position, budgets, decode))
+            progress(_compact_adapt_event(event, index, position, budgets, decode, metric))
 
         result = run_ga(
             space,

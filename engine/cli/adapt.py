@@ -105,8 +105,8 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         "--search-metric",
         choices=FINAL_METRICS,
         default=None,
-        help="what the GA and random search minimise on the search slices: loss (Algorithm 1, every "
-        "preset's) or accuracy (the query error rate)",
+        help="what the GA and random search minimise on the search slices: loss (Algorithm 1's; the "
+        "tiny and paper presets') or accuracy (the query error rate; the cpu preset's)",
     )
     parser.add_argument(
         "--finalists-from",

@@ -323,6 +323,8 @@ def test_progress_events_are_small_json_with_population_front_and_best(adapted):
         assert len(event["population"]) == 12 and event["front"] and event["best"]["backbone"] == "vgg9"
         assert event["budget"]["limit"] == request.budgets[event["budget_index"]]
         assert all(p["costs"]["latency_ms"] <= event["budget"]["limit"] for p in event["population"])
+        assert event["metric"] == "loss"  # what every fitness and front "loss" of it measures
+    assert result.to_dict()["search_metric"] == "loss"  # the tiny preset's, though the request left it open
     stages = {e["stage"] for e in events.of_kind("adapt_stage")}
     assert stages == {"random_search", "evaluate", "package"}
     # The tiny preset warm-starts: the looser budget's GA runs first and seeds the tighter one.
@@ -472,6 +474,30 @@ def test_resume_after_cancellation_equals_the_uninterrupted_run(world, adapted):
     assert comparable(final) == comparable(uninterrupted)
     with pytest.raises(AdaptionStateError, match="different adaption request"):
         run_adaption(request_for(world, seed=5), out_dir=root / "other", state_path=state)
+
+
+def test_a_sweep_never_resumes_on_another_search_metric(world, tmp_path):
+    """A request that leaves the metric to its preset resumes only a state that searched on the
+    metric the preset names now: `cpu` switched from the loss to the error rate on 2026-12-07."""
+    from engine.adaption import _StateFile
+
+    request = request_for(world, measure_latency=False)  # tiny: the loss
+    state = tmp_path / "state.json"
+    with pytest.raises(JobCancelled):
+        run_adaption(request, out_dir=tmp_path / "out", progress=_cancel_at_adapt_event(3), state_path=state)
+    saved = json.loads(state.read_text())
+    assert saved["search_metric"] == "loss" and saved["request"]["search_metric"] is None
+    assert _StateFile(state, request).resumed
+    del saved["search_metric"]  # a state written before the field: every preset searched on the loss
+    state.write_text(json.dumps(saved))
+    assert _StateFile(state, request).resumed
+    saved["search_metric"] = "accuracy"  # as if the preset had searched on the error rate then
+    state.write_text(json.dumps(saved))
+    with pytest.raises(
+        AdaptionStateError, match="minimised the 'accuracy' metric, this request's minimises 'loss'"
+    ):
+        run_adaption(request, out_dir=tmp_path / "out", state_path=state)
+    assert not (tmp_path / "out").exists()
 
 
 def test_search_in_worker_processes_gives_the_same_result(world, adapted):
@@ -707,8 +733,8 @@ def test_final_choice_scores_on_held_out_validation_tasks(world, tmp_path):
 
 
 def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_path):
-    """search_metric "accuracy": the search slices score the query error rate too (an option;
-    Algorithm 1 and every preset search on the loss), in memo entries of their own."""
+    """search_metric "accuracy" (the `cpu` preset's): the search slices score the query error rate
+    too (Algorithm 1, `tiny` and `paper` search on the loss), in memo entries of their own."""
     from engine.adaption import MAX_TIE_BREAK_LOSS, SEARCH_ERROR_TIE_BREAK, _prepare
 
     request = request_for(
@@ -716,6 +742,8 @@ def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_p
         num_slices=2, final_candidates=2, test_tasks=0, export_onnx=False,
     )  # fmt: skip
     assert request.search_metric_value == "accuracy" and request_for(world).search_metric_value == "loss"
+    presets = {name: request_for(world, preset=name).search_metric_value for name in ("tiny", "cpu", "paper")}
+    assert presets == {"tiny": "loss", "cpu": "accuracy", "paper": "loss"}
     context = _prepare(request)
     by_loss = _prepare(replace(request, search_metric=None))
     arch = world["space"].largest()
@@ -743,6 +771,7 @@ def test_searching_on_the_error_rate_scores_every_slice_by_accuracy(world, tmp_p
         errors = [context.fitness._loss(Arch.from_dict(outcome.arch), i) for i in (0, 1)]
         assert any(outcome.search_loss == pytest.approx(e, rel=1e-9) for e in (*errors, np.mean(errors)))
     assert all(0.0 <= point["loss"] <= 1.0 for point in result.front)
+    assert result.to_dict()["search_metric"] == "accuracy"
     with pytest.raises(AdaptionRequestError, match="search_metric must be one of"):
         request_for(world, search_metric="speed")
 
@@ -865,6 +894,6 @@ def test_adapt_events_stay_small_at_the_papers_pool_size():
     )
     decode = Arch.from_dict
     for event in events.of_kind("adapt"):
-        compact = _compact_adapt_event(event, 0, 0, 1, decode)
+        compact = _compact_adapt_event(event, 0, 0, 1, decode, "loss")
         assert len(compact["population"]) == 100
         assert len(json.dumps(compact, allow_nan=False)) < 20_000
