@@ -505,8 +505,8 @@ def _baseline_checkpoints(run: AdaptionRun) -> tuple[str, ...]:
 def _adapt_point(event) -> dict | None:
     if event.get("kind") != "adapt":
         return None
-    keys = ("current", "total", "budget_index", "budget", "generation", "population", "front", "best_fitness",
-            "evaluations", "cache_hits")  # fmt: skip
+    keys = ("current", "total", "budget_index", "budget", "metric", "generation", "population", "front",
+            "best_fitness", "evaluations", "cache_hits")  # fmt: skip
     return {k: event.get(k) for k in keys if k in event}
 
 
@@ -536,6 +536,36 @@ def adaption_execute(*, run_id: int) -> AdaptionRun:
 
         # ValueError: bad input discovered late (budget infeasible, LUT mismatch, ...)
         return _run_to_the_end(run, lease, progress, search, input_errors=True)
+
+
+def finished_search_metric(result_metric: str | None, request_metric: str | None) -> str:
+    """A finished run's search metric from its result's "search_metric" and its request's.
+    Results before the engine wrote the former (and MetaNAS's) searched on the loss, unless their
+    request named a metric."""
+    return result_metric or request_metric or "loss"
+
+
+def search_metric_of(run: AdaptionRun) -> str:
+    """What the run's search minimises, hence what its front's and chart's "loss" values are:
+    "loss" (mean query loss) or "accuracy" (their query error rate).
+
+    The run's own record first - its result, else its latest streamed generation - because a
+    preset's default can change between versions (`cpu` searched on the loss until 2026-12-07);
+    then, for a run that has not started, what its request or preset will search on."""
+    from engine.adaption_presets import ADAPTION_PRESETS  # no PyTorch in the web process
+
+    result = run.result or {}
+    if result:
+        return finished_search_metric(
+            result.get("search_metric"), (result.get("request") or {}).get("search_metric")
+        )
+    for point in reversed(run.history or []):
+        if point.get("metric"):
+            return point["metric"]
+    if (run.request or {}).get("search_metric"):
+        return run.request["search_metric"]
+    preset = ADAPTION_PRESETS.get(run.preset)
+    return preset.search_metric if preset is not None and run.supernet.method == Method.HMETANAS else "loss"
 
 
 def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgress):

@@ -143,7 +143,10 @@ def adaption_detail(request, pk: int):
     run = get_object_or_404(
         AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet"), pk=pk
     )
-    return render(request, "runs/adaption_detail.html", {"run": run, "models": run.models.all()})
+    context = {"run": run, "models": run.models.all()}
+    if run.supernet.is_supernet:
+        context["search_metric"] = services.search_metric_of(run)
+    return render(request, "runs/adaption_detail.html", context)
 
 
 def _baseline_point(baseline: dict) -> dict:
@@ -169,6 +172,8 @@ def adaption_payload(run: AdaptionRun) -> dict:
         "device": run.device.name,
         "constraint": run.constraint,
         "budgets": run.budgets,
+        # "loss" or "accuracy": what the fitness, front and search_loss values below measure.
+        "search_metric": services.search_metric_of(run),
         "history": run.history,
         "front": result.get("front", []),
         "baselines": [_baseline_point(b) for b in result.get("baselines", [])],
@@ -201,7 +206,9 @@ def adaption_payload(run: AdaptionRun) -> dict:
 
 @login_required
 def adaption_json(request, pk: int):
-    run = get_object_or_404(AdaptionRun.objects.visible_to(request.user).select_related("device"), pk=pk)
+    run = get_object_or_404(
+        AdaptionRun.objects.visible_to(request.user).select_related("device", "supernet"), pk=pk
+    )
     return JsonResponse(adaption_payload(run))
 
 
@@ -236,14 +243,22 @@ def compare_json(request, pk: int):
     runs = list(
         AdaptionRun.objects.visible_to(request.user)
         .filter(supernet=supernet, status=JobStatus.SUCCEEDED)
-        .values_list("pk", "finished_at", "constraint", "device__name")
+        .values_list(
+            "pk",
+            "finished_at",
+            "constraint",
+            "device__name",
+            "result__search_metric",
+            "result__request__search_metric",
+        )
     )
-    fronts = _front_fragments([(run_pk, finished_at) for run_pk, finished_at, _, _ in runs])
+    fronts = _front_fragments([(run_pk, finished_at) for run_pk, finished_at, *_ in runs])
     # Assembled as text around the cached fragments: re-encoding them would cost what caching saved.
     series = ",".join(
         f'{{"run": {run_pk}, "device": {json.dumps(device)}, "constraint": {json.dumps(constraint)}, '
+        f'"metric": {json.dumps(services.finished_search_metric(metric, request_metric))}, '
         f'"front": {fronts[run_pk]}}}'
-        for run_pk, _, constraint, device in runs
+        for run_pk, _, constraint, device, metric, request_metric in runs
     )
     body = f'{{"supernet": {json.dumps(str(supernet))}, "series": [{series}]}}'
     return HttpResponse(body, content_type="application/json")

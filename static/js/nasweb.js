@@ -141,6 +141,14 @@
     return Math.round(value).toLocaleString("en-US") + ({ params: " params", macs: " MACs" }[constraint] || "");
   }
 
+  /* What a search minimised (adaption_payload's search_metric): its fitness, front and chosen
+     points are mean query losses, or query error rates. */
+  var SEARCH_METRICS = {
+    loss: { short: "loss", axis: "mean query loss (lower is better)" },
+    accuracy: { short: "error rate", axis: "query error rate (lower is better)" },
+  };
+  function searchMetric(name) { return SEARCH_METRICS[name] || SEARCH_METRICS.loss; }
+
   function costOf(point, constraint) {
     var costs = point.costs || point;
     return costs[constraint];
@@ -198,12 +206,25 @@
     var extra = { shapes: shapes, annotations: annotations };
     if (xMax != null) extra.xaxis = { range: [0, xMax] };
     var traces = [population, front, chosen];
-    Plotly.newPlot(element, traces, layout("Search: " + constraint + " vs few-shot loss on " + data.device, constraint,
-                   "mean query loss (lower is better)", extra), { responsive: true });
+    var metric = data.search_metric;
+    function titles(name) {
+      return { title: "Search: " + constraint + " vs few-shot " + searchMetric(name).short + " on " + data.device,
+               yTitle: searchMetric(name).axis };
+    }
+    var named = titles(metric);
+    Plotly.newPlot(element, traces, layout(named.title, constraint, named.yTitle, extra), { responsive: true });
+    element.dataset.metric = searchMetric(metric).short;
     element.dataset.generations = String(history.length);
     return function (message) {
       if (message.type !== "progress" || message.kind !== "adapt") return;
       setGeneration(message);
+      /* A queued run's metric was its preset's; the worker's events say what it really searches on. */
+      if (message.metric && message.metric !== metric) {
+        metric = message.metric;
+        named = titles(metric);
+        Plotly.relayout(element, { "title.text": named.title, "yaxis.title.text": named.yTitle });
+        element.dataset.metric = searchMetric(metric).short;
+      }
       Plotly.restyle(element, { x: [population.x, front.x], y: [population.y, front.y] }, [0, 1]);
       element.dataset.generations = String(Number(element.dataset.generations || 0) + 1);
     };
@@ -213,17 +234,29 @@
     /* Fronts under a params or MACs budget do not depend on the device, so two of them can coincide:
        a dash, a marker symbol and a wider line for the ones drawn first keep them visible underneath. */
     var dashes = ["solid", "dash", "dot", "dashdot"], symbols = ["circle", "square", "diamond", "triangle-up"];
+    function distinct(values) { return values.filter(function (v, i, all) { return all.indexOf(v) === i; }); }
+    /* A loss and an error rate share no scale: when runs searched on both, the error-rate fronts
+       get their own y-axis on the right, and every legend entry says which it is. */
+    var metrics = distinct(data.series.map(function (s) { return s.metric || "loss"; }));
+    var mixed = metrics.length > 1;
     var traces = data.series.map(function (s, i) {
       var f = s.front.slice().sort(function (a, b) { return costOf(a, s.constraint) - costOf(b, s.constraint); });
-      return { type: "scatter", mode: "lines+markers", line: { shape: "hv", dash: dashes[i % 4], width: Math.min(8, 2 + 2 * (data.series.length - 1 - i)) },
-               marker: { symbol: symbols[i % 4], size: 7 }, name: s.device + " (" + s.constraint + ", run " + s.run + ")",
-               x: f.map(function (p) { return costOf(p, s.constraint); }), y: f.map(function (p) { return p.loss != null ? p.loss : p.fitness; }) };
+      var metric = s.metric || "loss";
+      var trace = { type: "scatter", mode: "lines+markers", line: { shape: "hv", dash: dashes[i % 4], width: Math.min(8, 2 + 2 * (data.series.length - 1 - i)) },
+                    marker: { symbol: symbols[i % 4], size: 7 },
+                    name: s.device + " (" + s.constraint + ", run " + s.run + (mixed ? ", " + searchMetric(metric).short : "") + ")",
+                    x: f.map(function (p) { return costOf(p, s.constraint); }), y: f.map(function (p) { return p.loss != null ? p.loss : p.fitness; }) };
+      if (mixed && metric === "accuracy") trace.yaxis = "y2";
+      return trace;
     });
     if (!traces.length) { element.textContent = "No finished adaption of this super-net yet."; return; }
     // Fronts of different budget kinds (latency vs params) share no unit; name it when they agree.
-    var kinds = data.series.map(function (s) { return s.constraint; }).filter(function (k, i, all) { return all.indexOf(k) === i; });
+    var kinds = distinct(data.series.map(function (s) { return s.constraint; }));
     var xTitle = kinds.length === 1 ? kinds[0] : "cost (" + kinds.join(" / ") + ")";
-    Plotly.newPlot(element, traces, layout("Pareto fronts of one super-net on several devices", xTitle, "mean query loss"), { responsive: true });
+    var extra = mixed ? { yaxis2: { title: { text: searchMetric("accuracy").axis }, overlaying: "y", side: "right" }, margin: { r: 70 } } : undefined;
+    Plotly.newPlot(element, traces, layout("Pareto fronts of one super-net on several devices", xTitle,
+                   searchMetric(mixed ? "loss" : metrics[0]).axis, extra), { responsive: true });
+    element.dataset.metrics = metrics.map(function (m) { return searchMetric(m).short; }).join(",");
   };
 
   function setupChart(element) {

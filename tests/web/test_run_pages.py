@@ -490,3 +490,53 @@ def test_the_training_page_writes_accuracies_to_one_decimal(client, users, runs)
     page = client.get(f"/runs/train/{supernet.pk}/").content.decode()
     assert "50.0 ± 2.0 % over 60 tasks" in page
     assert "50.0 %" in client.get("/runs/train/").content.decode()
+
+
+def test_every_run_says_what_its_search_minimised(client, users, runs):
+    """The chart's y-axis is a mean query loss or a query error rate: the run's result says which;
+    a running run's streamed generations; a queued one's request or preset (`cpu`: the error rate).
+    Results written before the field searched on the loss, as every preset did then."""
+    supernet, adaption, _ = runs
+    client.force_login(users["owner"])
+
+    def metric_of(run):
+        payload = client.get(f"/runs/adapt/{run.pk}.json").json()
+        page = client.get(f"/runs/adapt/{run.pk}/").content.decode()
+        word = {"loss": "query loss", "accuracy": "query error rate"}[payload["search_metric"]]
+        assert f'<span id="search-metric">{word}</span>' in page
+        return payload["search_metric"]
+
+    def run_with(**fields):
+        values = dict(owner=adaption.owner, supernet=supernet, device=adaption.device, constraint="params",
+                      budgets=[3000.0], preset="cpu")  # fmt: skip
+        values.update(fields)
+        return AdaptionRun.objects.create(**values)
+
+    finished = JobStatus.SUCCEEDED
+    assert metric_of(adaption) == "loss"  # a result from before the field, preset "tiny"
+    old_cpu = run_with(
+        status=finished, result={"front": [], "outcomes": [], "request": {"search_metric": None}}
+    )
+    assert metric_of(old_cpu) == "loss"  # `cpu` searched on the loss when it ran
+    named = run_with(
+        status=finished, result={"front": [], "outcomes": [], "request": {"search_metric": "accuracy"}}
+    )
+    assert metric_of(named) == "accuracy"
+    new_cpu = run_with(status=finished, result={"front": [{"loss": 0.5, "costs": {"params": 2000}}], "outcomes": [],
+                                                "search_metric": "accuracy"})  # fmt: skip
+    assert metric_of(new_cpu) == "accuracy"
+    assert metric_of(run_with(status=JobStatus.QUEUED)) == "accuracy"  # what `cpu` will search on
+    assert metric_of(run_with(status=JobStatus.QUEUED, preset="paper")) == "loss"
+    assert metric_of(run_with(status=JobStatus.QUEUED, request={"search_metric": "loss"})) == "loss"
+    running = run_with(
+        status=JobStatus.RUNNING, history=[{"generation": 0, "metric": "loss", "population": []}]
+    )
+    assert metric_of(running) == "loss"  # the worker's events, over the preset of this version
+
+    series = client.get(f"/runs/compare/{supernet.pk}.json").json()["series"]
+    assert {row["run"]: row["metric"] for row in series} == {
+        adaption.pk: "loss",
+        old_cpu.pk: "loss",
+        named.pk: "accuracy",
+        new_cpu.pk: "accuracy",
+    }

@@ -104,6 +104,9 @@ def test_tiny_metatraining_then_adaption_through_a_worker(celery_worker_process,
     ]
     assert generations and generations[0]["population"]  # the chart's live points arrived
     assert adaption.history and adaption.result["outcomes"]
+    # The stored generations and the result say what their fitness measures (tiny: the loss).
+    assert {point["metric"] for point in adaption.history} == {"loss"} == {g["metric"] for g in generations}
+    assert adaption.result["search_metric"] == "loss"
     models = list(AdaptedModel.objects.filter(run=adaption))
     assert len(models) == 2
     for model, budget in zip(models, [3000, 8000], strict=True):
