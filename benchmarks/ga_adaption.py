@@ -73,7 +73,7 @@ from engine.meta.service import execute_meta_training
 from engine.meta.train import CHECKPOINT_NAME
 from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, make_costs_fn, slice_tasks
 from engine.search.constraints import Constraint, CostModel
-from engine.search.evolution import FINALISTS_FROM, GAConfig, run_ga
+from engine.search.evolution import DEEPEN_MODES, FINALISTS_FROM, GAConfig, run_ga
 from engine.search.random_search import random_search
 from engine.seeding import derive_seed, seed_everything
 from engine.space import SearchSpace
@@ -621,6 +621,7 @@ def real_main(args: argparse.Namespace) -> None:
         # The paper preset's 10 at P=100: the best 10 %, as many as survive as elites.
         warm_start=max(1, round(0.1 * pool)) if args.warm_start is None else args.warm_start,
         patience=args.patience,
+        deepen=args.deepen,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -636,7 +637,7 @@ def real_main(args: argparse.Namespace) -> None:
         f"query images/class while searching: {search_queries or spec.query_count}, minimising the "
         f"{'error rate' if request.search_metric_value == 'accuracy' else 'loss'}; test tasks {test_tasks}; "
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
-        f"patience {ga_config.patience or 'none'}; "
+        f"patience {ga_config.patience or 'none'}; added layers {ga_config.deepen}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -765,6 +766,7 @@ def real_main(args: argparse.Namespace) -> None:
             "finalists_from": ga_config.finalists_from,
             "warm_start": ga_config.warm_start,
             "patience": ga_config.patience,
+            "deepen": ga_config.deepen,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -888,6 +890,13 @@ def main() -> None:
         type=int,
         default=None,
         help="the sweep's GAs stop once their elites stood still this many generations (default: none)",
+    )
+    real.add_argument(
+        "--deepen",
+        choices=DEEPEN_MODES,
+        default=None,
+        help="what the layers a GA mutation adds hold: stored (default, Algorithm 1 on this encoding) "
+        "or copy-last (the last layer's choices)",
     )
     real.add_argument(
         "--paper-patience",

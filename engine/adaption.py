@@ -68,6 +68,7 @@ from engine.search.constraints import (
     InfeasibleBudgetError,
 )
 from engine.search.evolution import (
+    DEEPEN_MODES,
     FINALISTS_FROM,
     FitnessCache,
     FrontPoint,
@@ -197,6 +198,7 @@ class AdaptionRequest:
     finalists_from: str | None = None
     warm_start: int | None = None
     patience: int | None = None
+    deepen: str | None = None
     search_metric: str | None = None
     seed: int = 0
     task_source: str = "validation"
@@ -254,6 +256,8 @@ class AdaptionRequest:
         _check_int("final_slices", self.final_slices, 0)
         _check_int("warm_start", self.warm_start, 0)
         _check_int("patience", self.patience, 0)
+        if self.deepen is not None and self.deepen not in DEEPEN_MODES:
+            raise AdaptionRequestError(f"deepen must be one of {DEEPEN_MODES}, got {self.deepen!r}")
         for name in ("final_metric", "search_metric"):
             value = getattr(self, name)
             if value is not None and value not in FINAL_METRICS:
@@ -344,6 +348,7 @@ class AdaptionRequest:
             finalists_from=pick("finalists_from"),
             warm_start=pick("warm_start"),
             patience=pick("patience"),
+            deepen=pick("deepen"),
             seed=self.seed,
         )
 

@@ -48,6 +48,9 @@ class AdaptionPreset:
     #: "paper", "tiny") or "accuracy" (the query error rate, ties broken by the loss: "cpu").
     #: See FINAL_METRICS and docs/ADAPTION.md, "What the search minimises".
     search_metric: str = "loss"
+    #: What the layers a mutation adds hold: "stored" (every preset) or "copy-last" (the
+    #: choices of the last layer before them; an experiment). See GAConfig.deepen.
+    deepen: str = "stored"
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {

@@ -19,7 +19,7 @@ from engine.adaption import (
 )
 from engine.meta.runs import DEVICES
 from engine.progress import ProgressEvent
-from engine.search.evolution import FINALISTS_FROM
+from engine.search.evolution import DEEPEN_MODES, FINALISTS_FROM
 
 STATE_NAME = ".adaption-state.json"
 
@@ -128,6 +128,13 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop a budget's GA once its best 10 %% (its elites) stayed the same this many generations "
         "in a row (0: run all iterations)",
     )
+    parser.add_argument(
+        "--deepen",
+        choices=DEEPEN_MODES,
+        default=None,
+        help="what the layers a mutation adds hold: stored (the choices they carried, every preset's) "
+        "or copy-last (the choices of the last layer before them)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -170,6 +177,7 @@ def _adapt(args: argparse.Namespace) -> int:
         finalists_from=args.finalists_from,
         warm_start=args.warm_start,
         patience=args.patience,
+        deepen=args.deepen,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

@@ -81,6 +81,8 @@ GAState = dict[str, Any]
 STATE_VERSION = 1
 #: GAConfig.finalists_from's choices.
 FINALISTS_FROM = ("last", "archive")
+#: GAConfig.deepen's choices: what the layers a mutation adds (a larger depth) hold.
+DEEPEN_MODES = ("stored", "copy-last")
 
 
 class GAConfigError(ValueError):
@@ -130,6 +132,13 @@ class GAConfig:
     #: scored so far, so while they stand still the generations only add children that rank
     #: below them, and a request can spend most of its time there (docs/ADAPTION.md).
     patience: int = 0
+    #: When a mutation raises the depth, the layers it adds hold "stored", the choices the
+    #: architecture's unused layers carried (Algorithm 1 on this encoding: whatever an ancestor
+    #: drew there, never scored), or "copy-last", the choices of the last layer (block) before
+    #: them, which the architecture was scored with. Why: on a full super-net every chosen
+    #: sub-net ended in a `selu` layer, so a deepened child was competitive only when its
+    #: stored new last layer happened to be `selu` (one chance in six); see docs/ADAPTION.md.
+    deepen: str = "stored"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +157,8 @@ class GAConfig:
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
             raise GAConfigError(f"crossover must be a bool, got {self.crossover!r}")
+        if self.deepen not in DEEPEN_MODES:
+            raise GAConfigError(f"deepen must be one of {DEEPEN_MODES}, got {self.deepen!r}")
         if self.finalists_from not in FINALISTS_FROM:
             raise GAConfigError(
                 f"finalists_from must be one of {FINALISTS_FROM}, got {self.finalists_from!r}"
@@ -383,15 +394,43 @@ def mutate(
     choices: Sequence[tuple[int | str, str, tuple[Any, ...]]],
     count: int,
     rng: np.random.Generator,
+    deepen: str = "stored",
 ) -> Any:
-    """Change ``count`` distinct randomly picked choices to a different option each (Appendix E)."""
-    picked = rng.choice(len(choices), size=min(count, len(choices)), replace=False)
-    for index in sorted(int(i) for i in picked):
+    """Change ``count`` distinct randomly picked choices to a different option each (Appendix E).
+
+    ``deepen="copy-last"``: a larger depth fills the layers it adds with the choices of the last
+    layer (block) before them (:func:`deepened`), and the depth changes before the layer
+    choices, so that a mutation picked for one of the added layers still applies to it."""
+    picked = sorted(int(i) for i in rng.choice(len(choices), size=min(count, len(choices)), replace=False))
+    if deepen == "copy-last":
+        picked.sort(key=lambda index: choices[index][0] != "depth")  # stable: the depth first
+    for index in picked:
         key, name, options = choices[index]
         current = get_choice(arch, key, name)
         others = [option for option in options if option != current]
-        arch = set_choice(arch, key, name, others[int(rng.integers(len(others)))])
+        value = others[int(rng.integers(len(others)))]
+        if key == "depth" and deepen == "copy-last" and value > current:
+            arch = deepened(arch, value, choices)
+        else:
+            arch = set_choice(arch, key, name, value)
     return arch
+
+
+def deepened(arch: Any, depth: int, choices: Sequence[tuple[int | str, str, tuple[Any, ...]]]) -> Any:
+    """``arch`` at a larger ``depth``, each added layer holding the choices of the same layer of
+    the last used depth unit (vgg9: the last layer; resnet12: the same layer of the last block)
+    where the space offers that option there; otherwise it keeps its own."""
+    used = arch.n_used_layers
+    per_unit = used // arch.depth
+    offered = {(key, name): options for key, name, options in choices}
+    grown = arch.with_depth(depth)
+    for index in range(used, grown.n_used_layers):
+        source = arch.layers[used - per_unit + (index - used) % per_unit]
+        for name in ("kernel", "width", "activation"):
+            value = getattr(source, name)
+            if value in offered.get((index, name), ()):
+                grown = grown.with_layer(index, **{name: value})
+    return grown
 
 
 def crossover(
@@ -606,7 +645,9 @@ class _Search:
                 if len(found) >= config.pool_size:
                     break
                 parent = parents[int(self.rng.integers(len(parents)))]
-                child = mutate(parent, self.choices, self.config.mutations_per_child, self.rng)
+                child = mutate(
+                    parent, self.choices, self.config.mutations_per_child, self.rng, self.config.deepen
+                )
                 key = child.canonical()
                 if key not in found and _valid(self.space, child) and self.feasible(child):
                     found[key] = child
@@ -639,7 +680,9 @@ class _Search:
                 second = int(self.rng.integers(len(elites) - 1))
                 second += second >= first  # a different elite
                 parent = crossover(parent, elites[second], self.choices, self.rng)
-            candidate = mutate(parent, self.choices, self.config.mutations_per_child, self.rng)
+            candidate = mutate(
+                parent, self.choices, self.config.mutations_per_child, self.rng, self.config.deepen
+            )
             if not _valid(self.space, candidate):
                 stats["rejected_invalid"] += 1
             elif candidate.canonical() in taken:

@@ -163,6 +163,7 @@ def test_request_round_trips_through_json(world):
     assert params.weights_kind == "meta" and request_for(world).weights_kind == "finetuned"
     config = request_for(world, pool_size=7).ga_config()
     assert (config.pool_size, config.iterations, config.tasks_per_slice) == (7, 6, 4)
+    assert config.deepen == "stored" and request_for(world, deepen="copy-last").ga_config().deepen == "copy-last"
 
 
 @pytest.mark.parametrize(
@@ -179,6 +180,7 @@ def test_request_round_trips_through_json(world):
         ({"preset": "huge"}, "unknown preset"),
         ({"pool_size": 1}, "pool_size"),
         ({"patience": -1}, "patience"),
+        ({"deepen": "grow"}, "deepen must be one of"),
         ({"test_tasks": 1}, "test_tasks"),
         ({"task_source": "web"}, "task_source"),
         ({"task_source": "support", "support": None}, "needs a support set"),

@@ -25,6 +25,7 @@ from engine.search.evolution import (
     GAConfigError,
     GAStateError,
     archive_ranking,
+    deepened,
     get_choice,
     load_state,
     mutable_choices,
@@ -174,6 +175,7 @@ def test_ga_config_is_validated():
         {"final_slices": -1},
         {"final_slices": True},
         {"seed": 1.5},
+        {"deepen": "grow"},
     ):
         with pytest.raises(GAConfigError):
             GAConfig(**bad)
@@ -239,6 +241,67 @@ def test_mutate_changes_exactly_two_choices_to_different_values(space):
         changed = [c for c in choices if get_choice(parent, c[0], c[1]) != get_choice(child, c[0], c[1])]
         assert len(changed) == 2
         space.validate(child)
+
+
+def test_copy_last_fills_the_layers_a_mutation_adds_with_the_last_layers_choices(space):
+    rng = np.random.default_rng(1)
+    choices = mutable_choices(space)
+    deepenings = 0
+    for _ in range(1000):
+        parent = space.sample(rng)
+        child = mutate(parent, choices, 2, rng, "copy-last")
+        space.validate(child)
+        changed = [c for c in choices if get_choice(parent, c[0], c[1]) != get_choice(child, c[0], c[1])]
+        if child.depth <= parent.depth:
+            assert len(changed) == 2  # as Algorithm 1's mutation
+            continue
+        deepenings += 1
+        last = parent.layers[parent.depth - 1]
+        # The added layers are the last layer, up to the one other choice the mutation changed.
+        differences = [
+            (index, name)
+            for index in range(parent.depth, child.depth)
+            for name in ("kernel", "width", "activation")
+            if getattr(child.layers[index], name) != getattr(last, name)
+        ]
+        before = [c for c in changed if c[0] != "depth" and c[0] < parent.depth]
+        # (None at all when the other choice was a layer beyond the new depth.)
+        assert len(differences) + len(before) <= 1, (parent, child)
+    assert deepenings > 40  # 80 of these 1,000
+
+
+def test_copy_last_copies_a_resnet_block_layer_by_layer():
+    space = SearchSpace.resnet12(in_channels=1, image_size=28, num_classes=5)
+    rng = np.random.default_rng(4)
+    arch = space.sample(rng)
+    while arch.depth != 1:
+        arch = space.sample(rng)
+    grown = deepened(arch, 3, space.choices())
+    per_block = grown.n_used_layers // grown.depth
+    assert grown.depth == 3 and per_block == 3
+    for index in range(per_block, grown.n_used_layers):
+        source = arch.layers[index % per_block]
+        target = grown.layers[index]
+        for name, options in (("kernel", space.kernels), ("width", space.allowed_widths(index)),
+                              ("activation", space.activations)):  # fmt: skip
+            value = getattr(source, name)
+            expected = value if value in options and len(options) > 1 else getattr(arch.layers[index], name)
+            assert getattr(target, name) == expected, (index, name)
+    assert grown.layers[:per_block] == arch.layers[:per_block]
+    space.validate(grown)
+
+
+def test_a_ga_that_copies_the_last_layer_keeps_every_constraint_and_its_seed(space):
+    def run(deepen):
+        fitness = SyntheticFitness(space)
+        config = small_config(seed=11, deepen=deepen)
+        result = run_ga(space, fitness, costs_fn_for(space), [Constraint("params", 50_000)], config)
+        return result, fitness.calls
+
+    first, again, stored = run("copy-last"), run("copy-last"), run("stored")
+    assert first[0].to_dict() | {"elapsed_s": 0} == again[0].to_dict() | {"elapsed_s": 0}
+    assert first[1] == again[1] and first[1] != stored[1]
+    assert all(arch_params(space, arch) <= 50_000 for arch, _ in first[1])
 
 
 # --------------------------------------------------------------------------- the GA
