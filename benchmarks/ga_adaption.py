@@ -503,10 +503,11 @@ class PrintedProgress:
             tenth = max(1, generations // 10)
             if done % tenth == 0 or done == generations:
                 best = event["best_fitness"]
+                score = "error rate" if event.get("metric") == "accuracy" else "loss"
                 self._print(
                     ("adapt", event["budget_index"], done),
                     f"GA budget {event['budget_index'] + 1}/{event['budgets']}, generations done "
-                    f"{done}/{generations}: best loss {'none feasible' if best is None else f'{best:.4f}'} "
+                    f"{done}/{generations}: best {score} {'none feasible' if best is None else f'{best:.4f}'} "
                     f"(on this generation's slice {event['slice'] + 1}; slices rotate), "
                     f"{event['evaluations']} evaluations, {event['cache_hits']} cache hits",
                 )
