@@ -163,7 +163,9 @@ def test_request_round_trips_through_json(world):
     assert params.weights_kind == "meta" and request_for(world).weights_kind == "finetuned"
     config = request_for(world, pool_size=7).ga_config()
     assert (config.pool_size, config.iterations, config.tasks_per_slice) == (7, 6, 4)
-    assert config.deepen == "stored" and request_for(world, deepen="copy-last").ga_config().deepen == "copy-last"
+    assert (
+        config.deepen == "stored" and request_for(world, deepen="copy-last").ga_config().deepen == "copy-last"
+    )
 
 
 @pytest.mark.parametrize(
