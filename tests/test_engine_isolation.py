@@ -18,15 +18,21 @@ sys.exit(1 if leaked else 0)
 """
 
 
-def test_engine_imports_without_django():
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+def run_bare_python(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter at the repository root, with no inherited environment
+    (no DJANGO_SETTINGS_MODULE, nothing pre-imported)."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={"PATH": ""},
     )
+
+
+def test_engine_imports_without_django():
+    result = run_bare_python(SCRIPT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "leaked: []" in result.stdout
 
@@ -38,13 +44,6 @@ def test_the_web_process_reads_the_adaption_presets_without_pytorch():
         "import sys, engine.adaption_presets as p; "
         "print(p.ADAPTION_PRESETS['cpu'].search_metric, 'torch' in sys.modules)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": ""},
-    )
+    result = run_bare_python(script, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["accuracy", "False"]

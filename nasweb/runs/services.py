@@ -565,7 +565,7 @@ def search_metric_of(run: AdaptionRun) -> str:
     if (run.request or {}).get("search_metric"):
         return run.request["search_metric"]
     preset = ADAPTION_PRESETS.get(run.preset)
-    return preset.search_metric if preset is not None and run.supernet.method == Method.HMETANAS else "loss"
+    return preset.search_metric if preset is not None and run.supernet.is_supernet else "loss"
 
 
 def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgress):

@@ -256,7 +256,6 @@
     var extra = mixed ? { yaxis2: { title: { text: searchMetric("accuracy").axis }, overlaying: "y", side: "right" }, margin: { r: 70 } } : undefined;
     Plotly.newPlot(element, traces, layout("Pareto fronts of one super-net on several devices", xTitle,
                    searchMetric(mixed ? "loss" : metrics[0]).axis, extra), { responsive: true });
-    element.dataset.metrics = metrics.map(function (m) { return searchMetric(m).short; }).join(",");
   };
 
   function setupChart(element) {
