@@ -14,6 +14,9 @@ from dataclasses import dataclass
 #: either loss (docs/BENCHMARKS.md, "final choice"): after a few inner steps the logits are flat
 #: (loss ~2 for 20 ways), so the loss mostly measures their scale, not which class wins.
 FINAL_METRICS = ("loss", "accuracy")
+#: What the layers a mutation adds (a larger depth) hold: the super-net's "stored" choices or
+#: copies of the last layer's ("copy-last"). See engine.search.evolution.GAConfig.deepen.
+DEEPEN_MODES = ("stored", "copy-last")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.adaption_presets import DEEPEN_MODES  # torch-free, so the web form can offer them
 from engine.atomic import atomic_write_json
 from engine.progress import ProgressCallback, null_progress
 from engine.search.constraints import (
@@ -81,8 +82,6 @@ GAState = dict[str, Any]
 STATE_VERSION = 1
 #: GAConfig.finalists_from's choices.
 FINALISTS_FROM = ("last", "archive")
-#: GAConfig.deepen's choices: what the layers a mutation adds (a larger depth) hold.
-DEEPEN_MODES = ("stored", "copy-last")
 
 
 class GAConfigError(ValueError):

@@ -1,5 +1,6 @@
 from django import forms
 
+from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS  # torch-free, like the web process
 from nasweb.runs.models import MAX_PATIENCE, Method
 
 PRESETS = [
@@ -7,6 +8,20 @@ PRESETS = [
     ("cpu", "cpu: about an hour on 2 cores"),
     ("paper", "paper: the MAML++ protocol (GPU)"),
 ]
+#: What a GA can minimise (engine FINAL_METRICS); "" leaves it to the preset.
+SEARCH_METRICS = [
+    ("", "the preset's choice"),
+    ("loss", "few-shot query loss (the paper's Algorithm 1)"),
+    ("accuracy", "few-shot query error rate"),
+]
+assert {value for value, _ in SEARCH_METRICS[1:]} == set(FINAL_METRICS)
+#: What the layers a mutation adds hold (engine DEEPEN_MODES); "" leaves it to the preset.
+DEEPEN_CHOICES = [
+    ("", "the preset's choice"),
+    ("stored", "the super-net's stored choices for those layers"),
+    ("copy-last", "copies of the last layer's choices"),
+]
+assert {value for value, _ in DEEPEN_CHOICES[1:]} == set(DEEPEN_MODES)
 CONSTRAINTS = [("latency_ms", "latency on the device (ms)"), ("params", "parameters"), ("macs", "MACs")]
 
 
@@ -70,6 +85,15 @@ class AdaptionForm(forms.Form):
         min_value=0, max_value=MAX_PATIENCE, initial=0, required=False, label="Stop early after",
         help_text="generations in a row without a change among the search's best 10 %, after which a "
         "budget's search ends (0: run every generation of the preset)",
+    )  # fmt: skip
+    search_metric = forms.ChoiceField(
+        choices=SEARCH_METRICS, initial="", required=False, label="Search minimises",
+        help_text="what ranks sub-nets on the search tasks; presets: tiny and paper the loss, cpu the "
+        "error rate, which ranked sub-nets by test accuracy better on full super-nets",
+    )  # fmt: skip
+    deepen = forms.ChoiceField(
+        choices=DEEPEN_CHOICES, initial="", required=False, label="Layers a mutation adds",
+        help_text="when a mutation makes a sub-net deeper; every preset uses the stored choices",
     )  # fmt: skip
     support_zip = forms.FileField(
         required=False, label="Support set (optional)",

@@ -101,6 +101,15 @@ class AdaptionRun(Job):
     patience = models.PositiveSmallIntegerField(
         default=0, help_text="stop a budget's GA once its elites stood still this many generations (0: never)"
     )
+    #: engine.adaption_presets.AdaptionPreset.search_metric and .deepen; "": the preset's.
+    search_metric = models.CharField(
+        max_length=16, blank=True, default="",
+        help_text="what the GA minimises: 'loss' (query loss), 'accuracy' (query error rate); blank: the preset's",
+    )  # fmt: skip
+    deepen = models.CharField(
+        max_length=16, blank=True, default="",
+        help_text="what layers a mutation adds hold: 'stored' or 'copy-last'; blank: the preset's",
+    )  # fmt: skip
     support_set = models.ForeignKey(SupportSet, null=True, blank=True, on_delete=models.SET_NULL)
     request = models.JSONField(default=dict, blank=True, help_text="engine.adaption.AdaptionRequest")
     out_dir = models.CharField(max_length=500, blank=True)

@@ -322,9 +322,13 @@ def adaption_start(
     support_set: SupportSet | None = None,
     name: str = "",
     patience: int = 0,
+    search_metric: str = "",
+    deepen: str = "",
 ) -> AdaptionRun:
+    """Queue an adaption. ``search_metric`` and ``deepen`` override the preset's (blank: keep it)."""
     import math
 
+    from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS
     from engine.search.constraints import Constraint, ConstraintError
 
     if supernet.status != JobStatus.SUCCEEDED or not supernet.is_adaptable:
@@ -335,6 +339,14 @@ def adaption_start(
         raise RunInputError(f"patience must be a whole number of generations from 0 to {MAX_PATIENCE}")
     if patience and not supernet.is_supernet:
         raise RunInputError("patience stops the architecture search of a super-net; a MetaNAS run has none")
+    if search_metric not in ("", *FINAL_METRICS):
+        raise RunInputError(f"search_metric must be one of {FINAL_METRICS} or blank (the preset's)")
+    if deepen not in ("", *DEEPEN_MODES):
+        raise RunInputError(f"deepen must be one of {DEEPEN_MODES} or blank (the preset's)")
+    if (search_metric or deepen) and not supernet.is_supernet:
+        raise RunInputError(
+            "search_metric and deepen steer the architecture search of a super-net; a MetaNAS run has none"
+        )
     for budget in budgets:
         if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
             raise RunInputError(f"budget {budget!r} must be a finite positive number")
@@ -367,6 +379,8 @@ def adaption_start(
             budgets=[float(b) for b in budgets],
             preset=preset,
             patience=patience,
+            search_metric=search_metric,
+            deepen=deepen,
             support_set=support_set,
         )
         run.out_dir = str(_run_dir("adaption", run.pk))
@@ -564,6 +578,8 @@ def search_metric_of(run: AdaptionRun) -> str:
             return point["metric"]
     if (run.request or {}).get("search_metric"):
         return run.request["search_metric"]
+    if run.search_metric:
+        return run.search_metric
     preset = ADAPTION_PRESETS.get(run.preset)
     return preset.search_metric if preset is not None and run.supernet.is_supernet else "loss"
 
@@ -592,6 +608,8 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         lut=str(lut_path) if lut_path else None,
         preset=run.preset,
         patience=run.patience,
+        search_metric=run.search_metric or None,  # None: the preset's
+        deepen=run.deepen or None,
         task_source="support" if run.support_set else "validation",
         support=run.support_set.path if run.support_set else None,
         measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,

@@ -59,6 +59,17 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
     AdaptionRun.objects.filter(pk=adaption.pk).update(patience=9)
     adaption.refresh_from_db()
     assert services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None).patience == 9
+    # Blank search metric and deepen mode: the preset's (None in the request); else the user's.
+    assert (request.search_metric, request.deepen) == (None, None)
+    assert request.search_metric_value == "loss"  # the tiny preset's
+    AdaptionRun.objects.filter(pk=adaption.pk).update(search_metric="accuracy", deepen="copy-last")
+    adaption.refresh_from_db()
+    chosen = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
+    assert (chosen.search_metric, chosen.deepen, chosen.search_metric_value) == (
+        "accuracy",
+        "copy-last",
+        "accuracy",
+    )
     # Losses are kept beside the super-net's checkpoint for its later adaptions.
     assert request.fitness_memo == str(tmp_path / "supernet" / "fitness-memo.sqlite")
 

@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 from devices import services as device_services
 from devices.models import Device
 from nasweb.core.models import JobStatus
+from nasweb.runs import services
 from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 
 pytestmark = pytest.mark.django_db
@@ -218,6 +219,71 @@ def test_patience_goes_from_the_form_and_the_api_to_the_run(client, users, runs)
     )  # fmt: skip
     refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, "patience": 5}, format="json")
     assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
+
+
+def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client, users, runs):
+    """Both override the preset's; blank keeps it. The run page says what was chosen."""
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    cpu = Device.objects.get(builtin_key="local-cpu")
+    fields = {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": "3000",
+        "preset": "cpu",
+    }
+    form_page = client.get("/runs/adapt/").content.decode()
+    assert 'name="search_metric"' in form_page and 'name="deepen"' in form_page
+
+    response = client.post("/runs/adapt/", {**fields, "search_metric": "loss", "deepen": "copy-last"})
+    assert response.status_code == 302
+    run = AdaptionRun.objects.latest("pk")
+    assert (run.search_metric, run.deepen) == ("loss", "copy-last")
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert '<span id="search-metric">query loss</span>' in page  # not the cpu preset's error rate
+    assert "layers a mutation adds copy the last layer" in page
+    assert client.post("/runs/adapt/", fields).status_code == 302
+    blank = AdaptionRun.objects.latest("pk")
+    assert (blank.search_metric, blank.deepen) == ("", "")  # the preset's
+    assert client.get(f"/runs/adapt/{blank.pk}.json").json()["search_metric"] == "accuracy"
+    before = AdaptionRun.objects.count()
+    for bad in ({"search_metric": "speed"}, {"deepen": "grow"}):
+        refused = client.post("/runs/adapt/", {**fields, **bad})
+        assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
+    assert AdaptionRun.objects.count() == before
+
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    body = {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": [3000],
+        "preset": "cpu",
+    }
+    created = api.post(
+        "/api/runs/adapt/", {**body, "search_metric": "accuracy", "deepen": "stored"}, format="json"
+    )
+    assert created.status_code == 201
+    assert (created.json()["search_metric"], created.json()["deepen"]) == ("accuracy", "stored")
+    assert AdaptionRun.objects.get(pk=created.json()["id"]).search_metric == "accuracy"
+    defaults = api.post("/api/runs/adapt/", body, format="json").json()
+    assert (defaults["search_metric"], defaults["deepen"]) == ("", "")
+    for bad in ({"search_metric": "speed"}, {"deepen": 3}):
+        refused = api.post("/api/runs/adapt/", {**body, **bad}, format="json")
+        assert refused.status_code == 400 and next(iter(bad)) in str(refused.json())
+
+    # A MetaNAS run has no architecture search for either to steer.
+    metanas = MetaTrainingRun.objects.create(
+        owner=users["owner"], method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED,
+    )  # fmt: skip
+    for steer in ({"search_metric": "loss"}, {"deepen": "copy-last"}):
+        refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, **steer}, format="json")
+        assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
+    with pytest.raises(services.RunInputError, match="search_metric must be one of"):
+        services.adaption_start(owner=users["owner"], supernet=supernet, device=cpu, constraint="params",
+                                budgets=[3000.0], search_metric="speed")  # fmt: skip
 
 
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
@@ -528,6 +594,9 @@ def test_every_run_says_what_its_search_minimised(client, users, runs):
     assert metric_of(run_with(status=JobStatus.QUEUED)) == "accuracy"  # what `cpu` will search on
     assert metric_of(run_with(status=JobStatus.QUEUED, preset="paper")) == "loss"
     assert metric_of(run_with(status=JobStatus.QUEUED, request={"search_metric": "loss"})) == "loss"
+    assert (
+        metric_of(run_with(status=JobStatus.QUEUED, search_metric="loss")) == "loss"
+    )  # the user's, over cpu's
     running = run_with(
         status=JobStatus.RUNNING, history=[{"generation": 0, "metric": "loss", "population": []}]
     )
