@@ -28,10 +28,7 @@ class MetaTrainingRunAdmin(admin.ModelAdmin):
     @admin.action(description="Re-run selected meta-training runs (same settings)")
     def rerun(self, request, queryset):
         for run in queryset:
-            services.metatrain_start(
-                owner=request.user, method=run.method, dataset=run.dataset, ways=run.ways, shots=run.shots,
-                backbone=run.backbone, preset=run.preset, name=f"{run} (re-run)",
-            )  # fmt: skip
+            services.metatrain_rerun(run, owner=request.user)
         self.message_user(request, "Re-run started.", messages.SUCCESS)
 
 
@@ -46,11 +43,8 @@ class AdaptionRunAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-run selected adaption runs (same settings)")
     def rerun(self, request, queryset):
-        for run in queryset.select_related("supernet", "device"):
-            services.adaption_start(
-                owner=request.user, supernet=run.supernet, device=run.device, constraint=run.constraint,
-                budgets=run.budgets, preset=run.preset, support_set=run.support_set, name=f"{run} (re-run)",
-            )  # fmt: skip
+        for run in queryset.select_related("supernet", "device", "support_set"):
+            services.adaption_rerun(run, owner=request.user)
         self.message_user(request, "Re-run started.", messages.SUCCESS)
 
 

@@ -17,7 +17,7 @@ from nasweb.core.models import JobStatus
 from nasweb.core.pagination import LIST_PARAMETERS, HeaderLimitOffsetPagination, paginated_response
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
-from nasweb.runs.forms import CONSTRAINTS, DEEPEN_CHOICES, PRESETS, SEARCH_METRICS
+from nasweb.runs.forms import CONSTRAINTS, DATASETS, DEEPEN_CHOICES, PRESETS, SEARCH_METRICS
 from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 from nasweb.runs.views import adaption_payload, model_file_response
 
@@ -43,7 +43,10 @@ class MetaTrainingOutput(serializers.ModelSerializer):
 class MetaTrainingInput(serializers.Serializer):
     name = serializers.CharField(max_length=120, required=False, default="", allow_blank=True)
     method = serializers.ChoiceField(choices=Method.choices, default=Method.HMETANAS)
-    dataset = serializers.ChoiceField(choices=["omniglot"], default="omniglot")
+    dataset = serializers.ChoiceField(
+        choices=[d for d, _ in DATASETS], default="omniglot",
+        help_text="Omniglot is downloaded when missing; the others must be in the server's data folder",
+    )  # fmt: skip
     ways = serializers.IntegerField(min_value=2, max_value=50, default=5)
     shots = serializers.IntegerField(min_value=1, max_value=20, default=1)
     backbone = serializers.ChoiceField(choices=["vgg9", "resnet12"], default="vgg9")

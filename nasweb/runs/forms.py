@@ -22,6 +22,12 @@ DEEPEN_CHOICES = [
     ("copy-last", "copies of the last layer's choices"),
 ]
 assert {value for value, _ in DEEPEN_CHOICES[1:]} == set(DEEPEN_MODES)
+DATASETS = [
+    ("omniglot", "Omniglot"),
+    ("mini-imagenet", "Mini-ImageNet"),
+    ("cifar-fs", "CIFAR-FS"),
+    ("fc100", "FC100"),
+]
 CONSTRAINTS = [("latency_ms", "latency on the device (ms)"), ("params", "parameters"), ("macs", "MACs")]
 
 
@@ -29,12 +35,7 @@ class MetaTrainingForm(forms.Form):
     name = forms.CharField(max_length=120, required=False)
     method = forms.ChoiceField(choices=Method.choices, initial=Method.HMETANAS)
     dataset = forms.ChoiceField(
-        choices=[
-            ("omniglot", "Omniglot"),
-            ("mini-imagenet", "Mini-ImageNet"),
-            ("cifar-fs", "CIFAR-FS"),
-            ("fc100", "FC100"),
-        ],
+        choices=DATASETS,
         initial="omniglot",
         help_text="Omniglot is downloaded when missing; the others must be in the server's data folder "
         "(docs/DATASETS.md).",

@@ -137,6 +137,16 @@ def metatrain_start(
     return run
 
 
+def metatrain_rerun(run: MetaTrainingRun, *, owner) -> MetaTrainingRun:
+    """A new run with every setting of ``run`` (its length and seed too), owned by ``owner``."""
+    spec = run.spec or {}
+    return metatrain_start(
+        owner=owner, method=run.method, dataset=run.dataset, ways=run.ways, shots=run.shots,
+        backbone=run.backbone, preset=run.preset, name=f"{run} (re-run)", seed=spec.get("seed", 0),
+        iterations=spec.get("meta_epochs" if run.method == Method.METANAS else "iterations"),
+    )  # fmt: skip
+
+
 def _metanas_spec(*, dataset: str, ways: int, shots: int, preset: str, iterations: int | None, seed: int):
     """A MetaNAS run: ``iterations`` are meta-epochs (each one REPTILE update over a meta-batch of tasks)."""
     from engine.metanas.service import MetaNasRunSpec
@@ -387,6 +397,15 @@ def adaption_start(
         run.save(update_fields=["out_dir"])
         transaction.on_commit(lambda: _enqueue("runs.adapt", run, queue="adapt"))
     return run
+
+
+def adaption_rerun(run: AdaptionRun, *, owner) -> AdaptionRun:
+    """A new adaption with every setting of ``run``, owned by ``owner``."""
+    return adaption_start(
+        owner=owner, supernet=run.supernet, device=run.device, constraint=run.constraint,
+        budgets=run.budgets, preset=run.preset, support_set=run.support_set, patience=run.patience,
+        search_metric=run.search_metric, deepen=run.deepen, name=f"{run} (re-run)",
+    )  # fmt: skip
 
 
 def adaption_start_with_upload(

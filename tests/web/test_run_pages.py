@@ -449,6 +449,14 @@ def test_the_training_form_offers_the_natural_image_datasets_and_refuses_what_ca
     assert response.status_code == 400
     assert "val split has 3 classes; 5-way tasks need 5" in response.content.decode()
     assert not MetaTrainingRun.objects.exists()
+    # The API offers the same datasets and refuses with the same reasons.
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    refused = api.post("/api/runs/train/", {**form, "ways": 5}, format="json")
+    assert refused.status_code == 400 and "val split has 3 classes" in refused.json()["error"]
+    created = api.post("/api/runs/train/", form, format="json")
+    assert created.status_code == 201 and created.json()["dataset"] == "mini-imagenet"
+    MetaTrainingRun.objects.all().delete()
     response = client.post("/runs/train/", form)
     run = MetaTrainingRun.objects.get()
     assert (
