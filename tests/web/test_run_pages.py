@@ -179,17 +179,29 @@ def test_a_support_set_with_the_wrong_class_count_is_refused(client, users, runs
     assert "not a zip file" in response.content.decode()
 
 
-def test_patience_goes_from_the_form_and_the_api_to_the_run(client, users, runs):
-    supernet, _, _ = runs
-    client.force_login(users["owner"])
+def _adaption_form_fields(supernet, preset: str) -> tuple[Device, dict]:
+    """The local CPU and a valid adaption form for ``supernet`` with a params budget."""
     cpu = Device.objects.get(builtin_key="local-cpu")
     fields = {
         "supernet": supernet.pk,
         "device": cpu.pk,
         "constraint": "params",
         "budgets": "3000",
-        "preset": "tiny",
+        "preset": preset,
     }
+    return cpu, fields
+
+
+def _finished_metanas_run(owner) -> MetaTrainingRun:
+    return MetaTrainingRun.objects.create(
+        owner=owner, method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED
+    )
+
+
+def test_patience_goes_from_the_form_and_the_api_to_the_run(client, users, runs):
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    cpu, fields = _adaption_form_fields(supernet, "tiny")
     response = client.post("/runs/adapt/", {**fields, "patience": "15"})
     assert response.status_code == 302
     run = AdaptionRun.objects.latest("pk")
@@ -214,9 +226,7 @@ def test_patience_goes_from_the_form_and_the_api_to_the_run(client, users, runs)
     assert refused.status_code == 400 and "patience" in str(refused.json())
 
     # A MetaNAS run searches no architectures per budget: nothing for patience to stop.
-    metanas = MetaTrainingRun.objects.create(
-        owner=users["owner"], method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED,
-    )  # fmt: skip
+    metanas = _finished_metanas_run(users["owner"])
     refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, "patience": 5}, format="json")
     assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
 
@@ -225,14 +235,7 @@ def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client
     """Both override the preset's; blank keeps it. The run page says what was chosen."""
     supernet, _, _ = runs
     client.force_login(users["owner"])
-    cpu = Device.objects.get(builtin_key="local-cpu")
-    fields = {
-        "supernet": supernet.pk,
-        "device": cpu.pk,
-        "constraint": "params",
-        "budgets": "3000",
-        "preset": "cpu",
-    }
+    cpu, fields = _adaption_form_fields(supernet, "cpu")
     form_page = client.get("/runs/adapt/").content.decode()
     assert 'name="search_metric"' in form_page and 'name="deepen"' in form_page
 
@@ -275,9 +278,7 @@ def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client
         assert refused.status_code == 400 and next(iter(bad)) in str(refused.json())
 
     # A MetaNAS run has no architecture search for either to steer.
-    metanas = MetaTrainingRun.objects.create(
-        owner=users["owner"], method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED,
-    )  # fmt: skip
+    metanas = _finished_metanas_run(users["owner"])
     for steer in ({"search_metric": "loss"}, {"deepen": "copy-last"}):
         refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, **steer}, format="json")
         assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
