@@ -31,21 +31,35 @@ class ExportError(ValueError):
     """The exported model could not be produced or does not reproduce the module's output."""
 
 
+def script_module(module: nn.Module) -> torch.jit.ScriptModule:
+    """``module`` in eval mode as TorchScript (already-scripted modules pass through)."""
+    module = module.eval()
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    with warnings.catch_warnings():
+        # torch >= 2.10 marks TorchScript deprecated; it is still the deployable format we ship.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(module)
+
+
+def save_torchscript(scripted: torch.jit.ScriptModule, path: str | os.PathLike) -> Path:
+    """Write ``scripted`` to ``path`` atomically (a reader never sees half a model)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # as in script_module
+        torch.jit.save(scripted, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def export_torchscript(module: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
     """Script ``module`` (eval mode), check it on ``example_input`` and save it to ``path``."""
     module = module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated upstream but supported
-        scripted = torch.jit.script(module)
+    scripted = script_module(module)
     with torch.no_grad():
         expected = module(example_input)
         actual = scripted(example_input)
     _check_close("TorchScript", expected, actual)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(scripted, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_torchscript(scripted, path)
 
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.export import script_module
 from engine.latency.measure import (
     MIN_LAYER_MS,
     MeasurementError,
@@ -39,7 +40,6 @@ from engine.latency.measure import (
     _checked_reference,
     _load_tensors,
     _structure,
-    script_module,
     torch_threads,
 )
 from engine.progress import ProgressCallback, null_progress

@@ -28,13 +28,14 @@ import contextlib
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from engine.export import script_module
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from engine.space import Arch, LayerSpec, SearchSpace
@@ -217,17 +218,6 @@ def _synchronizer(device: torch.device) -> Callable[[], None] | None:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return None
-
-
-def script_module(module: nn.Module) -> torch.jit.ScriptModule:
-    """``module`` in eval mode as TorchScript (already-scripted modules pass through)."""
-    module = module.eval()
-    if isinstance(module, torch.jit.ScriptModule):
-        return module
-    with warnings.catch_warnings():
-        # torch >= 2.10 marks TorchScript deprecated; it is still the deployable format we ship.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(module)
 
 
 def _example(shape: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -9,14 +9,13 @@ retraining.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.atomic import atomic_write
+from engine.export import save_torchscript, script_module
 from engine.metanas.config import MetaNasConfig, MetaNasConfigError
 from engine.metanas.discrete import MetaNasTaskNet, build_task_network, count_parameters
 from engine.metanas.genotype import Genotype, derive_genotype
@@ -124,9 +123,7 @@ def export_task_model(task_model: TaskModel, path: str | Path | None = None) -> 
 
     The saved file loads with ``torch.jit.load`` alone (no nasweb code needed).
     """
-    scripted = torch.jit.script(task_model.network)
+    scripted = script_module(task_model.network)
     if path is not None:
-        buffer = io.BytesIO()
-        torch.jit.save(scripted, buffer)
-        atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+        save_torchscript(scripted, path)
     return scripted
