@@ -17,7 +17,15 @@ from nasweb.core.models import JobStatus
 from nasweb.core.pagination import LIST_PARAMETERS, HeaderLimitOffsetPagination, paginated_response
 from nasweb.core.services import job_cancel
 from nasweb.runs import services
-from nasweb.runs.forms import CONSTRAINTS, DATASETS, DEEPEN_CHOICES, PRESETS, SEARCH_METRICS
+from nasweb.runs.forms import (
+    CONSTRAINTS,
+    DATASETS,
+    DEEPEN_CHOICES,
+    DEEPEN_HELP,
+    PRESETS,
+    SEARCH_METRIC_HELP,
+    SEARCH_METRICS,
+)
 from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 from nasweb.runs.views import adaption_payload, model_file_response
 
@@ -124,14 +132,11 @@ class AdaptionInput(serializers.Serializer):
         help_text="stop a budget's GA once its best 10 % stood still this many generations (0: never)",
     )  # fmt: skip
     search_metric = serializers.ChoiceField(
-        choices=[m for m, _ in SEARCH_METRICS], default="", allow_blank=True,
-        help_text="what the GA minimises: 'loss' (few-shot query loss) or 'accuracy' (query error rate); "
-        "blank: the preset's (tiny, paper: loss; cpu: accuracy)",
-    )  # fmt: skip
+        choices=[m for m, _ in SEARCH_METRICS], default="", allow_blank=True, help_text=SEARCH_METRIC_HELP
+    )
     deepen = serializers.ChoiceField(
-        choices=[m for m, _ in DEEPEN_CHOICES], default="", allow_blank=True,
-        help_text="what the layers a mutation adds hold: 'stored' or 'copy-last'; blank: the preset's (stored)",
-    )  # fmt: skip
+        choices=[m for m, _ in DEEPEN_CHOICES], default="", allow_blank=True, help_text=DEEPEN_HELP
+    )
     support_zip = serializers.FileField(required=False)
 
 

@@ -1,6 +1,10 @@
 from django import forms
 
-from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS  # torch-free, like the web process
+from engine.adaption_presets import (  # torch-free, like the web process
+    ADAPTION_PRESETS,
+    DEEPEN_MODES,
+    FINAL_METRICS,
+)
 from nasweb.runs.models import MAX_PATIENCE, Method
 
 PRESETS = [
@@ -21,6 +25,26 @@ DEEPEN_LABELS = {
     "copy-last": "copies of the last layer's choices",
 }
 DEEPEN_CHOICES = [("", "the preset's choice")] + [(m, DEEPEN_LABELS[m]) for m in DEEPEN_MODES]
+
+
+def _what_each_preset_chooses(field: str) -> str:
+    """E.g. "tiny, paper: loss; cpu: accuracy", from the presets themselves (never stale)."""
+    presets_by_value: dict[str, list[str]] = {}
+    for name, preset in ADAPTION_PRESETS.items():
+        presets_by_value.setdefault(getattr(preset, field), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in presets_by_value.items())
+
+
+#: The adaption form's and API's help for both choices (one text, so they cannot disagree).
+SEARCH_METRIC_HELP = (
+    "what the GA minimises on its search tasks: 'loss' (few-shot query loss) or 'accuracy' (query "
+    "error rate, which ranked sub-nets by test accuracy better on full super-nets); blank: the "
+    f"preset's ({_what_each_preset_chooses('search_metric')})"
+)
+DEEPEN_HELP = (
+    "what the layers a mutation adds hold when it makes a sub-net deeper: 'stored' or 'copy-last'; "
+    f"blank: the preset's ({_what_each_preset_chooses('deepen')})"
+)
 DATASETS = [
     ("omniglot", "Omniglot"),
     ("mini-imagenet", "Mini-ImageNet"),
@@ -87,13 +111,10 @@ class AdaptionForm(forms.Form):
         "budget's search ends (0: run every generation of the preset)",
     )  # fmt: skip
     search_metric = forms.ChoiceField(
-        choices=SEARCH_METRICS, initial="", required=False, label="Search minimises",
-        help_text="what ranks sub-nets on the search tasks; presets: tiny and paper the loss, cpu the "
-        "error rate, which ranked sub-nets by test accuracy better on full super-nets",
+        choices=SEARCH_METRICS, initial="", required=False, label="Search minimises", help_text=SEARCH_METRIC_HELP,
     )  # fmt: skip
     deepen = forms.ChoiceField(
-        choices=DEEPEN_CHOICES, initial="", required=False, label="Layers a mutation adds",
-        help_text="when a mutation makes a sub-net deeper; every preset uses the stored choices",
+        choices=DEEPEN_CHOICES, initial="", required=False, label="Layers a mutation adds", help_text=DEEPEN_HELP,
     )  # fmt: skip
     support_zip = forms.FileField(
         required=False, label="Support set (optional)",
