@@ -21,6 +21,14 @@ def admin_client(client):
     return client
 
 
+def rerun_in_admin(admin_client, run):
+    """Post the changelist's "rerun" action for ``run``; the one new run it started."""
+    changelist = f"/admin/runs/{type(run)._meta.model_name}/"
+    response = admin_client.post(changelist, {"action": "rerun", "_selected_action": [run.pk]})
+    assert response.status_code == 302
+    return type(run).objects.exclude(pk=run.pk).get()
+
+
 def test_re_running_an_adaption_keeps_its_search_settings(admin_client):
     device_services.seed_builtin_devices()
     owner = get_user_model().objects.create_user("owner", password="pw-owner-123")
@@ -33,11 +41,7 @@ def test_re_running_an_adaption_keeps_its_search_settings(admin_client):
         budgets=[3000.0, 5000.0], preset="cpu", patience=7, search_metric="loss", deepen="copy-last",
         status=JobStatus.SUCCEEDED,
     )  # fmt: skip
-    response = admin_client.post(
-        "/admin/runs/adaptionrun/", {"action": "rerun", "_selected_action": [run.pk]}
-    )
-    assert response.status_code == 302
-    again = AdaptionRun.objects.exclude(pk=run.pk).get()
+    again = rerun_in_admin(admin_client, run)
     settings = (
         "supernet",
         "device",
@@ -64,10 +68,6 @@ def test_re_running_a_meta_training_keeps_its_length_and_seed(admin_client, meth
         owner=admin_client.admin, method=method, dataset="omniglot", ways=5, shots=1, preset="tiny", spec=spec,
         status=JobStatus.FAILED,
     )  # fmt: skip
-    response = admin_client.post(
-        "/admin/runs/metatrainingrun/", {"action": "rerun", "_selected_action": [run.pk]}
-    )
-    assert response.status_code == 302
-    again = MetaTrainingRun.objects.exclude(pk=run.pk).get()
+    again = rerun_in_admin(admin_client, run)
     assert (again.method, again.preset, again.ways) == (method, "tiny", 5)
     assert again.spec[length] == spec[length] and again.spec["seed"] == 5
