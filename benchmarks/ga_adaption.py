@@ -43,7 +43,8 @@ one search process and with ``--search-workers`` processes (the ratio is a figur
 ``--paper-devices cpu,cuda`` also times it on this machine's GPU; ``--sweep-device cuda`` scores
 and tests the GA-vs-random sweep there. ``--out DIR`` keeps the folder (LUT, packages, the sweep's
 state): started again with the same arguments and ``--lut DIR/lut.json``, a sweep stopped at a
-time limit continues where it stopped.
+time limit continues where it stopped; the last line's JSON is also written there as
+``summary.json`` (``benchmarks/ga_seeds.py`` runs several seeds and sums them up).
 
 ``--quick`` finishes in under a minute on 2 shared CPU cores.
 """
@@ -64,6 +65,7 @@ import torch
 import engine.search.adapt as adapt_module
 from benchmarks._scoring import scoring_path
 from engine.adaption import ADAPTION_PRESETS, AdaptionRequest, load_supernet, run_adaption
+from engine.atomic import atomic_write_json
 from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
 from engine.latency.measure import LayerTimer
@@ -78,6 +80,8 @@ from engine.search.random_search import random_search
 from engine.seeding import derive_seed, seed_everything
 from engine.space import SearchSpace
 from engine.supernet import SuperNet
+
+SUMMARY_NAME = "summary.json"  # with --out: the last line's JSON, also kept in the folder
 
 # --------------------------------------------------------------------------- SYNTHETIC mode
 SYNTHETIC_WAYS = 20
@@ -775,10 +779,13 @@ def real_main(args: argparse.Namespace) -> None:
             "resumed": resumed,
         },
     }
+    if args.out:
+        # benchmarks/ga_seeds.py collects the sweeps of several seeds from here.
+        atomic_write_json(folder / SUMMARY_NAME, summary)
     print(json.dumps(summary))
 
 
-def _quantiles(text: str) -> tuple[float, ...]:
+def budget_quantiles_argument(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -861,7 +868,7 @@ def main() -> None:
     )
     real.add_argument(
         "--budget-quantiles",
-        type=_quantiles,
+        type=budget_quantiles_argument,
         default=(0.1, 0.3, 0.6),
         help="latency budgets (two or more) as quantiles of random sub-nets' latency, e.g. 0.3,0.6,0.9; "
         "the summary's figures are the second budget's",

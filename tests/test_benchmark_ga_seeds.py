@@ -1,0 +1,80 @@
+"""What benchmarks/ga_seeds.py makes of several seeds' GA-vs-random sweeps."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from benchmarks.ga_seeds import COMMAND_NAME, finished_summary, mean_with_ci95, summarise, t_critical_95
+
+# The five seeds of docs/BENCHMARKS.md, "Five seeds on a fourth full super-net" (GA - random, points,
+# at the 90/70/50/30 % budgets).
+FOURTH_SUPERNET = {
+    1: [9.23, 5.32, 0.00, 1.69],
+    2: [2.29, 3.84, 0.01, 0.00],
+    3: [7.89, 3.94, 4.17, 1.61],
+    4: [0.06, 4.70, 5.09, 0.83],
+    5: [4.77, 7.33, 4.06, 1.93],
+}
+
+
+def test_the_interval_is_students_t_over_the_seeds():
+    # By hand: mean 2, sample standard deviation sqrt(2/3), t(0.975, 3 df) = 3.182.
+    mean, half_width = mean_with_ci95([1.0, 2.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert half_width == pytest.approx(3.182 * math.sqrt(2 / 3) / 2)
+    assert t_critical_95(4) == 2.776
+    assert t_critical_95(1000) == 2.042  # beyond the table: the 30-df value
+    assert math.isnan(mean_with_ci95([1.5])[1])
+    with pytest.raises(ValueError):
+        t_critical_95(0)
+
+
+def test_the_fourth_supernets_seeds_meet_the_goal_by_their_means_but_not_one_by_one():
+    figures = summarise(FOURTH_SUPERNET, goal_points=1.0, goal_budgets=3)
+    assert figures["seeds"] == [1, 2, 3, 4, 5]
+    assert figures["ga_minus_random_mean"] == pytest.approx([4.848, 5.026, 2.666, 1.212])
+    assert figures["ga_minus_random_min"] == [0.06, 3.84, 0.00, 0.00]
+    assert figures["seeds_leading_by_goal"] == [4, 5, 3, 3]
+    # Seeds 1, 3 and 5 led by a point at three or more budgets; 2 and 4 at two.
+    assert figures["sweeps_meeting_goal"] == 3
+    assert figures["budgets_where_mean_meets_goal"] == 4
+    assert figures["goal_met_by_mean"] is True
+    # 30 %: mean 1.212, sd 0.793, so 2.776 * 0.793 / sqrt(5) = 0.985: the interval excludes zero.
+    # 50 %: mean 2.666 but sd 2.46, so ± 3.06: it does not (two seeds had 0.00 and 0.01).
+    assert figures["ga_minus_random_ci95"][3] == pytest.approx(0.985, abs=1e-3)
+    assert figures["ga_minus_random_ci95"][2] == pytest.approx(3.056, abs=1e-3)
+    assert figures["budgets_ahead_beyond_ci"] == 3
+
+
+def test_a_lead_below_the_goal_on_average_is_not_counted():
+    figures = summarise({1: [0.5, 2.0], 2: [0.7, 0.0]}, goal_points=1.0, goal_budgets=2)
+    assert figures["ga_minus_random_mean"] == pytest.approx([0.6, 1.0])
+    assert figures["budgets_where_mean_meets_goal"] == 1
+    assert figures["goal_met_by_mean"] is False
+    assert figures["sweeps_meeting_goal"] == 0
+
+
+def test_sweeps_with_different_budget_counts_or_none_are_refused():
+    with pytest.raises(ValueError, match="different numbers of budgets"):
+        summarise({1: [1.0, 2.0], 2: [1.0]}, goal_points=1.0, goal_budgets=1)
+    with pytest.raises(ValueError, match="no finished sweeps"):
+        summarise({}, goal_points=1.0, goal_budgets=1)
+
+
+def test_a_finished_seed_is_kept_an_unfinished_one_runs_and_another_commands_folder_is_refused(tmp_path):
+    folder = tmp_path / "seed-1"
+    command = [sys.executable, "ga_adaption.py", "--seed", "1", "--out", str(folder)]
+    assert finished_summary(command, folder) is None  # nothing there yet: it runs
+    folder.mkdir()
+    (folder / COMMAND_NAME).write_text(json.dumps(["/another/python", *command[1:]]))
+    assert finished_summary(command, folder) is None  # started, not finished: it continues
+    (folder / "summary.json").write_text(json.dumps({"per_budget": [{"ga_minus_random": 1.5}]}))
+    # Same arguments under another interpreter: the finished sweep is reused.
+    assert finished_summary(command, folder)["per_budget"][0]["ga_minus_random"] == 1.5
+
+    other = [*command[:3], "2", *command[4:]]
+    with pytest.raises(SystemExit, match="holds a sweep of another command"):
+        finished_summary(other, folder)
+    assert json.loads((folder / COMMAND_NAME).read_text())[1:] == command[1:]  # left as it was
