@@ -222,12 +222,14 @@ def main() -> None:
         }
         ran = {seed: future.result() for seed, future in futures.items()}
     wall_s = time.perf_counter() - started
-    leads, budgets = {}, {}
+    leads, budgets, accuracies = {}, {}, {"ga": {}, "random": {}}
     for seed in seeds:
         summary, seconds = ran[seed] if seed in ran else (kept[seed], None)
         rows = summary["per_budget"]
         leads[seed] = [row["ga_minus_random"] for row in rows]
         budgets[seed] = [row["budget_ms"] for row in rows]
+        for method in accuracies:
+            accuracies[method][seed] = [row[f"{method}_acc"] for row in rows]
         shown = " ".join(f"{lead:+6.2f}" for lead in leads[seed])
         when = "kept from an earlier start" if seconds is None else f"{seconds:.0f} s"
         print(f"seed {seed}: GA - random per budget {shown} points ({when}); budgets {budgets[seed]} ms")
@@ -237,7 +239,9 @@ def main() -> None:
         print(
             f"{100 * quantile:g} % budget: GA - random {mean:+.2f} ± {interval:.2f} points (95 % t, "
             f"{len(seeds)} seeds), smallest {figures['ga_minus_random_min'][index]:+.2f}, "
-            f"GA ahead by ≥ {args.goal_points:g} on {figures['seeds_leading_by_goal'][index]} of {len(seeds)}"
+            f"GA ahead by ≥ {args.goal_points:g} on {figures['seeds_leading_by_goal'][index]} of {len(seeds)}; "
+            f"test accuracy over the seeds: GA {_spread(accuracies['ga'], index)}, "
+            f"random {_spread(accuracies['random'], index)}"
         )
     print(
         f"sweeps with the GA ≥ {args.goal_points:g} point(s) ahead at ≥ {args.goal_budgets} budgets: "
@@ -255,6 +259,13 @@ def main() -> None:
                 },
                 "budget_quantiles": list(args.budget_quantiles),
                 "budgets_ms": {str(seed): budgets[seed] for seed in seeds},
+                # How much each method's pick moved with the seed (%, lowest and highest).
+                **{
+                    f"{method}_acc_range": [
+                        [min(column), max(column)] for column in zip(*by_seed.values(), strict=True)
+                    ]
+                    for method, by_seed in accuracies.items()
+                },
                 "goal_points": args.goal_points,
                 "goal_budgets": args.goal_budgets,
                 "wall_s": round(wall_s, 1),
@@ -262,6 +273,11 @@ def main() -> None:
             }
         )
     )
+
+
+def _spread(accuracy_by_seed: dict[int, list[float]], index: int) -> str:
+    column = [accuracies[index] for accuracies in accuracy_by_seed.values()]
+    return f"{min(column):.2f}-{max(column):.2f} %"
 
 
 def _split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
