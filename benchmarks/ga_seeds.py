@@ -91,6 +91,7 @@ def summarise(leads_by_seed: dict[int, Sequence[float]], goal_points: float, goa
         raise ValueError(f"the sweeps have different numbers of budgets: {sorted(budget_counts)}")
     per_budget = list(zip(*leads_by_seed.values(), strict=True))
     means, intervals = zip(*(mean_with_ci95(leads) for leads in per_budget), strict=True)
+    budgets_where_mean_meets_goal = sum(mean >= goal_points for mean in means)
     return {
         "seeds": sorted(leads_by_seed),
         "ga_minus_random_mean": list(means),
@@ -100,8 +101,8 @@ def summarise(leads_by_seed: dict[int, Sequence[float]], goal_points: float, goa
         "sweeps_meeting_goal": sum(
             sum(lead >= goal_points for lead in leads) >= goal_budgets for leads in leads_by_seed.values()
         ),
-        "budgets_where_mean_meets_goal": sum(mean >= goal_points for mean in means),
-        "goal_met_by_mean": sum(mean >= goal_points for mean in means) >= goal_budgets,
+        "budgets_where_mean_meets_goal": budgets_where_mean_meets_goal,
+        "goal_met_by_mean": budgets_where_mean_meets_goal >= goal_budgets,
         # Budgets where the GA is ahead beyond the seeds' scatter (the interval excludes zero).
         "budgets_ahead_beyond_ci": sum(
             mean - interval > 0
@@ -209,14 +210,15 @@ def main() -> None:
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ga_seeds_"))
-    commands = {seed: sweep_command(args, seed, out / f"seed-{seed}", passed) for seed in seeds}
+    folders = {seed: out / f"seed-{seed}" for seed in seeds}
+    commands = {seed: sweep_command(args, seed, folders[seed], passed) for seed in seeds}
     print(f"{len(seeds)} sweeps, {args.jobs} at a time, in {out}; each: {' '.join(commands[seeds[0]][1:])}")
     # Every folder is checked before any sweep starts, so a refusal leaves nothing running.
-    kept = {seed: finished_summary(commands[seed], out / f"seed-{seed}") for seed in seeds}
+    kept = {seed: finished_summary(commands[seed], folders[seed]) for seed in seeds}
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            seed: pool.submit(run_sweep, commands[seed], out / f"seed-{seed}")
+            seed: pool.submit(run_sweep, commands[seed], folders[seed])
             for seed in seeds
             if kept[seed] is None
         }
@@ -234,14 +236,19 @@ def main() -> None:
         when = "kept from an earlier start" if seconds is None else f"{seconds:.0f} s"
         print(f"seed {seed}: GA - random per budget {shown} points ({when}); budgets {budgets[seed]} ms")
     figures = summarise(leads, args.goal_points, args.goal_budgets)
+    # How much each method's pick moved with the seed: per budget, lowest and highest test accuracy (%).
+    accuracy_ranges = {
+        method: [(min(column), max(column)) for column in zip(*by_seed.values(), strict=True)]
+        for method, by_seed in accuracies.items()
+    }
     for index, quantile in enumerate(args.budget_quantiles):
         mean, interval = figures["ga_minus_random_mean"][index], figures["ga_minus_random_ci95"][index]
         print(
             f"{100 * quantile:g} % budget: GA - random {mean:+.2f} ± {interval:.2f} points (95 % t, "
             f"{len(seeds)} seeds), smallest {figures['ga_minus_random_min'][index]:+.2f}, "
             f"GA ahead by ≥ {args.goal_points:g} on {figures['seeds_leading_by_goal'][index]} of {len(seeds)}; "
-            f"test accuracy over the seeds: GA {_spread(accuracies['ga'], index)}, "
-            f"random {_spread(accuracies['random'], index)}"
+            f"test accuracy over the seeds: GA {_spread(accuracy_ranges['ga'][index])}, "
+            f"random {_spread(accuracy_ranges['random'][index])}"
         )
     print(
         f"sweeps with the GA ≥ {args.goal_points:g} point(s) ahead at ≥ {args.goal_budgets} budgets: "
@@ -259,12 +266,9 @@ def main() -> None:
                 },
                 "budget_quantiles": list(args.budget_quantiles),
                 "budgets_ms": {str(seed): budgets[seed] for seed in seeds},
-                # How much each method's pick moved with the seed (%, lowest and highest).
                 **{
-                    f"{method}_acc_range": [
-                        [min(column), max(column)] for column in zip(*by_seed.values(), strict=True)
-                    ]
-                    for method, by_seed in accuracies.items()
+                    f"{method}_acc_range": [list(extremes) for extremes in ranges]
+                    for method, ranges in accuracy_ranges.items()
                 },
                 "goal_points": args.goal_points,
                 "goal_budgets": args.goal_budgets,
@@ -275,9 +279,8 @@ def main() -> None:
     )
 
 
-def _spread(accuracy_by_seed: dict[int, list[float]], index: int) -> str:
-    column = [accuracies[index] for accuracies in accuracy_by_seed.values()]
-    return f"{min(column):.2f}-{max(column):.2f} %"
+def _spread(extremes: tuple[float, float]) -> str:
+    return f"{extremes[0]:.2f}-{extremes[1]:.2f} %"
 
 
 def _split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
