@@ -78,3 +78,27 @@ def test_a_finished_seed_is_kept_an_unfinished_one_runs_and_another_commands_fol
     with pytest.raises(SystemExit, match="holds a sweep of another command"):
         finished_summary(other, folder)
     assert json.loads((folder / COMMAND_NAME).read_text())[1:] == command[1:]  # left as it was
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--seeds", "1"], "two or more different seeds"),
+        (["--seeds", "1,1"], "two or more different seeds"),
+        (["--seeds", "1,x"], "comma-separated integers"),
+        (["--goal-budgets", "5"], "between 1 and the 4 budgets"),
+        (["--jobs", "0"], "at least 1"),
+        (["--budget-quantiles", "0.5,0.3"], "increasing quantiles"),
+    ],
+)
+def test_bad_arguments_stop_with_a_clear_error_before_any_sweep(
+    monkeypatch, capsys, tmp_path, arguments, message
+):
+    from benchmarks import ga_seeds
+
+    monkeypatch.setattr(sys, "argv", ["ga_seeds.py", "--out", str(tmp_path / "out"), *arguments])
+    with pytest.raises(SystemExit) as stopped:
+        ga_seeds.main()
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
