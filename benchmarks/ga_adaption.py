@@ -627,6 +627,7 @@ def real_main(args: argparse.Namespace) -> None:
         warm_start=max(1, round(0.1 * pool)) if args.warm_start is None else args.warm_start,
         patience=args.patience,
         deepen=args.deepen,
+        depth_elites=args.depth_elites,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -643,6 +644,7 @@ def real_main(args: argparse.Namespace) -> None:
         f"{'error rate' if request.search_metric_value == 'accuracy' else 'loss'}; test tasks {test_tasks}; "
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
         f"patience {ga_config.patience or 'none'}; added layers {ga_config.deepen}; "
+        f"elites per depth {ga_config.depth_elites or 'none'}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -772,6 +774,7 @@ def real_main(args: argparse.Namespace) -> None:
             "warm_start": ga_config.warm_start,
             "patience": ga_config.patience,
             "deepen": ga_config.deepen,
+            "depth_elites": ga_config.depth_elites,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -905,6 +908,12 @@ def main() -> None:
         default=None,
         help="what the layers a GA mutation adds hold: stored (default, Algorithm 1 on this encoding) "
         "or copy-last (the last layer's choices)",
+    )
+    real.add_argument(
+        "--depth-elites",
+        type=int,
+        default=None,
+        help="the sweep's GAs keep the best this many sub-nets of every depth as elites too (default: none)",
     )
     real.add_argument(
         "--paper-patience",

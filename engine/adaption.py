@@ -199,6 +199,7 @@ class AdaptionRequest:
     warm_start: int | None = None
     patience: int | None = None
     deepen: str | None = None
+    depth_elites: int | None = None
     search_metric: str | None = None
     seed: int = 0
     task_source: str = "validation"
@@ -256,6 +257,7 @@ class AdaptionRequest:
         _check_int("final_slices", self.final_slices, 0)
         _check_int("warm_start", self.warm_start, 0)
         _check_int("patience", self.patience, 0)
+        _check_int("depth_elites", self.depth_elites, 0)
         if self.deepen is not None and self.deepen not in DEEPEN_MODES:
             raise AdaptionRequestError(f"deepen must be one of {DEEPEN_MODES}, got {self.deepen!r}")
         for name in ("final_metric", "search_metric"):
@@ -349,6 +351,7 @@ class AdaptionRequest:
             warm_start=pick("warm_start"),
             patience=pick("patience"),
             deepen=pick("deepen"),
+            depth_elites=pick("depth_elites"),
             seed=self.seed,
         )
 

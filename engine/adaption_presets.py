@@ -54,6 +54,9 @@ class AdaptionPreset:
     #: What the layers a mutation adds hold: "stored" (every preset) or "copy-last" (the
     #: choices of the last layer before them; an experiment). See GAConfig.deepen.
     deepen: str = "stored"
+    #: The best this many architectures of every depth survive as elites besides the best 10 %
+    #: (GAConfig.depth_elites); 0 (every preset): Algorithm 1's elites only.
+    depth_elites: int = 0
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {

@@ -135,6 +135,13 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the layers a mutation adds hold: stored (the choices they carried, every preset's) "
         "or copy-last (the choices of the last layer before them)",
     )
+    parser.add_argument(
+        "--depth-elites",
+        type=int,
+        default=None,
+        help="besides a GA's best 10 %%, the best this many sub-nets of every depth survive and parent "
+        "children (0, every preset's: the best 10 %% only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -178,6 +185,7 @@ def _adapt(args: argparse.Namespace) -> int:
         warm_start=args.warm_start,
         patience=args.patience,
         deepen=args.deepen,
+        depth_elites=args.depth_elites,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

@@ -22,6 +22,9 @@ Semantics chosen where the paper leaves room (documented in docs/ADAPTION.md):
   mutation that only touches layers beyond ``depth`` - the same network - is rejected). Every
   child gets at most ``max_mutation_tries`` attempts; then a feasible random architecture is
   tried (same bound), and as the very last resort an elite is repeated. Nothing loops unbounded.
+  With ``depth_elites=k`` the best ``k`` architectures of every depth in the ranking (of finite
+  loss) join the elites where those best ``elite_size`` hold fewer, so a deeper lineage whose
+  first nets score worse than the shallow leaders keeps parenting children.
 * **Last generation.** Algorithm 1 mutates after the last evaluation too; those children would
   never be scored, so the search stops after ranking generation ``M - 1``.
 * **Final choice.** Loss on one 16-task slice is noisy, so the top ``final_candidates`` of the
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -138,6 +142,13 @@ class GAConfig:
     #: sub-net ended in a `selu` layer, so a deepened child was competitive only when its
     #: stored new last layer happened to be `selu` (one chance in six); see docs/ADAPTION.md.
     deepen: str = "stored"
+    #: Besides the best ``elite_size``, the best this many architectures of every depth the
+    #: ranking holds (of finite loss) survive and parent children too; 0: Algorithm 1's elites
+    #: only. Why: at a loose budget the elites of most GAs on full super-nets settled on
+    #: two-layer nets within a few generations and a deeper lineage died out, while the two
+    #: GAs that happened to keep one picked three- and four-layer nets about 10 points more
+    #: accurate on test tasks (docs/BENCHMARKS.md, "Several seeds at once").
+    depth_elites: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -152,6 +163,7 @@ class GAConfig:
         _positive_int("final_slices", self.final_slices, 0)
         _positive_int("warm_start", self.warm_start, 0)
         _positive_int("patience", self.patience, 0)
+        _positive_int("depth_elites", self.depth_elites, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise GAConfigError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.crossover, bool):
@@ -660,7 +672,9 @@ class _Search:
             self.run.stats["init_duplicates"] += 1
         return population
 
-    def elites(self, ranked: Sequence[Any]) -> list[Any]:
+    def elites(self, ranked: Sequence[Any], losses: Sequence[float]) -> list[Any]:
+        """The best ``elite_size`` distinct architectures of ``ranked`` (best first, ``losses``
+        beside it), then with ``depth_elites`` the best of each depth they left short."""
         chosen: dict[Any, Any] = {}
         for arch in ranked:
             key = arch.canonical()
@@ -668,6 +682,15 @@ class _Search:
                 chosen[key] = arch
                 if len(chosen) == self.config.elite_size:
                     break
+        per_depth = self.config.depth_elites
+        if per_depth:
+            kept = Counter(arch.depth for arch in chosen.values())
+            for arch, loss in zip(ranked, losses, strict=True):
+                key = arch.canonical()
+                # A diverged score says nothing of its depth: it never holds a place open.
+                if key not in chosen and kept[arch.depth] < per_depth and math.isfinite(loss):
+                    chosen[key] = arch
+                    kept[arch.depth] += 1
         return list(chosen.values())
 
     def child(self, elites: Sequence[Any], taken: Mapping[Any, Any]) -> Any | None:
@@ -692,9 +715,9 @@ class _Search:
                 return candidate
         return None
 
-    def next_population(self, ranked: Sequence[Any]) -> list[Any]:
+    def next_population(self, ranked: Sequence[Any], losses: Sequence[float]) -> list[Any]:
         """Mutate(A, L_a, H_t, C): elites survive, children of elites fill the pool to P."""
-        elites = self.elites(ranked)
+        elites = self.elites(ranked, losses)
         population = list(elites)
         taken: dict[Any, None] = {arch.canonical(): None for arch in elites}
         stats = self.run.stats
@@ -915,7 +938,7 @@ def run_ga(
         start = int(state["generation"])
 
     extra = dict(event_extra or {})
-    previous_elites = _elite_keys(search, ranked) if ranked else None
+    previous_elites = _elite_keys(search, ranked, last_losses) if ranked else None
     # True from the start only for a resumed run that had already stopped early.
     stopping = _patience_spent(run.history, config.patience)
     for generation in range(start, config.iterations):
@@ -928,7 +951,7 @@ def run_ga(
         ranked = [population[i] for i in order]
         last_losses = [losses[i] for i in order]
         finite = [loss for loss in losses if math.isfinite(loss)]
-        elites = _elite_keys(search, ranked)
+        elites = _elite_keys(search, ranked, last_losses)
         run.history.append(
             {
                 "generation": generation,
@@ -943,7 +966,7 @@ def run_ga(
         previous_elites = elites
         stopping = _patience_spent(run.history, config.patience)
         if generation < config.iterations - 1 and not stopping:
-            population = search.next_population(ranked)
+            population = search.next_population(ranked, last_losses)
         if on_state is not None:
             on_state(
                 {
@@ -1013,8 +1036,8 @@ def run_ga(
     )
 
 
-def _elite_keys(search: _Search, ranked: Sequence[Any]) -> frozenset[Any]:
-    return frozenset(arch.canonical() for arch in search.elites(ranked))
+def _elite_keys(search: _Search, ranked: Sequence[Any], losses: Sequence[float]) -> frozenset[Any]:
+    return frozenset(arch.canonical() for arch in search.elites(ranked, losses))
 
 
 def _patience_spent(history: Sequence[Mapping[str, Any]], patience: int) -> bool:

@@ -166,6 +166,9 @@ def test_request_round_trips_through_json(world):
     assert (
         config.deepen == "stored" and request_for(world, deepen="copy-last").ga_config().deepen == "copy-last"
     )
+    assert config.depth_elites == 0 and request_for(world, depth_elites=2).ga_config().depth_elites == 2
+    # Unset, it stays out of the identity: a request saved before the knob existed still matches.
+    assert "depth_elites" not in request_for(world).identity()
 
 
 @pytest.mark.parametrize(
@@ -183,6 +186,8 @@ def test_request_round_trips_through_json(world):
         ({"pool_size": 1}, "pool_size"),
         ({"patience": -1}, "patience"),
         ({"deepen": "grow"}, "deepen must be one of"),
+        ({"depth_elites": -1}, "depth_elites"),
+        ({"depth_elites": 1.5}, "depth_elites"),
         ({"test_tasks": 1}, "test_tasks"),
         ({"task_source": "web"}, "task_source"),
         ({"task_source": "support", "support": None}, "needs a support set"),
@@ -835,6 +840,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "0",
         "--patience",
         "1",
+        "--depth-elites",
+        "1",
         "--search-metric",
         "accuracy",
         "--no-onnx",
@@ -858,6 +865,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     assert card["search"]["final_choice"]["finalists_from"] == "last"
     saved = AdaptionResult.load(tmp_path / "out").request
     assert saved.warm_start == 0 and saved.patience == 1 and saved.search_metric == "accuracy"
+    assert saved.depth_elites == 1 and saved.ga_config().depth_elites == 1
     assert card["search"]["metric"] == "accuracy" and 0.0 <= card["search"]["loss"] <= 1.0
     assert 1 <= card["search"]["generations"] <= saved.ga_config().iterations
     assert (tmp_path / "out" / ".adaption-state.json").exists()

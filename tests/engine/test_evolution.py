@@ -928,3 +928,83 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+# --------------------------------------------------------------------------- elites per depth
+class ShallowTrapFitness(SyntheticFitness):
+    """One- and two-layer nets score a little better than most deeper ones, while the best
+    four-layer nets (wide layers) beat them all: a GA that lets its deep lineage die out early
+    settles on shallow nets. ``diverged_depth`` scores every net of that depth as diverged."""
+
+    def __init__(self, space: SearchSpace, diverged_depth: int | None = None) -> None:
+        super().__init__(space, num_slices=1)
+        self.diverged_depth = diverged_depth
+
+    def true_loss(self, arch: Arch) -> float:
+        if arch.depth == self.diverged_depth:
+            return math.inf
+        used = arch.layers[: arch.depth]
+        wide = sum(layer.width == max(SMALL_WIDTHS) for layer in used)
+        if arch.depth <= 2:
+            return 1.0 - 0.05 * wide
+        return 2.0 - 0.3 * wide
+
+
+def test_depth_elites_keep_the_best_net_of_every_depth_parenting(space):
+    constraint = [Constraint("params", 400_000)]
+    config = small_config(iterations=10, num_slices=1, depth_elites=1)
+    states: list[dict] = []
+    fitness = ShallowTrapFitness(space, diverged_depth=3)
+    uninterrupted = run_ga(space, fitness, costs_fn_for(space), constraint, config, on_state=states.append)
+    decode = Arch.from_dict
+    assert len(states) == 10
+    for state in states[:-1]:  # the last generation makes no next pool
+        ranked = [decode(d) for d in state["ranked"]]
+        losses = [math.inf if v is None else v for v in state["ranked_losses"]]
+        pool = [decode(d).canonical() for d in state["population"]]
+        best_of_depth = {}
+        for arch, loss in zip(ranked, losses, strict=True):
+            if math.isfinite(loss):
+                best_of_depth.setdefault(arch.depth, arch.canonical())
+        distinct_best = list(dict.fromkeys(arch.canonical() for arch in ranked))[: config.elite_size]
+        extra = [key for key in best_of_depth.values() if key not in distinct_best]
+        # The pool starts with Algorithm 1's elites, then the best of each depth they lacked.
+        assert pool[: len(distinct_best) + len(extra)] == distinct_best + extra
+        assert {1, 2, 4} <= set(best_of_depth)
+        # A diverged depth holds no place open: no elite of depth 3 unless by rank.
+        assert all(decode(d).depth != 3 for d in state["population"][: config.elite_size + len(extra)])
+    # A run resumed from a mid-way state goes on as the uninterrupted one.
+    resumed_states: list[dict] = []
+    resumed = run_ga(
+        space, ShallowTrapFitness(space, diverged_depth=3), costs_fn_for(space), constraint, config,
+        state=json.loads(json.dumps(states[4])), on_state=resumed_states.append,
+    )  # fmt: skip
+    assert [s["population"] for s in resumed_states] == [s["population"] for s in states[5:]]
+    assert (resumed.best_arch, resumed.evaluations) == (uninterrupted.best_arch, uninterrupted.evaluations)
+    with pytest.raises(GAConfigError, match="depth_elites"):
+        small_config(depth_elites=-1)
+    assert GAConfig().depth_elites == 0
+
+
+def test_depth_elites_escape_a_shallow_optimum_that_traps_algorithm_1(space, enumerated):
+    archs, params = enumerated
+    limit = 400_000
+    constraint = [Constraint("params", limit)]
+    trap = ShallowTrapFitness(space)
+    optimum = min(trap.true_loss(a) for a, p in zip(archs, params, strict=True) if p <= limit)
+    best_shallow = min(trap.true_loss(a) for a in archs if a.depth <= 2)
+    assert optimum < best_shallow  # the optimum is deep
+
+    def found(depth_elites: int, seed: int) -> float:
+        config = small_config(iterations=30, num_slices=1, depth_elites=depth_elites, seed=seed)
+        result = run_ga(space, ShallowTrapFitness(space), costs_fn_for(space), constraint, config)
+        assert result.best_costs["params"] <= limit
+        return result.best_loss - trap.slice_offset[0]
+
+    seeds = range(8)
+    plain = [found(0, seed) for seed in seeds]
+    per_depth = [found(1, seed) for seed in seeds]
+    # Algorithm 1 settles on a shallow net in most seeds; with the best four-layer net kept as
+    # an elite, its children climb to the optimum in every seed.
+    assert sum(loss == pytest.approx(optimum) for loss in plain) <= len(seeds) // 2
+    assert per_depth == pytest.approx([optimum] * len(seeds))
