@@ -29,8 +29,14 @@ Arguments after ``--`` go unchanged to every ``ga_adaption.py`` run; this script
 those meta-trains its own seconds-long super-net, so the seeds differ in the super-net too: a
 smoke check of the pipeline, not a measurement.
 
+``--compare-with DIR`` names another run of this script (same seeds, same budgets; for example
+the same sweeps without a GA option passed after ``--``) and adds, per budget, this run's GA
+minus that run's GA (test accuracy on the same tasks, points) with its 95 % t interval over the
+seeds, and both GAs' picks' depths. Each seed's line shows the depth of its GA's picks.
+
 Last line: JSON with ``ga_minus_random_mean``, ``ga_minus_random_ci95``, ``seeds_leading_by_goal``
-(one entry per budget), ``sweeps_meeting_goal`` and ``goal_met_by_mean``.
+(one entry per budget), ``sweeps_meeting_goal`` and ``goal_met_by_mean``; with ``--compare-with``
+also ``ga_minus_compared_mean``, ``ga_minus_compared_ci95`` and ``ga_depths``/``compared_depths``.
 """
 
 from __future__ import annotations
@@ -110,6 +116,57 @@ def summarise(leads_by_seed: dict[int, Sequence[float]], goal_points: float, goa
             if math.isfinite(interval)
         ),
     }
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def pick_depth(arch_code: str) -> int:
+    """The depth of a pick from its code (``d2:3/1/relu,...``, engine.search.package.arch_code)."""
+    head = arch_code.split(":", 1)[0]
+    if not head.startswith("d") or not head[1:].isdigit():
+        raise ValueError(f"not an architecture code: {arch_code!r}")
+    return int(head[1:])
+
+
+def compare_runs(ours: dict[int, dict], theirs: dict[int, dict]) -> dict:
+    """Per budget, our GA's test accuracy minus theirs over the seeds both ran (``summary.json``
+    of each seed's sweep), with a 95 % t interval, and both GAs' pick depths per seed. The two
+    runs must share each seed's budgets: the same table and quantiles, so the same
+    sub-nets fit."""
+    seeds = sorted(set(ours) & set(theirs))
+    if len(seeds) < 2:
+        raise ValueError(f"the compared runs share {len(seeds)} finished seed(s); two are needed")
+    for seed in seeds:
+        budgets = [[row["budget_ms"] for row in run[seed]["per_budget"]] for run in (ours, theirs)]
+        if budgets[0] != budgets[1]:
+            raise ValueError(
+                f"seed {seed} has other budgets in the compared run: {budgets[1]} ms, not {budgets[0]}"
+            )
+    differences = [
+        [
+            ga - other
+            for ga, other in zip(*(_column(run[seed], "ga_acc") for run in (ours, theirs)), strict=True)
+        ]
+        for seed in seeds
+    ]
+    means, intervals = zip(
+        *(mean_with_ci95(column) for column in zip(*differences, strict=True)), strict=True
+    )
+    return {
+        "compared_seeds": seeds,
+        "ga_minus_compared_mean": list(means),
+        "ga_minus_compared_ci95": list(intervals),
+        "ga_depths": {str(seed): [pick_depth(c) for c in _column(ours[seed], "ga_arch")] for seed in seeds},
+        "compared_depths": {
+            str(seed): [pick_depth(c) for c in _column(theirs[seed], "ga_arch")] for seed in seeds
+        },
+    }
+
+
+def _column(summary: dict, key: str) -> list:
+    return [row[key] for row in summary["per_budget"]]
 
 
 def sweep_command(args: argparse.Namespace, seed: int, folder: Path, passed: Sequence[str]) -> list[str]:
@@ -192,6 +249,11 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="folder of the seeds' sweeps (default: a new temporary one)"
     )
+    parser.add_argument(
+        "--compare-with",
+        default=None,
+        help="--out folder of another run (same seeds and budgets): also report this GA minus that one",
+    )
     own, passed = _split_at_double_dash(sys.argv[1:])
     args = parser.parse_args(own)
     if args.budget_quantiles is None:
@@ -209,8 +271,13 @@ def main() -> None:
         parser.error("--seeds needs two or more different seeds")
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
+    compared = _finished_summaries(Path(args.compare_with), seeds) if args.compare_with else None
+    if compared is not None and len(compared) < 2:
+        parser.error(
+            f"--compare-with {args.compare_with} holds fewer than two finished sweeps of these seeds"
+        )
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ga_seeds_"))
-    folders = {seed: out / f"seed-{seed}" for seed in seeds}
+    folders = {seed: seed_folder(out, seed) for seed in seeds}
     commands = {seed: sweep_command(args, seed, folders[seed], passed) for seed in seeds}
     print(f"{len(seeds)} sweeps, {args.jobs} at a time, in {out}; each: {' '.join(commands[seeds[0]][1:])}")
     # Every folder is checked before any sweep starts, so a refusal leaves nothing running.
@@ -224,9 +291,10 @@ def main() -> None:
         }
         ran = {seed: future.result() for seed, future in futures.items()}
     wall_s = time.perf_counter() - started
-    leads, budgets, accuracies = {}, {}, {"ga": {}, "random": {}}
+    leads, budgets, accuracies, summaries = {}, {}, {"ga": {}, "random": {}}, {}
     for seed in seeds:
         summary, seconds = ran[seed] if seed in ran else (kept[seed], None)
+        summaries[seed] = summary
         rows = summary["per_budget"]
         leads[seed] = [row["ga_minus_random"] for row in rows]
         budgets[seed] = [row["budget_ms"] for row in rows]
@@ -234,7 +302,11 @@ def main() -> None:
             accuracies[method][seed] = [row[f"{method}_acc"] for row in rows]
         shown = " ".join(f"{lead:+6.2f}" for lead in leads[seed])
         when = "kept from an earlier start" if seconds is None else f"{seconds:.0f} s"
-        print(f"seed {seed}: GA - random per budget {shown} points ({when}); budgets {budgets[seed]} ms")
+        depths = " ".join(f"d{pick_depth(code)}" for code in _column(summary, "ga_arch"))
+        print(
+            f"seed {seed}: GA - random per budget {shown} points ({when}); GA picks {depths}; "
+            f"budgets {budgets[seed]} ms"
+        )
     figures = summarise(leads, args.goal_points, args.goal_budgets)
     # How much each method's pick moved with the seed: per budget, lowest and highest test accuracy (%).
     accuracy_ranges = {
@@ -255,9 +327,24 @@ def main() -> None:
         f"{figures['sweeps_meeting_goal']} of {len(seeds)}; by the mean leads: "
         f"{figures['budgets_where_mean_meets_goal']} budgets ({'met' if figures['goal_met_by_mean'] else 'not met'})"
     )
+    comparison = compare_runs(summaries, compared) if compared is not None else {}
+    for index, quantile in enumerate(args.budget_quantiles if comparison else ()):
+        mean, interval = (
+            comparison["ga_minus_compared_mean"][index],
+            comparison["ga_minus_compared_ci95"][index],
+        )
+        depth_pairs = ", ".join(
+            f"{seed}: d{comparison['ga_depths'][str(seed)][index]}/d{comparison['compared_depths'][str(seed)][index]}"
+            for seed in comparison["compared_seeds"]
+        )
+        print(
+            f"{100 * quantile:g} % budget: this GA - the GA of {args.compare_with} {mean:+.2f} ± {interval:.2f} "
+            f"points (95 % t, {len(comparison['compared_seeds'])} seeds); pick depths this/that by seed {depth_pairs}"
+        )
     print(
         json.dumps(
             {
+                **comparison,
                 **{
                     key: [round(v, 3) if math.isfinite(v) else None for v in value]
                     if key.startswith("ga_minus_random")
@@ -277,6 +364,14 @@ def main() -> None:
             }
         )
     )
+
+
+def _finished_summaries(folder: Path, seeds: Sequence[int]) -> dict[int, dict]:
+    """The ``summary.json`` of each of ``seeds`` that finished in another run's ``folder``."""
+    if not folder.is_dir():
+        raise SystemExit(f"--compare-with {folder}: no such folder")
+    found = {seed: seed_folder(folder, seed) / SUMMARY_NAME for seed in seeds}
+    return {seed: json.loads(path.read_text()) for seed, path in found.items() if path.exists()}
 
 
 def _spread(extremes: tuple[float, float]) -> str:

@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from benchmarks.ga_seeds import COMMAND_NAME, finished_summary, mean_with_ci95, summarise, t_critical_95
+from benchmarks.ga_seeds import (
+    COMMAND_NAME,
+    compare_runs,
+    finished_summary,
+    mean_with_ci95,
+    pick_depth,
+    summarise,
+    t_critical_95,
+)
 
 # The five seeds of docs/BENCHMARKS.md, "Five seeds on a fourth full super-net" (GA - random, points,
 # at the 90/70/50/30 % budgets).
@@ -102,3 +110,83 @@ def test_bad_arguments_stop_with_a_clear_error_before_any_sweep(
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def _sweep_summary(budgets, ga_accs, ga_archs, random_accs):
+    return {
+        "per_budget": [
+            {"budget_ms": b, "ga_acc": g, "ga_arch": a, "random_acc": r, "ga_minus_random": g - r}
+            for b, g, a, r in zip(budgets, ga_accs, ga_archs, random_accs, strict=True)
+        ]
+    }
+
+
+def test_two_runs_are_compared_seed_by_seed_on_the_same_budgets():
+    budgets = [0.05, 0.09]
+    ours = {
+        1: _sweep_summary(budgets, [52.0, 60.0], ["d2:3/1/selu,3/1/selu", "d4:1/1/relu"], [50.0, 58.0]),
+        2: _sweep_summary(budgets, [50.0, 58.0], ["d1:3/2/selu", "d3:3/1/selu"], [49.0, 57.0]),
+        3: _sweep_summary(budgets, [51.0, 59.0], ["d2:3/1/selu", "d2:5/1/selu"], [50.0, 50.0]),
+    }
+    theirs = {
+        1: _sweep_summary(budgets, [51.0, 50.0], ["d2:3/1/selu", "d2:3/1/selu"], [50.0, 58.0]),
+        2: _sweep_summary(budgets, [50.0, 49.0], ["d1:3/2/selu", "d2:3/1/selu"], [49.0, 57.0]),
+        4: _sweep_summary(budgets, [10.0, 10.0], ["d1:1/1/relu", "d1:1/1/relu"], [9.0, 9.0]),
+    }
+    figures = compare_runs(ours, theirs)
+    assert figures["compared_seeds"] == [1, 2]  # only the seeds both runs finished
+    assert figures["ga_minus_compared_mean"] == pytest.approx([0.5, 9.5])
+    # Differences 1 and 0 at the first budget: sd sqrt(1/2), t(1 df) 12.706, over sqrt(2).
+    assert figures["ga_minus_compared_ci95"][0] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert figures["ga_depths"] == {"1": [2, 4], "2": [1, 3]}
+    assert figures["compared_depths"] == {"1": [2, 2], "2": [1, 2]}
+
+    with pytest.raises(ValueError, match="share 1 finished seed"):
+        compare_runs(ours, {1: theirs[1]})
+    other_table = {seed: _sweep_summary([0.04, 0.09], [1, 1], ["d1:1/1/relu"] * 2, [1, 1]) for seed in (1, 2)}
+    with pytest.raises(ValueError, match="seed 1 has other budgets"):
+        compare_runs(ours, other_table)
+    assert pick_depth("d12:3/1/relu") == 12
+    with pytest.raises(ValueError, match="not an architecture code"):
+        pick_depth("x2:3/1/relu")
+
+
+def test_compare_with_reports_this_ga_minus_another_runs_from_finished_folders(monkeypatch, capsys, tmp_path):
+    from benchmarks import ga_seeds
+
+    budgets, quantiles = [0.05, 0.09], (0.5, 0.9)
+    ours, theirs = tmp_path / "depth", tmp_path / "plain"
+    passed = ["--pool", "4"]
+    args = ga_seeds.argparse.Namespace(
+        quick=False, supernet=None, lut=None, budget_quantiles=quantiles, threads=1
+    )
+    for seed, (ga, other) in {1: ([52.0, 60.0], [51.0, 50.0]), 2: ([50.0, 58.0], [50.0, 49.0])}.items():
+        mine = ga_seeds.seed_folder(ours, seed)
+        mine.mkdir(parents=True)
+        (mine / COMMAND_NAME).write_text(json.dumps(ga_seeds.sweep_command(args, seed, mine, passed)))
+        (mine / "summary.json").write_text(
+            json.dumps(_sweep_summary(budgets, ga, ["d3:3/1/selu"] * 2, [50, 50]))
+        )
+        compared = ga_seeds.seed_folder(theirs, seed)
+        compared.mkdir(parents=True)
+        (compared / "summary.json").write_text(
+            json.dumps(_sweep_summary(budgets, other, ["d2:3/1/selu"] * 2, [50, 50]))
+        )
+    argv = ["ga_seeds.py", "--seeds", "1,2", "--budget-quantiles", "0.5,0.9", "--out", str(ours)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--compare-with", str(theirs), "--", *passed])
+    ga_seeds.main()  # both seeds finished: nothing runs
+    printed = capsys.readouterr().out
+    assert "GA picks d3 d3" in printed
+    assert "90 % budget: this GA - the GA of" in printed and "1: d3/d2, 2: d3/d2" in printed
+    figures = json.loads(printed.strip().splitlines()[-1])
+    assert figures["ga_minus_compared_mean"] == pytest.approx([0.5, 9.5])
+    assert figures["compared_seeds"] == [1, 2]
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--compare-with", str(tmp_path / "missing"), "--", *passed])
+    with pytest.raises(SystemExit, match="no such folder"):
+        ga_seeds.main()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", [*argv, "--compare-with", str(tmp_path / "empty"), "--", *passed])
+    with pytest.raises(SystemExit) as stopped:
+        ga_seeds.main()
+    assert stopped.value.code == 2 and "fewer than two finished sweeps" in capsys.readouterr().err
