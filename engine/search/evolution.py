@@ -147,7 +147,9 @@ class GAConfig:
     #: only. Why: at a loose budget the elites of most GAs on full super-nets settled on
     #: two-layer nets within a few generations and a deeper lineage died out, while the two
     #: GAs that happened to keep one picked three- and four-layer nets about 10 points more
-    #: accurate on test tasks (docs/BENCHMARKS.md, "Several seeds at once").
+    #: accurate on test tasks (docs/BENCHMARKS.md, "Several seeds at once"). Opt-in: on another
+    #: super-net it found far better deep nets, which still tested below the two-layer picks,
+    #: and it chose the same sub-nets with up to 2.8x the evaluations ("Elites of every depth").
     depth_elites: int = 0
     seed: int = 0
 
