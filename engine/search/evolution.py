@@ -717,9 +717,9 @@ class _Search:
                 return candidate
         return None
 
-    def next_population(self, ranked: Sequence[Any], losses: Sequence[float]) -> list[Any]:
-        """Mutate(A, L_a, H_t, C): elites survive, children of elites fill the pool to P."""
-        elites = self.elites(ranked, losses)
+    def next_population(self, elites: Sequence[Any]) -> list[Any]:
+        """Mutate(A, L_a, H_t, C): ``elites`` (from :meth:`elites`) survive, children of elites
+        fill the pool to P."""
         population = list(elites)
         taken: dict[Any, None] = {arch.canonical(): None for arch in elites}
         stats = self.run.stats
@@ -940,7 +940,7 @@ def run_ga(
         start = int(state["generation"])
 
     extra = dict(event_extra or {})
-    previous_elites = _elite_keys(search, ranked, last_losses) if ranked else None
+    previous_elites = _keys(search.elites(ranked, last_losses)) if ranked else None
     # True from the start only for a resumed run that had already stopped early.
     stopping = _patience_spent(run.history, config.patience)
     for generation in range(start, config.iterations):
@@ -953,7 +953,8 @@ def run_ga(
         ranked = [population[i] for i in order]
         last_losses = [losses[i] for i in order]
         finite = [loss for loss in losses if math.isfinite(loss)]
-        elites = _elite_keys(search, ranked, last_losses)
+        elite_archs = search.elites(ranked, last_losses)
+        elites = _keys(elite_archs)
         run.history.append(
             {
                 "generation": generation,
@@ -968,7 +969,7 @@ def run_ga(
         previous_elites = elites
         stopping = _patience_spent(run.history, config.patience)
         if generation < config.iterations - 1 and not stopping:
-            population = search.next_population(ranked, last_losses)
+            population = search.next_population(elite_archs)
         if on_state is not None:
             on_state(
                 {
@@ -1038,8 +1039,8 @@ def run_ga(
     )
 
 
-def _elite_keys(search: _Search, ranked: Sequence[Any], losses: Sequence[float]) -> frozenset[Any]:
-    return frozenset(arch.canonical() for arch in search.elites(ranked, losses))
+def _keys(archs: Sequence[Any]) -> frozenset[Any]:
+    return frozenset(arch.canonical() for arch in archs)
 
 
 def _patience_spent(history: Sequence[Mapping[str, Any]], patience: int) -> bool:
