@@ -139,15 +139,15 @@ def compare_runs(ours: dict[int, dict], theirs: dict[int, dict]) -> dict:
     if len(seeds) < 2:
         raise ValueError(f"the compared runs share {len(seeds)} finished seed(s); two are needed")
     for seed in seeds:
-        budgets = [[row["budget_ms"] for row in run[seed]["per_budget"]] for run in (ours, theirs)]
-        if budgets[0] != budgets[1]:
+        budgets, other_budgets = _column(ours[seed], "budget_ms"), _column(theirs[seed], "budget_ms")
+        if budgets != other_budgets:
             raise ValueError(
-                f"seed {seed} has other budgets in the compared run: {budgets[1]} ms, not {budgets[0]}"
+                f"seed {seed} has other budgets in the compared run: {other_budgets} ms, not {budgets}"
             )
     differences = [
         [
             ga - other
-            for ga, other in zip(*(_column(run[seed], "ga_acc") for run in (ours, theirs)), strict=True)
+            for ga, other in zip(_column(ours[seed], "ga_acc"), _column(theirs[seed], "ga_acc"), strict=True)
         ]
         for seed in seeds
     ]
@@ -295,11 +295,10 @@ def main() -> None:
     for seed in seeds:
         summary, seconds = ran[seed] if seed in ran else (kept[seed], None)
         summaries[seed] = summary
-        rows = summary["per_budget"]
-        leads[seed] = [row["ga_minus_random"] for row in rows]
-        budgets[seed] = [row["budget_ms"] for row in rows]
+        leads[seed] = _column(summary, "ga_minus_random")
+        budgets[seed] = _column(summary, "budget_ms")
         for method in accuracies:
-            accuracies[method][seed] = [row[f"{method}_acc"] for row in rows]
+            accuracies[method][seed] = _column(summary, f"{method}_acc")
         shown = " ".join(f"{lead:+6.2f}" for lead in leads[seed])
         when = "kept from an earlier start" if seconds is None else f"{seconds:.0f} s"
         depths = " ".join(f"d{pick_depth(code)}" for code in _column(summary, "ga_arch"))

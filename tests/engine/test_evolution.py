@@ -1004,7 +1004,7 @@ def test_depth_elites_escape_a_shallow_optimum_that_traps_algorithm_1(space, enu
     seeds = range(8)
     plain = [found(0, seed) for seed in seeds]
     per_depth = [found(1, seed) for seed in seeds]
-    # Algorithm 1 settles on a shallow net in most seeds; with the best four-layer net kept as
-    # an elite, its children climb to the optimum in every seed.
+    # Algorithm 1 settles on a shallow net in half the seeds or more; with the best four-layer
+    # net kept as an elite, its children climb to the optimum in every seed.
     assert sum(loss == pytest.approx(optimum) for loss in plain) <= len(seeds) // 2
     assert per_depth == pytest.approx([optimum] * len(seeds))
