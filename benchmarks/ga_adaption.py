@@ -65,6 +65,7 @@ import torch
 import engine.search.adapt as adapt_module
 from benchmarks._scoring import scoring_path
 from engine.adaption import ADAPTION_PRESETS, AdaptionRequest, load_supernet, run_adaption
+from engine.adaption_presets import SEARCH_PRECISIONS
 from engine.atomic import atomic_write_json
 from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
@@ -358,6 +359,7 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             and row["device"] == device
             and workers in (None, row["search_workers"])
             and not row.get("patience")
+            and row.get("precision", "float32") == "float32"
         ]
         return matches[-1] if matches else None
 
@@ -373,7 +375,11 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             summary["paper_ga_speedup_vs_1_process"] = round(single / production, 2)
         if batched:
             summary["paper_ga_speedup_vs_batched"] = round(batched / production, 2)
-    stopped = {row["patience"]: row for row in rows if row.get("patience")}
+    stopped = {
+        row["patience"]: row
+        for row in rows
+        if row.get("patience") and row.get("precision", "float32") == "float32"
+    }
     if stopped:
         summary["paper_ga_patience_s"] = {str(k): row["search_s"] for k, row in stopped.items()}
         summary["paper_ga_patience_generations"] = {str(k): row["generations"] for k, row in stopped.items()}
@@ -381,6 +387,20 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             summary["paper_ga_patience_speedup"] = {
                 str(k): round(production / row["search_s"], 2) for k, row in stopped.items()
             }
+    # Each patience's float32 way against the same patience in bfloat16 (same request otherwise).
+    float32 = {row["patience"]: row for row in rows if row["device"] == "cpu" and row["path"] == "auto"
+               and row["search_workers"] == workers and row.get("precision", "float32") == "float32"}  # fmt: skip
+    bfloat16 = {row["patience"]: row for row in rows if row.get("precision") == "bfloat16"}
+    if bfloat16:
+        summary["paper_ga_bfloat16_s"] = {str(k): row["search_s"] for k, row in bfloat16.items()}
+        summary["paper_ga_bfloat16_evaluations"] = {str(k): row["evaluations"] for k, row in bfloat16.items()}
+        paired = [k for k in bfloat16 if k in float32]
+        summary["paper_ga_bfloat16_speedup"] = {
+            str(k): round(float32[k]["search_s"] / bfloat16[k]["search_s"], 2) for k in paired
+        }
+        summary["paper_ga_bfloat16_same_choice"] = {
+            str(k): float32[k]["arch"] == bfloat16[k]["arch"] for k in paired
+        }
     if cuda:
         summary["paper_ga_cuda_s"] = cuda
         if production:
@@ -401,6 +421,7 @@ def time_paper_ga(
     extra_paths: tuple[str, ...] = (),
     slices: int | None = None,
     patiences: tuple[int, ...] = (0,),
+    precisions: tuple[str, ...] = ("float32",),
 ) -> list[dict]:
     """Wall time of the issue's adaption: P=100, ``iterations`` generations, 16-task slices, one
     latency budget, same request three ways: 1 search process scoring tasks one at a time on the
@@ -415,7 +436,8 @@ def time_paper_ga(
     preset's). Until 2026-12-06 this timed the ``tiny`` preset's final choice (3 finalists, 1
     held-out slice) with 3 search slices. ``patiences`` repeats the production way (the last
     ``workers`` processes, "auto") with each ``GAConfig.patience`` after the first (0: all
-    ``iterations``, Algorithm 1)."""
+    ``iterations``, Algorithm 1), and each of those with every search precision in
+    ``precisions`` (``AdaptionRequest.search_precision``; the other ways use the first)."""
     rows = []
     slices = ADAPTION_PRESETS["paper"].num_slices if slices is None else slices
     variants = [(1, "reference", "cpu"), (1, "auto", "cpu")] + (
@@ -427,12 +449,13 @@ def time_paper_ga(
         variants.insert(len(variants) - 1, (variants[-1][0], extra, "cpu"))
     if "cpu" not in devices:
         variants = []
-    variants = [(*variant, patiences[0]) for variant in variants]
+    variants = [(*variant, patiences[0], precisions[0]) for variant in variants]
     if variants and variants[-1][2] == "cpu":
-        variants += [(*variants[-1][:3], patience) for patience in patiences[1:]]
+        production = variants.pop()[:3]
+        variants += [(*production, patience, precision) for patience in patiences for precision in precisions]
     if "cuda" in devices:
-        variants.append((1, "auto", "cuda", patiences[0]))
-    for search_workers, path, device, patience in variants:
+        variants.append((1, "auto", "cuda", patiences[0], "float32"))
+    for search_workers, path, device, patience, precision in variants:
         request = AdaptionRequest(
             supernet=checkpoint,
             constraint="latency_ms",
@@ -453,8 +476,13 @@ def time_paper_ga(
             search_workers=search_workers,
             device=device,
             patience=patience,
+            search_precision=precision,
         )
-        name = f"paper_ga_{search_workers}_{path}_{device}" + (f"_patience{patience}" if patience else "")
+        name = (
+            f"paper_ga_{search_workers}_{path}_{device}"
+            + (f"_patience{patience}" if patience else "")
+            + ("" if precision == "float32" else f"_{precision}")
+        )
         with scoring_path(path):
             result = run_adaption(request, out_dir=folder / name)
         search = result.outcomes[0].model_card["search"]
@@ -471,12 +499,13 @@ def time_paper_ga(
                 "arch": result.outcomes[0].arch_code,
                 "loss": search["loss"],
                 "patience": patience,
+                "precision": precision,
                 "generations": search["generations"],
             }
         )
         print(
             f"P=100 M={iterations} {slices} slice(s) x 16 tasks, {device}, {search_workers} search process(es), {path}, "
-            f"patience {patience or 'none'} ({search['generations']} generations run): "
+            f"patience {patience or 'none'} ({search['generations']} generations run), {precision}: "
             f"{result.search_s:.1f} s, "
             f"{result.evaluations} evaluations, {result.cache_hits} cache hits, "
             f"{result.ms_per_evaluation:.1f} ms per evaluation (wall), arch {result.outcomes[0].arch_code} "
@@ -628,6 +657,7 @@ def real_main(args: argparse.Namespace) -> None:
         patience=args.patience,
         deepen=args.deepen,
         depth_elites=args.depth_elites,
+        search_precision=args.search_precision,
         seed=args.seed,
         search_queries=search_queries,
         test_tasks=test_tasks,
@@ -645,6 +675,7 @@ def real_main(args: argparse.Namespace) -> None:
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
         f"patience {ga_config.patience or 'none'}; added layers {ga_config.deepen}; "
         f"elites per depth {ga_config.depth_elites or 'none'}; "
+        f"search precision {request.search_precision_value}; "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"
@@ -715,6 +746,7 @@ def real_main(args: argparse.Namespace) -> None:
             extra_paths=(("batched",) if args.paper_batched else ()) + args.paper_paths,
             slices=args.paper_slices,
             patiences=args.paper_patience,
+            precisions=args.paper_precisions,
         )
         if paper_iterations > 0
         else []
@@ -775,6 +807,7 @@ def real_main(args: argparse.Namespace) -> None:
             "patience": ga_config.patience,
             "deepen": ga_config.deepen,
             "depth_elites": ga_config.depth_elites,
+            "search_precision": request.search_precision_value,
             "test_tasks": test_tasks,
             "search_queries": search_queries or spec.query_count,
             "threads": threads,
@@ -805,6 +838,15 @@ def _patiences(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(value < 0 for value in values) or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return values
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    values = tuple(filter(None, text.split(",")))
+    if not values or len(set(values)) != len(values) or not set(values) <= set(SEARCH_PRECISIONS):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct values among {','.join(SEARCH_PRECISIONS)}, got {text!r}"
+        )
     return values
 
 
@@ -914,6 +956,20 @@ def main() -> None:
         type=int,
         default=None,
         help="the sweep's GAs keep the best this many sub-nets of every depth as elites too (default: none)",
+    )
+    real.add_argument(
+        "--search-precision",
+        choices=SEARCH_PRECISIONS,
+        default=None,
+        help="arithmetic of the sweep's search slices (GA and random search): float32 (default) or "
+        "bfloat16 (CPU autocast; the final choice and the test tasks stay float32)",
+    )
+    real.add_argument(
+        "--paper-precisions",
+        type=_precisions,
+        default=("float32",),
+        help="comma-separated search precisions of the timed P=100 adaption; the production way runs "
+        "once per value and patience (default float32), e.g. float32,bfloat16",
     )
     real.add_argument(
         "--paper-patience",

@@ -6,11 +6,17 @@ time there). On CPUs with bfloat16 instructions (AVX512-BF16, AMX) autocast halv
 may speed those up. The search only needs the *ranking* of architectures by fitness to survive,
 not the gradients of meta-training, so this script measures both sides on one super-net:
 
-* ms per 16-task evaluation in float32 (the production path, and one task at a time) and under
-  bfloat16 autocast, timed alternately on the same architectures; ``speedup_bf16`` is against
-  the faster float32 way;
-* the fitness (mean query loss) of each architecture both ways: largest absolute difference,
-  Spearman rank correlation, whether the best architecture is the same, overlap of the best 10 %.
+* ms per 16-task evaluation in float32 and under bfloat16 autocast, each on the production path
+  (``SuperNetScorer.score``: on a CPU a slice's tasks grouped, wide sub-nets one task at a time)
+  and one task at a time on the sliced sub-net, timed alternately on the same architectures;
+  ``speedup_bf16_production`` is the production path's, bfloat16 against float32 (what
+  ``AdaptionRequest.search_precision="bfloat16"`` changes), ``speedup_bf16`` the one-by-one
+  bfloat16 way's against the faster float32 way (this script's figure before the grouped path
+  ran under autocast);
+* the fitness of each architecture both ways on the production path, as the mean query loss
+  (Algorithm 1's) and as the query error rate with the loss breaking ties (the ``cpu`` preset's
+  search metric): largest absolute difference, Spearman rank correlation, whether the best
+  architecture is the same, overlap of the best 10 %.
 
     python benchmarks/search_precision.py --supernet RUN/checkpoint.pt [--archs 60] [--queries 1]
     python benchmarks/search_precision.py --quick   # a tiny super-net trained for seconds
@@ -33,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
 from benchmarks._validation import spearman  # noqa: E402
-from engine.search.adapt import SuperNetScorer  # noqa: E402
+from engine.adaption import MAX_TIE_BREAK_LOSS, SEARCH_ERROR_TIE_BREAK  # noqa: E402
+from engine.search.adapt import SuperNetScorer, scoring_precision  # noqa: E402
 
 #: Seed stream of the architectures scored (the tasks come from benchmarks._validation's).
 ARCH_STREAM = 31
@@ -52,28 +59,39 @@ def bf16_flags() -> list[str]:
 
 
 def score_paths(scorer: SuperNetScorer, archs: list, tasks: list) -> dict[str, list[float]]:
-    """Fitness and seconds of each architecture three ways, timed alternately so that a change
-    of machine load hits all alike: float32 with the slice's tasks vmapped (the production path),
-    float32 one task at a time on the sliced sub-net, and the latter under bfloat16 autocast (the
-    vmapped path's backward fails under autocast in torch 2.13: "expected scalar type BFloat16")."""
+    """Fitness and seconds of each architecture four ways, timed alternately so that a change
+    of machine load hits all alike: the production path in float32 and in bfloat16, and one task
+    at a time on the sliced sub-net in float32 and in bfloat16. (The vmapped path, a GPU's, fails
+    under CPU autocast in torch 2.13: "expected scalar type BFloat16".)"""
 
-    def bf16(arch, tasks):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return scorer.score_each(arch, tasks, sliced=True)
+    def in_bf16(score):
+        def scored(arch, tasks):
+            with scoring_precision("bfloat16"):
+                return score(arch, tasks)
+
+        return scored
+
+    def each(arch, tasks):
+        return scorer.score_each(arch, tasks, sliced=True)
 
     paths = {
         "fp32": scorer.score,
-        "fp32_each": lambda arch, tasks: scorer.score_each(arch, tasks, sliced=True),
-        "bf16_each": bf16,
+        "bf16": in_bf16(scorer.score),
+        "fp32_each": each,
+        "bf16_each": in_bf16(each),
     }
-    out: dict[str, list[float]] = {f"{kind}_{path}": [] for path in paths for kind in ("loss", "s")}
+    out: dict[str, list[float]] = {f"{kind}_{path}": [] for path in paths for kind in ("loss", "error", "s")}
     for score in paths.values():
         score(archs[0], tasks[:2])  # warm-up
     for arch in archs:
         for path, score in paths.items():
             started = time.perf_counter()
-            out[f"loss_{path}"].append(score(arch, tasks).loss)
+            result = score(arch, tasks)
             out[f"s_{path}"].append(time.perf_counter() - started)
+            out[f"loss_{path}"].append(result.loss)
+            # The "accuracy" search fitness (engine.adaption.TimedFitness): error, ties by the loss.
+            tie_break = SEARCH_ERROR_TIE_BREAK * min(result.loss, MAX_TIE_BREAK_LOSS)
+            out[f"error_{path}"].append(1.0 - result.accuracy + tie_break)
     return out
 
 
@@ -93,24 +111,35 @@ def main() -> None:
     archs = bench.archs
     results = score_paths(bench.scorer, archs, bench.tasks)
 
-    fp32, bf16 = np.asarray(results["loss_fp32"]), np.asarray(results["loss_bf16_each"])
     top = max(1, len(archs) // 10)
-    best_fp32, best_bf16 = set(np.argsort(fp32)[:top]), set(np.argsort(bf16)[:top])
-    ms_fp32 = 1000 * float(np.mean(results["s_fp32"]))
-    ms_fp32_each = 1000 * float(np.mean(results["s_fp32_each"]))
-    ms_bf16 = 1000 * float(np.mean(results["s_bf16_each"]))
+
+    def agreement(kind: str) -> dict:
+        """How far the bfloat16 production path's fitness ``kind`` is from float32's."""
+        fp32, bf16 = np.asarray(results[f"{kind}_fp32"]), np.asarray(results[f"{kind}_bf16"])
+        best_fp32, best_bf16 = set(np.argsort(fp32)[:top]), set(np.argsort(bf16)[:top])
+        return {
+            f"max_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).max()), 4),
+            f"mean_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).mean()), 4),
+            f"{kind}_range_fp32": [round(float(fp32.min()), 4), round(float(fp32.max()), 4)],
+            f"spearman_{kind}": round(spearman(fp32, bf16), 4),
+            f"same_best_{kind}": bool(int(np.argmin(fp32)) == int(np.argmin(bf16))),
+            f"best_10pct_overlap_{kind}": round(len(best_fp32 & best_bf16) / top, 2),
+        }
+
+    ms = {
+        path: 1000 * float(np.mean(results[f"s_{path}"]))
+        for path in ("fp32", "bf16", "fp32_each", "bf16_each")
+    }
     summary = {
         **bench.summary_head(args),
-        "ms_per_evaluation_fp32": round(ms_fp32, 1),
-        "ms_per_evaluation_fp32_each": round(ms_fp32_each, 1),
-        "ms_per_evaluation_bf16": round(ms_bf16, 1),
-        "speedup_bf16": round(min(ms_fp32, ms_fp32_each) / ms_bf16, 2),
-        "max_abs_loss_diff": round(float(np.abs(fp32 - bf16).max()), 4),
-        "mean_abs_loss_diff": round(float(np.abs(fp32 - bf16).mean()), 4),
-        "loss_range_fp32": [round(float(fp32.min()), 4), round(float(fp32.max()), 4)],
-        "spearman": round(spearman(fp32, bf16), 4),
-        "same_best": bool(int(np.argmin(fp32)) == int(np.argmin(bf16))),
-        "best_10pct_overlap": round(len(best_fp32 & best_bf16) / top, 2),
+        "ms_per_evaluation_fp32": round(ms["fp32"], 1),
+        "ms_per_evaluation_bf16_production": round(ms["bf16"], 1),
+        "ms_per_evaluation_fp32_each": round(ms["fp32_each"], 1),
+        "ms_per_evaluation_bf16": round(ms["bf16_each"], 1),
+        "speedup_bf16_production": round(ms["fp32"] / ms["bf16"], 2),
+        "speedup_bf16": round(min(ms["fp32"], ms["fp32_each"]) / ms["bf16_each"], 2),
+        **agreement("loss"),
+        **agreement("error"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": bf16_flags(),
     }

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.adaption_presets import ADAPTION_PRESETS, FINAL_METRICS, AdaptionPreset
+from engine.adaption_presets import ADAPTION_PRESETS, FINAL_METRICS, SEARCH_PRECISIONS, AdaptionPreset
 from engine.atomic import atomic_write_json
 from engine.cost import count_macs, count_params
 from engine.data.dataset import CIFAR100_NORMALIZATION, IMAGENET_NORMALIZATION, UNIT_RANGE, Normalization
@@ -56,6 +56,7 @@ from engine.search.adapt import (
     SuperNetScorer,
     inner_loop_from_learner,
     make_costs_fn,
+    scoring_precision,
     slice_tasks,
     task_slices,
     task_tensors,
@@ -201,6 +202,8 @@ class AdaptionRequest:
     deepen: str | None = None
     depth_elites: int | None = None
     search_metric: str | None = None
+    #: The arithmetic of the search slices' scores (SEARCH_PRECISIONS); None: the preset's.
+    search_precision: str | None = None
     seed: int = 0
     task_source: str = "validation"
     support: str | None = None
@@ -264,6 +267,10 @@ class AdaptionRequest:
             value = getattr(self, name)
             if value is not None and value not in FINAL_METRICS:
                 raise AdaptionRequestError(f"{name} must be one of {FINAL_METRICS}, got {value!r}")
+        if self.search_precision is not None and self.search_precision not in SEARCH_PRECISIONS:
+            raise AdaptionRequestError(
+                f"search_precision must be one of {SEARCH_PRECISIONS}, got {self.search_precision!r}"
+            )
         if self.finalists_from is not None and self.finalists_from not in FINALISTS_FROM:
             raise AdaptionRequestError(
                 f"finalists_from must be one of {FINALISTS_FROM}, got {self.finalists_from!r}"
@@ -277,6 +284,11 @@ class AdaptionRequest:
             raise AdaptionRequestError(
                 "search_workers must be 1 on cuda: the GPU scores the candidates in this process "
                 "(worker processes share CPU cores)"
+            )
+        if self.device == "cuda" and self.search_precision_value != "float32":
+            raise AdaptionRequestError(
+                f"search_precision {self.search_precision_value!r} is a CPU option (autocast on the "
+                "CPU); on cuda the search scores in float32"
             )
         if self.test_tasks is not None:
             _check_int("test_tasks", self.test_tasks, 0)
@@ -324,6 +336,10 @@ class AdaptionRequest:
     @property
     def search_metric_value(self) -> str:
         return self.preset_values.search_metric if self.search_metric is None else self.search_metric
+
+    @property
+    def search_precision_value(self) -> str:
+        return self.preset_values.search_precision if self.search_precision is None else self.search_precision
 
     @property
     def test_task_count(self) -> int:
@@ -540,6 +556,9 @@ class TimedFitness:
     final_metric: str = "loss"
     #: "accuracy": the search slices score the query error rate too (AdaptionPreset.search_metric).
     search_metric: str = "loss"
+    #: The search slices' arithmetic (AdaptionPreset.search_precision); held-out slices, which
+    #: decide the final choice, always score in float32.
+    search_precision: str = "float32"
     #: Losses kept across requests (:mod:`engine.search.memo`); a hit is the same number a fresh
     #: evaluation would give, so the search's choices do not depend on it.
     memo: FitnessMemo | None = None
@@ -558,15 +577,25 @@ class TimedFitness:
 
     def _scored(self, slice_id: int) -> str:
         """What slice ``slice_id`` scores: "loss", "error" (a held-out slice's error rate) or
-        "error-then-loss" (a search slice's error rate, ties broken by the loss). Also the memo's
-        name for it, so that entries of one never answer for another."""
+        "error-then-loss" (a search slice's error rate, ties broken by the loss)."""
         held_out = self._held_out(slice_id)
         if (self.final_metric if held_out else self.search_metric) != "accuracy":
             return "loss"
         return "error" if held_out else "error-then-loss"
 
+    def _precision(self, slice_id: int) -> str:
+        return "float32" if self._held_out(slice_id) else self.search_precision
+
+    def _memo_name(self, slice_id: int) -> str:
+        """The memo's name for what slice ``slice_id`` scores and in which arithmetic, so that
+        entries of one never answer for another ("loss", "error-then-loss@bfloat16", ...)."""
+        precision = self._precision(slice_id)
+        scored = self._scored(slice_id)
+        return scored if precision == "float32" else f"{scored}@{precision}"
+
     def _loss(self, arch: Any, slice_id: int) -> float:
-        score = self.scorer.score(arch, self.slices[slice_id])
+        with scoring_precision(self._precision(slice_id)):
+            score = self.scorer.score(arch, self.slices[slice_id])
         scored = self._scored(slice_id)
         if scored == "loss":
             return score.loss
@@ -585,7 +614,7 @@ class TimedFitness:
         """The memo's key of a slice: its tasks and what is scored on it (computed once)."""
         if self._slice_keys is None:
             self._slice_keys = [
-                tasks_key([task_tensors(task) for task in tasks], self._scored(index))
+                tasks_key([task_tensors(task) for task in tasks], self._memo_name(index))
                 for index, tasks in enumerate(self.slices)
             ]
         return self._slice_keys[slice_id]
@@ -825,6 +854,7 @@ def _prepare(request: AdaptionRequest) -> _Context:
             search_slices=config.num_slices,
             final_metric=request.final_metric_value,
             search_metric=request.search_metric_value,
+            search_precision=request.search_precision_value,
             memo=memo,
         ),
         scorer=scorer,
@@ -1383,6 +1413,9 @@ def _write_packages(
                     # What "loss" (and random search's search_loss) measures: "loss", the mean
                     # query loss, or "accuracy", for which it is the query error rate.
                     "metric": request.search_metric_value,
+                    # The arithmetic of the search slices' scores ("loss" above is one of them);
+                    # the final choice's held-out scores and "accuracy" are float32.
+                    "precision": request.search_precision_value,
                     "evaluations": ga.evaluations,
                     # How many of its first pool the looser budgets' GAs had found (warm start).
                     "warm_start_seeds": ga.stats.get("warm_start_seeds", 0),

@@ -17,6 +17,11 @@ FINAL_METRICS = ("loss", "accuracy")
 #: What the layers a mutation adds (a larger depth) hold: the super-net's "stored" choices or
 #: copies of the last layer's ("copy-last"). See engine.search.evolution.GAConfig.deepen.
 DEEPEN_MODES = ("stored", "copy-last")
+#: The arithmetic of a search slice's scores (AdaptionPreset.search_precision): "float32", or
+#: "bfloat16" (CPU autocast: convolutions and matrix products in bfloat16, weights, gradient
+#: updates and the final choice's and test tasks' scores in float32). See
+#: engine.search.adapt.scoring_precision and docs/ADAPTION.md, "Search precision".
+SEARCH_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class AdaptionPreset:
     #: The best this many architectures of every depth survive as elites besides the best 10 %
     #: (GAConfig.depth_elites); 0 (every preset): Algorithm 1's elites only.
     depth_elites: int = 0
+    #: The arithmetic of the search slices' scores: "float32" (every preset) or "bfloat16". See
+    #: SEARCH_PRECISIONS.
+    search_precision: str = "float32"
 
 
 ADAPTION_PRESETS: dict[str, AdaptionPreset] = {

@@ -17,6 +17,7 @@ from engine.adaption import (
     retrain_subnet,
     run_adaption,
 )
+from engine.adaption_presets import SEARCH_PRECISIONS
 from engine.meta.runs import DEVICES
 from engine.progress import ProgressEvent
 from engine.search.evolution import DEEPEN_MODES, FINALISTS_FROM
@@ -142,6 +143,14 @@ def _add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="besides a GA's best 10 %%, the best this many sub-nets of every depth survive and parent "
         "children (0, every preset's: the best 10 %% only)",
     )
+    parser.add_argument(
+        "--search-precision",
+        choices=SEARCH_PRECISIONS,
+        default=None,
+        help="arithmetic of the search slices' scores: float32 (every preset's) or bfloat16 (CPU "
+        "autocast, cheaper on CPUs with bfloat16 instructions; the final choice and the test "
+        "tasks stay float32)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-tasks", type=int, default=None, help="test tasks for accuracy (0: skip)")
     parser.add_argument(
@@ -186,6 +195,7 @@ def _adapt(args: argparse.Namespace) -> int:
         patience=args.patience,
         deepen=args.deepen,
         depth_elites=args.depth_elites,
+        search_precision=args.search_precision,
         seed=args.seed,
         task_source=args.task_source,
         support=args.support,

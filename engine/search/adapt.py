@@ -75,6 +75,26 @@ class AdaptionInputError(ValueError):
     """Tasks, slices or a latency table that do not fit the super-net or the search space."""
 
 
+@contextlib.contextmanager
+def scoring_precision(precision: str) -> Iterator[None]:
+    """Score in ``precision`` (engine.adaption_presets.SEARCH_PRECISIONS) for the duration.
+
+    "bfloat16" is CPU autocast: convolutions and matrix products run in bfloat16 (and BatchNorm
+    and the activations on their bfloat16 outputs), while the sub-net's weights, the inner
+    loop's gradient updates and the losses stay float32 (autocast casts the weights on the way
+    in, so their gradients come back float32). It is for the search only, whose choices need
+    the ranking of architectures, not their last digits; on CPUs with bfloat16 instructions it
+    is cheaper (docs/ADAPTION.md, "Search precision"). Scores stay deterministic per machine
+    (one torch thread, oneDNN's fixed kernels)."""
+    if precision == "float32":
+        yield
+        return
+    if precision != "bfloat16":
+        raise AdaptionInputError(f"scoring precision must be float32 or bfloat16, got {precision!r}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
 class InnerLoop(Protocol):
     """``inner_loop(forward, params, support_x, support_y) -> fast_params``.
 
@@ -303,6 +323,7 @@ class ArchScore:
 
 def per_task_query_results(logits: torch.Tensor, query_y: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-task mean query losses and accuracies from logits ``[tasks, queries, classes]``."""
+    logits = logits.float()  # bfloat16 under scoring_precision("bfloat16"): reduce in float32
     losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
     losses = losses.view(query_y.shape).mean(dim=1)
     accuracies = (logits.argmax(dim=-1) == query_y).float().mean(dim=1)
@@ -480,7 +501,7 @@ class SuperNetScorer:
                 self._check_labels(support_y)
                 fast = inner_loop(forward, params, support_x, support_y)
                 with torch.no_grad():
-                    logits = forward(fast, query_x, self.query_step)
+                    logits = forward(fast, query_x, self.query_step).float()
                     losses.append(float(F.cross_entropy(logits, query_y)))
                     accuracies.append(float((logits.argmax(dim=1) == query_y).float().mean()))
         return ArchScore.of(losses, accuracies)

@@ -12,8 +12,9 @@ Keys say exactly what a loss depends on, so a hit is the very number a fresh eva
 * ``model``: :func:`model_key`, a digest of the learner's tensors (weights, learned inner-loop
   rates, BatchNorm state), the scoring device, the torch version and :data:`FITNESS_VERSION`;
 * ``tasks``: :func:`tasks_key`, a digest of one slice's task tensors (images and labels, after
-  preprocessing) and what is scored on it (``"loss"``, or ``"error"`` for a held-out slice whose
-  final choice ranks by query error);
+  preprocessing) and what is scored on it (``"loss"``, ``"error"`` for a held-out slice whose
+  final choice ranks by query error, ``"error-then-loss"`` for a search slice ranked by it),
+  with ``@bfloat16`` where a search scores in that arithmetic;
 * ``arch``: the canonical architecture's JSON.
 
 Losses on one machine are bit-for-bit reproducible (one torch thread per evaluation, tests), so a

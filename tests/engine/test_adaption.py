@@ -169,6 +169,10 @@ def test_request_round_trips_through_json(world):
     assert config.depth_elites == 0 and request_for(world, depth_elites=2).ga_config().depth_elites == 2
     # Unset, it stays out of the identity: a request saved before the knob existed still matches.
     assert "depth_elites" not in request_for(world).identity()
+    assert request_for(world).search_precision_value == "float32"
+    assert request_for(world, search_precision="bfloat16").search_precision_value == "bfloat16"
+    assert "search_precision" not in request_for(world).identity()
+    assert request_for(world, search_precision="bfloat16").identity() != request_for(world).identity()
 
 
 @pytest.mark.parametrize(
@@ -188,6 +192,8 @@ def test_request_round_trips_through_json(world):
         ({"deepen": "grow"}, "deepen must be one of"),
         ({"depth_elites": -1}, "depth_elites"),
         ({"depth_elites": 1.5}, "depth_elites"),
+        ({"search_precision": "float16"}, "search_precision must be one of"),
+        ({"device": "cuda", "search_workers": 1, "search_precision": "bfloat16"}, "a CPU option"),
         ({"test_tasks": 1}, "test_tasks"),
         ({"task_source": "web"}, "task_source"),
         ({"task_source": "support", "support": None}, "needs a support set"),
@@ -582,6 +588,33 @@ def test_fitness_memo_answers_later_requests_without_changing_any_choice(world, 
     assert request_for(world, fitness_memo=str(memo_path)).identity() == request_for(world).identity()
 
 
+def test_bfloat16_search_scores_only_the_search_slices_in_bfloat16(world):
+    """Search slices score under bfloat16 autocast: deterministic, close to float32 and not
+    equal to it (so the autocast took effect); held-out slices, which decide the final choice,
+    score exactly as in float32; the memo never mixes the two arithmetics."""
+    from engine.adaption import TimedFitness, load_supernet
+    from engine.search.adapt import SuperNetScorer, inner_loop_from_learner, slice_tasks, task_slices
+
+    _, run, _ = load_supernet(world["checkpoint"])
+    tasks = slice_tasks(task_source(SPEC, "val")[0](np.random.default_rng(3), 8))
+    scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
+    slices = task_slices(tasks, 4)  # slice 0 searches, slice 1 is held out
+
+    def fitness(precision: str) -> TimedFitness:
+        return TimedFitness(scorer, slices, search_slices=1, final_metric="loss", search_precision=precision)
+
+    float32, bfloat16 = fitness("float32"), fitness("bfloat16")
+    archs = [world["space"].sample(np.random.default_rng(seed)) for seed in range(6)]
+    search32 = [float32(arch, 0) for arch in archs]
+    search16 = [bfloat16(arch, 0) for arch in archs]
+    assert search16 == [bfloat16(arch, 0) for arch in archs]  # deterministic
+    assert search16 != search32
+    assert max(abs(a - b) for a, b in zip(search16, search32, strict=True)) < 0.05
+    assert [bfloat16(arch, 1) for arch in archs] == [float32(arch, 1) for arch in archs]
+    assert bfloat16.slice_key(0) != float32.slice_key(0)
+    assert bfloat16.slice_key(1) == float32.slice_key(1)
+
+
 def test_a_fitness_memo_that_is_not_one_fails_before_anything_is_written(world, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n" * 50)
@@ -842,6 +875,8 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "1",
         "--depth-elites",
         "1",
+        "--search-precision",
+        "bfloat16",
         "--search-metric",
         "accuracy",
         "--no-onnx",
@@ -866,6 +901,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
     saved = AdaptionResult.load(tmp_path / "out").request
     assert saved.warm_start == 0 and saved.patience == 1 and saved.search_metric == "accuracy"
     assert saved.depth_elites == 1 and saved.ga_config().depth_elites == 1
+    assert saved.search_precision == "bfloat16" and card["search"]["precision"] == "bfloat16"
     assert card["search"]["metric"] == "accuracy" and 0.0 <= card["search"]["loss"] <= 1.0
     assert 1 <= card["search"]["generations"] <= saved.ga_config().iterations
     assert (tmp_path / "out" / ".adaption-state.json").exists()
