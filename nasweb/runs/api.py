@@ -25,6 +25,8 @@ from nasweb.runs.forms import (
     PRESETS,
     SEARCH_METRIC_HELP,
     SEARCH_METRICS,
+    SEARCH_PRECISION_CHOICES,
+    SEARCH_PRECISION_HELP,
 )
 from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 from nasweb.runs.views import adaption_payload, model_file_response
@@ -112,6 +114,7 @@ class AdaptionOutput(serializers.ModelSerializer):
             "patience",
             "search_metric",
             "deepen",
+            "search_precision",
             "support_set",
             "models",
         ]
@@ -137,6 +140,10 @@ class AdaptionInput(serializers.Serializer):
     deepen = serializers.ChoiceField(
         choices=[m for m, _ in DEEPEN_CHOICES], default="", allow_blank=True, help_text=DEEPEN_HELP
     )
+    search_precision = serializers.ChoiceField(
+        choices=[p for p, _ in SEARCH_PRECISION_CHOICES], default="", allow_blank=True,
+        help_text=SEARCH_PRECISION_HELP,
+    )  # fmt: skip
     support_zip = serializers.FileField(required=False)
 
 

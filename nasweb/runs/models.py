@@ -110,6 +110,11 @@ class AdaptionRun(Job):
         max_length=16, blank=True, default="",
         help_text="what layers a mutation adds hold: 'stored' or 'copy-last'; blank: the preset's",
     )  # fmt: skip
+    #: engine.adaption_presets.AdaptionPreset.search_precision; "": the preset's (float32).
+    search_precision = models.CharField(
+        max_length=16, blank=True, default="",
+        help_text="arithmetic of the search's scores: 'float32' or 'bfloat16' (CPU autocast); blank: the preset's",
+    )  # fmt: skip
     support_set = models.ForeignKey(SupportSet, null=True, blank=True, on_delete=models.SET_NULL)
     request = models.JSONField(default=dict, blank=True, help_text="engine.adaption.AdaptionRequest")
     out_dir = models.CharField(max_length=500, blank=True)

@@ -334,11 +334,13 @@ def adaption_start(
     patience: int = 0,
     search_metric: str = "",
     deepen: str = "",
+    search_precision: str = "",
 ) -> AdaptionRun:
-    """Queue an adaption. ``search_metric`` and ``deepen`` override the preset's (blank: keep it)."""
+    """Queue an adaption. ``search_metric``, ``deepen`` and ``search_precision`` override the
+    preset's (blank: keep it)."""
     import math
 
-    from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS
+    from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS, SEARCH_PRECISIONS
     from engine.search.constraints import Constraint, ConstraintError
 
     if supernet.status != JobStatus.SUCCEEDED or not supernet.is_adaptable:
@@ -353,9 +355,17 @@ def adaption_start(
         raise RunInputError(f"search_metric must be one of {FINAL_METRICS} or blank (the preset's)")
     if deepen not in ("", *DEEPEN_MODES):
         raise RunInputError(f"deepen must be one of {DEEPEN_MODES} or blank (the preset's)")
-    if (search_metric or deepen) and not supernet.is_supernet:
+    if search_precision not in ("", *SEARCH_PRECISIONS):
+        raise RunInputError(f"search_precision must be one of {SEARCH_PRECISIONS} or blank (the preset's)")
+    if (search_metric or deepen or search_precision) and not supernet.is_supernet:
         raise RunInputError(
-            "search_metric and deepen steer the architecture search of a super-net; a MetaNAS run has none"
+            "search_metric, deepen and search_precision steer the architecture search of a super-net; "
+            "a MetaNAS run has none"
+        )
+    if search_precision == "bfloat16" and settings.NASWEB_ADAPT_DEVICE != "cpu":
+        raise RunInputError(
+            f"bfloat16 search arithmetic is a CPU option; this server searches on "
+            f"{settings.NASWEB_ADAPT_DEVICE} (NASWEB_ADAPT_DEVICE) in float32"
         )
     for budget in budgets:
         if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
@@ -391,6 +401,7 @@ def adaption_start(
             patience=patience,
             search_metric=search_metric,
             deepen=deepen,
+            search_precision=search_precision,
             support_set=support_set,
         )
         run.out_dir = str(_run_dir("adaption", run.pk))
@@ -404,7 +415,8 @@ def adaption_rerun(run: AdaptionRun, *, owner) -> AdaptionRun:
     return adaption_start(
         owner=owner, supernet=run.supernet, device=run.device, constraint=run.constraint,
         budgets=run.budgets, preset=run.preset, support_set=run.support_set, patience=run.patience,
-        search_metric=run.search_metric, deepen=run.deepen, name=f"{run} (re-run)",
+        search_metric=run.search_metric, deepen=run.deepen, search_precision=run.search_precision,
+        name=f"{run} (re-run)",
     )  # fmt: skip
 
 
@@ -629,6 +641,7 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         patience=run.patience,
         search_metric=run.search_metric or None,  # None: the preset's
         deepen=run.deepen or None,
+        search_precision=run.search_precision or None,
         task_source="support" if run.support_set else "validation",
         support=run.support_set.path if run.support_set else None,
         measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,

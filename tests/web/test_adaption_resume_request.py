@@ -60,9 +60,12 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
     adaption.refresh_from_db()
     assert services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None).patience == 9
     # Blank search metric and deepen mode: the preset's (None in the request); else the user's.
-    assert (request.search_metric, request.deepen) == (None, None)
+    assert (request.search_metric, request.deepen, request.search_precision) == (None, None, None)
     assert request.search_metric_value == "loss"  # the tiny preset's
-    AdaptionRun.objects.filter(pk=adaption.pk).update(search_metric="accuracy", deepen="copy-last")
+    assert request.search_precision_value == "float32"
+    AdaptionRun.objects.filter(pk=adaption.pk).update(
+        search_metric="accuracy", deepen="copy-last", search_precision="bfloat16"
+    )
     adaption.refresh_from_db()
     chosen = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
     assert (chosen.search_metric, chosen.deepen, chosen.search_metric_value) == (
@@ -70,6 +73,7 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
         "copy-last",
         "accuracy",
     )
+    assert chosen.search_precision == "bfloat16"
     # Losses are kept beside the super-net's checkpoint for its later adaptions.
     assert request.fitness_memo == str(tmp_path / "supernet" / "fitness-memo.sqlite")
 

@@ -287,6 +287,50 @@ def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client
                                 budgets=[3000.0], search_metric="speed")  # fmt: skip
 
 
+def test_search_precision_goes_from_the_form_and_the_api_to_the_run(client, users, runs, settings):
+    """bfloat16 overrides the preset's float32; blank keeps it; the run page says so; a server
+    that searches on its GPU, and a MetaNAS run, refuse it."""
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    cpu, fields = _adaption_form_fields(supernet, "cpu")
+    assert 'name="search_precision"' in client.get("/runs/adapt/").content.decode()
+    assert client.post("/runs/adapt/", {**fields, "search_precision": "bfloat16"}).status_code == 302
+    run = AdaptionRun.objects.latest("pk")
+    assert run.search_precision == "bfloat16"
+    assert "scored in bfloat16" in client.get(run.get_absolute_url()).content.decode()
+    assert client.post("/runs/adapt/", fields).status_code == 302
+    blank = AdaptionRun.objects.latest("pk")
+    assert blank.search_precision == ""
+    assert "scored in bfloat16" not in client.get(blank.get_absolute_url()).content.decode()
+    refused = client.post("/runs/adapt/", {**fields, "search_precision": "float16"})
+    assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
+
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    body = {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": [3000],
+        "preset": "cpu",
+    }
+    created = api.post("/api/runs/adapt/", {**body, "search_precision": "bfloat16"}, format="json")
+    assert created.status_code == 201 and created.json()["search_precision"] == "bfloat16"
+    assert api.post("/api/runs/adapt/", body, format="json").json()["search_precision"] == ""
+    refused = api.post("/api/runs/adapt/", {**body, "search_precision": "int8"}, format="json")
+    assert refused.status_code == 400 and "search_precision" in str(refused.json())
+    metanas = _finished_metanas_run(users["owner"])
+    refused = api.post(
+        "/api/runs/adapt/", {**body, "supernet": metanas.pk, "search_precision": "bfloat16"}, format="json"
+    )
+    assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
+    before = AdaptionRun.objects.count()
+    settings.NASWEB_ADAPT_DEVICE = "cuda"
+    refused = api.post("/api/runs/adapt/", {**body, "search_precision": "bfloat16"}, format="json")
+    assert refused.status_code == 400 and "CPU option" in refused.json()["error"]
+    assert AdaptionRun.objects.count() == before
+
+
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
     supernet, adaption, model = runs
     client = APIClient()
