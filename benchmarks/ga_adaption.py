@@ -67,6 +67,7 @@ from benchmarks._scoring import scoring_path
 from engine.adaption import ADAPTION_PRESETS, AdaptionRequest, load_supernet, run_adaption
 from engine.adaption_presets import SEARCH_PRECISIONS
 from engine.atomic import atomic_write_json
+from engine.cpu import bfloat16_flags
 from engine.latency.eyeriss import EyerissSimulator
 from engine.latency.lut import LatencyTable, build_lut
 from engine.latency.measure import LayerTimer
@@ -675,7 +676,8 @@ def real_main(args: argparse.Namespace) -> None:
         f"GA finalists from the {ga_config.finalists_from}; warm start {ga_config.warm_start}; "
         f"patience {ga_config.patience or 'none'}; added layers {ga_config.deepen}; "
         f"elites per depth {ga_config.depth_elites or 'none'}; "
-        f"search precision {request.search_precision_value}; "
+        f"search precision {request.search_precision_value} "
+        f"(CPU bfloat16 flags: {', '.join(bfloat16_flags()) or 'none'}); "
         f"final choice on {final_slices or 'the search'} slices"
         + (
             f" held out ({spec.query_count} query images/class, by {request.final_metric_value})"

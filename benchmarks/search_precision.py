@@ -40,22 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
 from benchmarks._validation import spearman  # noqa: E402
 from engine.adaption import MAX_TIE_BREAK_LOSS, SEARCH_ERROR_TIE_BREAK  # noqa: E402
+from engine.cpu import bfloat16_flags  # noqa: E402
 from engine.search.adapt import SuperNetScorer, scoring_precision  # noqa: E402
 
 #: Seed stream of the architectures scored (the tasks come from benchmarks._validation's).
 ARCH_STREAM = 31
-
-
-def bf16_flags() -> list[str]:
-    """This CPU's bfloat16 instruction flags (Linux), e.g. avx512_bf16 or amx_bf16."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return sorted(flag for flag in flags if "bf16" in flag)
 
 
 def score_paths(scorer: SuperNetScorer, archs: list, tasks: list) -> dict[str, list[float]]:
@@ -141,7 +130,7 @@ def main() -> None:
         **agreement("loss"),
         **agreement("error"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16_flags": bf16_flags(),
+        "cpu_bf16_flags": bfloat16_flags(),
     }
     print(json.dumps(summary))
 

@@ -18,6 +18,7 @@ from engine.adaption import (
     run_adaption,
 )
 from engine.adaption_presets import SEARCH_PRECISIONS
+from engine.cpu import bfloat16_flags
 from engine.meta.runs import DEVICES
 from engine.progress import ProgressEvent
 from engine.search.evolution import DEEPEN_MODES, FINALISTS_FROM
@@ -212,6 +213,13 @@ def _adapt(args: argparse.Namespace) -> int:
         device=args.device,
         fitness_memo=args.fitness_memo,
     )
+    if request.search_precision_value == "bfloat16" and not bfloat16_flags():
+        # Allowed (the scores are right), but the user asked for speed and will not get it.
+        print(
+            "warning: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16); bfloat16 search "
+            "is emulated here and slower than float32",
+            file=sys.stderr,
+        )
     state = args.state if args.state is not None else args.out / STATE_NAME
     bar = None if args.quiet else AdaptProgress()
     try:

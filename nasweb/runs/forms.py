@@ -6,6 +6,7 @@ from engine.adaption_presets import (  # torch-free, like the web process
     FINAL_METRICS,
     SEARCH_PRECISIONS,
 )
+from engine.cpu import bfloat16_flags
 from nasweb.runs.models import MAX_PATIENCE, Method
 
 PRESETS = [
@@ -54,11 +55,17 @@ DEEPEN_HELP = (
     "what the layers a mutation adds hold when it makes a sub-net deeper: 'stored' or 'copy-last'; "
     f"blank: the preset's ({_what_each_preset_chooses('deepen')})"
 )
+_SERVER_BFLOAT16 = bfloat16_flags()
 SEARCH_PRECISION_HELP = (
     "arithmetic of the search's few-shot scores: 'float32' or 'bfloat16' (CPU autocast: about 1.4x "
     "faster per evaluation on a CPU with bfloat16 instructions, with the same ranking of sub-nets in "
-    "our measurements; the final choice, the accuracy on test tasks and the model stay float32); "
-    f"blank: the preset's ({_what_each_preset_chooses('search_precision')})"
+    "our measurements; the final choice, the accuracy on test tasks and the model stay float32; "
+    + (
+        f"this server's CPU has {', '.join(_SERVER_BFLOAT16)})"
+        if _SERVER_BFLOAT16
+        else "this server's CPU has no bfloat16 instructions, so it refuses bfloat16)"
+    )
+    + f"; blank: the preset's ({_what_each_preset_chooses('search_precision')})"
 )
 DATASETS = [
     ("omniglot", "Omniglot"),

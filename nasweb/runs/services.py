@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import transaction
 
 from devices.models import Device, DeviceKind, DeviceStatus, LatencyTableRecord
+from engine import cpu  # torch-free
 from nasweb.core.models import JobStatus
 from nasweb.core.progress import JobProgress, broadcast_status
 from nasweb.core.recovery import LeaseLost, job_claim
@@ -362,11 +363,17 @@ def adaption_start(
             "search_metric, deepen and search_precision steer the architecture search of a super-net; "
             "a MetaNAS run has none"
         )
-    if search_precision == "bfloat16" and settings.NASWEB_ADAPT_DEVICE != "cpu":
-        raise RunInputError(
-            f"bfloat16 search arithmetic is a CPU option; this server searches on "
-            f"{settings.NASWEB_ADAPT_DEVICE} (NASWEB_ADAPT_DEVICE) in float32"
-        )
+    if search_precision == "bfloat16":
+        if settings.NASWEB_ADAPT_DEVICE != "cpu":
+            raise RunInputError(
+                f"bfloat16 search arithmetic is a CPU option; this server searches on "
+                f"{settings.NASWEB_ADAPT_DEVICE} (NASWEB_ADAPT_DEVICE) in float32"
+            )
+        if not cpu.bfloat16_flags():
+            raise RunInputError(
+                "this server's CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): bfloat16 "
+                "would be emulated and slower than float32; choose float32"
+            )
     for budget in budgets:
         if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
             raise RunInputError(f"budget {budget!r} must be a finite positive number")

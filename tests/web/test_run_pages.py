@@ -287,9 +287,15 @@ def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client
                                 budgets=[3000.0], search_metric="speed")  # fmt: skip
 
 
-def test_search_precision_goes_from_the_form_and_the_api_to_the_run(client, users, runs, settings):
+def test_search_precision_goes_from_the_form_and_the_api_to_the_run(
+    client, users, runs, settings, monkeypatch
+):
     """bfloat16 overrides the preset's float32; blank keeps it; the run page says so; a server
-    that searches on its GPU, and a MetaNAS run, refuse it."""
+    that searches on its GPU or whose CPU lacks bfloat16 instructions, and a MetaNAS run, refuse it."""
+    from engine import cpu as cpu_features
+
+    # The CPU's flags are the machine's: pinned here, so that both answers are tested anywhere.
+    monkeypatch.setattr(cpu_features, "bfloat16_flags", lambda: ["avx512_bf16"])
     supernet, _, _ = runs
     client.force_login(users["owner"])
     cpu, fields = _adaption_form_fields(supernet, "cpu")
@@ -328,7 +334,17 @@ def test_search_precision_goes_from_the_form_and_the_api_to_the_run(client, user
     settings.NASWEB_ADAPT_DEVICE = "cuda"
     refused = api.post("/api/runs/adapt/", {**body, "search_precision": "bfloat16"}, format="json")
     assert refused.status_code == 400 and "CPU option" in refused.json()["error"]
+    settings.NASWEB_ADAPT_DEVICE = "cpu"
+    monkeypatch.setattr(cpu_features, "bfloat16_flags", lambda: [])
+    refused = api.post("/api/runs/adapt/", {**body, "search_precision": "bfloat16"}, format="json")
+    assert refused.status_code == 400 and "no bfloat16 instructions" in refused.json()["error"]
+    refused = client.post("/runs/adapt/", {**fields, "search_precision": "bfloat16"})
+    assert refused.status_code == 400 and "no bfloat16 instructions" in refused.content.decode()
     assert AdaptionRun.objects.count() == before
+    assert (
+        api.post("/api/runs/adapt/", {**body, "search_precision": "float32"}, format="json").status_code
+        == 201
+    )
 
 
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
