@@ -192,6 +192,23 @@ def _adaption_form_fields(supernet, preset: str) -> tuple[Device, dict]:
     return cpu, fields
 
 
+def _owner_api(users) -> APIClient:
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    return api
+
+
+def _api_adaption_body(supernet, cpu: Device) -> dict:
+    """A valid adaption request of the API for ``supernet`` on ``cpu``: a params budget, cpu preset."""
+    return {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": [3000],
+        "preset": "cpu",
+    }
+
+
 def _finished_metanas_run(owner) -> MetaTrainingRun:
     return MetaTrainingRun.objects.create(
         owner=owner, method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED
@@ -256,15 +273,7 @@ def test_search_metric_and_deepen_go_from_the_form_and_the_api_to_the_run(client
         assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
     assert AdaptionRun.objects.count() == before
 
-    api = APIClient()
-    api.force_authenticate(users["owner"])
-    body = {
-        "supernet": supernet.pk,
-        "device": cpu.pk,
-        "constraint": "params",
-        "budgets": [3000],
-        "preset": "cpu",
-    }
+    api, body = _owner_api(users), _api_adaption_body(supernet, cpu)
     created = api.post(
         "/api/runs/adapt/", {**body, "search_metric": "accuracy", "deepen": "stored"}, format="json"
     )
@@ -311,15 +320,7 @@ def test_search_precision_goes_from_the_form_and_the_api_to_the_run(
     refused = client.post("/runs/adapt/", {**fields, "search_precision": "float16"})
     assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
 
-    api = APIClient()
-    api.force_authenticate(users["owner"])
-    body = {
-        "supernet": supernet.pk,
-        "device": cpu.pk,
-        "constraint": "params",
-        "budgets": [3000],
-        "preset": "cpu",
-    }
+    api, body = _owner_api(users), _api_adaption_body(supernet, cpu)
     created = api.post("/api/runs/adapt/", {**body, "search_precision": "bfloat16"}, format="json")
     assert created.status_code == 201 and created.json()["search_precision"] == "bfloat16"
     assert api.post("/api/runs/adapt/", body, format="json").json()["search_precision"] == ""
