@@ -389,8 +389,14 @@ def paper_ga_summary(rows: list[dict]) -> dict:
                 str(k): round(production / row["search_s"], 2) for k, row in stopped.items()
             }
     # Each patience's float32 way against the same patience in bfloat16 (same request otherwise).
-    float32 = {row["patience"]: row for row in rows if row["device"] == "cpu" and row["path"] == "auto"
-               and row["search_workers"] == workers and row.get("precision", "float32") == "float32"}  # fmt: skip
+    production_rows = [
+        row
+        for row in rows
+        if row["device"] == "cpu" and row["path"] == "auto" and row["search_workers"] == workers
+    ]
+    float32 = {
+        row["patience"]: row for row in production_rows if row.get("precision", "float32") == "float32"
+    }
     bfloat16 = {row["patience"]: row for row in rows if row.get("precision") == "bfloat16"}
     if bfloat16:
         summary["paper_ga_bfloat16_s"] = {str(k): row["search_s"] for k, row in bfloat16.items()}
