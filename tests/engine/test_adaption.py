@@ -609,7 +609,9 @@ def test_bfloat16_search_scores_only_the_search_slices_in_bfloat16(world):
     search16 = [bfloat16(arch, 0) for arch in archs]
     assert search16 == [bfloat16(arch, 0) for arch in archs]  # deterministic
     assert search16 != search32
-    assert max(abs(a - b) for a, b in zip(search16, search32, strict=True)) < 0.05
+    # Losses ~1-1.6 here. Measured: at most 0.026 apart with native bfloat16 instructions, 0.114
+    # with oneDNN held to AVX2 (emulated, and another super-net: training's kernels differ too).
+    assert max(abs(a - b) for a, b in zip(search16, search32, strict=True)) < 0.2
     assert [bfloat16(arch, 1) for arch in archs] == [float32(arch, 1) for arch in archs]
     assert bfloat16.slice_key(0) != float32.slice_key(0)
     assert bfloat16.slice_key(1) == float32.slice_key(1)
