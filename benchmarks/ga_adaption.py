@@ -346,6 +346,11 @@ def production_speedup(levers: list[dict], queries: int) -> float:
     return round(ms["reference"] / ms["auto"], 2)
 
 
+def _precision(row: dict) -> str:
+    """A timed row's search precision (rows written before it was timed are float32)."""
+    return row.get("precision", "float32")
+
+
 def paper_ga_summary(rows: list[dict]) -> dict:
     """Figures of the timed P=100 request: wall time of the production way (all processes,
     "auto" scoring), its ratios to the reference and to one process (absent when only the
@@ -360,7 +365,7 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             and row["device"] == device
             and workers in (None, row["search_workers"])
             and not row.get("patience")
-            and row.get("precision", "float32") == "float32"
+            and _precision(row) == "float32"
         ]
         return matches[-1] if matches else None
 
@@ -376,11 +381,14 @@ def paper_ga_summary(rows: list[dict]) -> dict:
             summary["paper_ga_speedup_vs_1_process"] = round(single / production, 2)
         if batched:
             summary["paper_ga_speedup_vs_batched"] = round(batched / production, 2)
-    stopped = {
-        row["patience"]: row
+    # Only the production way repeats with each patience and precision (time_paper_ga).
+    production_rows = [
+        row
         for row in rows
-        if row.get("patience") and row.get("precision", "float32") == "float32"
-    }
+        if row["device"] == "cpu" and row["path"] == "auto" and row["search_workers"] == workers
+    ]
+    float32 = {row["patience"]: row for row in production_rows if _precision(row) == "float32"}
+    stopped = {patience: row for patience, row in float32.items() if patience}
     if stopped:
         summary["paper_ga_patience_s"] = {str(k): row["search_s"] for k, row in stopped.items()}
         summary["paper_ga_patience_generations"] = {str(k): row["generations"] for k, row in stopped.items()}
@@ -389,15 +397,7 @@ def paper_ga_summary(rows: list[dict]) -> dict:
                 str(k): round(production / row["search_s"], 2) for k, row in stopped.items()
             }
     # Each patience's float32 way against the same patience in bfloat16 (same request otherwise).
-    production_rows = [
-        row
-        for row in rows
-        if row["device"] == "cpu" and row["path"] == "auto" and row["search_workers"] == workers
-    ]
-    float32 = {
-        row["patience"]: row for row in production_rows if row.get("precision", "float32") == "float32"
-    }
-    bfloat16 = {row["patience"]: row for row in rows if row.get("precision") == "bfloat16"}
+    bfloat16 = {row["patience"]: row for row in production_rows if _precision(row) == "bfloat16"}
     if bfloat16:
         summary["paper_ga_bfloat16_s"] = {str(k): row["search_s"] for k, row in bfloat16.items()}
         summary["paper_ga_bfloat16_evaluations"] = {str(k): row["evaluations"] for k, row in bfloat16.items()}

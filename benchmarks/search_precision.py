@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._scoring import add_scoring_arguments, scoring_bench  # noqa: E402
 from benchmarks._validation import spearman  # noqa: E402
-from engine.adaption import MAX_TIE_BREAK_LOSS, SEARCH_ERROR_TIE_BREAK  # noqa: E402
+from engine.adaption import search_error  # noqa: E402
 from engine.cpu import bfloat16_flags  # noqa: E402
 from engine.search.adapt import SuperNetScorer, scoring_precision  # noqa: E402
 
@@ -78,9 +78,7 @@ def score_paths(scorer: SuperNetScorer, archs: list, tasks: list) -> dict[str, l
             result = score(arch, tasks)
             out[f"s_{path}"].append(time.perf_counter() - started)
             out[f"loss_{path}"].append(result.loss)
-            # The "accuracy" search fitness (engine.adaption.TimedFitness): error, ties by the loss.
-            tie_break = SEARCH_ERROR_TIE_BREAK * min(result.loss, MAX_TIE_BREAK_LOSS)
-            out[f"error_{path}"].append(1.0 - result.accuracy + tie_break)
+            out[f"error_{path}"].append(search_error(result))  # the "accuracy" search fitness
     return out
 
 

@@ -53,6 +53,7 @@ from engine.meta.train import load_checkpoint, meta_train
 from engine.progress import ProgressCallback, null_progress
 from engine.search.adapt import (
     AdaptionInputError,
+    ArchScore,
     SuperNetScorer,
     inner_loop_from_learner,
     make_costs_fn,
@@ -538,6 +539,18 @@ def request_identity(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- preparation
+def search_error(score: ArchScore) -> float:
+    """The "accuracy" search fitness of a search slice: the query error rate, ties broken by the
+    loss.
+
+    On a slice's ~1,000 query images whole families of sub-nets share one error rate, and their
+    order would otherwise be the pool's. (It did not make the GAs run longer before patience
+    stopped them: docs/BENCHMARKS.md, "Which score ranks sub-nets".) The loss term stays below
+    the smallest step of a mean error rate (SEARCH_ERROR_TIE_BREAK); a NaN loss makes the
+    fitness NaN, which the GA treats as infinite, as it does in the loss search."""
+    return 1.0 - score.accuracy + SEARCH_ERROR_TIE_BREAK * min(score.loss, MAX_TIE_BREAK_LOSS)
+
+
 @dataclass
 class TimedFitness:
     """The GA's fitness with a stopwatch (ms per evaluation is a reported figure).
@@ -599,16 +612,9 @@ class TimedFitness:
         scored = self._scored(slice_id)
         if scored == "loss":
             return score.loss
-        error = 1.0 - score.accuracy
         if scored == "error":
-            return error
-        # While searching, equal error rates are ordered by the loss: on a slice's ~1,000 query
-        # images whole families of sub-nets share one error rate, and their order would otherwise
-        # be the pool's. (It did not make the GAs run longer before patience stopped them:
-        # docs/BENCHMARKS.md, "Which score ranks sub-nets".) The loss term stays below the
-        # smallest step of a mean error rate (SEARCH_ERROR_TIE_BREAK); a NaN loss makes the
-        # fitness NaN, which the GA treats as infinite, as it does in the loss search.
-        return error + SEARCH_ERROR_TIE_BREAK * min(score.loss, MAX_TIE_BREAK_LOSS)
+            return 1.0 - score.accuracy
+        return search_error(score)
 
     def slice_key(self, slice_id: int) -> str:
         """The memo's key of a slice: its tasks and what is scored on it (computed once)."""
