@@ -22,13 +22,21 @@ from nasweb.runs.forms import (
     DATASETS,
     DEEPEN_CHOICES,
     DEEPEN_HELP,
+    DEPTH_ELITES_HELP,
     PRESETS,
     SEARCH_METRIC_HELP,
     SEARCH_METRICS,
     SEARCH_PRECISION_CHOICES,
     SEARCH_PRECISION_HELP,
 )
-from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+from nasweb.runs.models import (
+    MAX_DEPTH_ELITES,
+    MAX_PATIENCE,
+    AdaptedModel,
+    AdaptionRun,
+    MetaTrainingRun,
+    Method,
+)
 from nasweb.runs.views import adaption_payload, model_file_response
 
 JOB_FIELDS = [
@@ -115,6 +123,7 @@ class AdaptionOutput(serializers.ModelSerializer):
             "search_metric",
             "deepen",
             "search_precision",
+            "depth_elites",
             "support_set",
             "models",
         ]
@@ -144,6 +153,9 @@ class AdaptionInput(serializers.Serializer):
         choices=[p for p, _ in SEARCH_PRECISION_CHOICES], default="", allow_blank=True,
         help_text=SEARCH_PRECISION_HELP,
     )  # fmt: skip
+    depth_elites = serializers.IntegerField(
+        min_value=0, max_value=MAX_DEPTH_ELITES, default=0, help_text=DEPTH_ELITES_HELP
+    )
     support_zip = serializers.FileField(required=False)
 
 

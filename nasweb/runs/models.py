@@ -10,6 +10,9 @@ from nasweb.core.models import Job
 
 #: More generations than any preset runs: a larger patience could never stop a search.
 MAX_PATIENCE = 1000
+#: Elites kept per depth (GAConfig.depth_elites): ten of each of the four depths of vgg9 and
+#: resnet12 is 40 of the paper's pool of 100; more would leave too few places for children.
+MAX_DEPTH_ELITES = 10
 
 
 class Method(models.TextChoices):
@@ -115,6 +118,11 @@ class AdaptionRun(Job):
         max_length=16, blank=True, default="",
         help_text="arithmetic of the search's scores: 'float32' or 'bfloat16' (CPU autocast); blank: the preset's",
     )  # fmt: skip
+    #: engine.search.evolution.GAConfig.depth_elites; 0: the preset's (every preset: 0, Algorithm 1).
+    depth_elites = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="also keep the best this many sub-nets of every depth among the elites (0: the preset's)",
+    )
     support_set = models.ForeignKey(SupportSet, null=True, blank=True, on_delete=models.SET_NULL)
     request = models.JSONField(default=dict, blank=True, help_text="engine.adaption.AdaptionRequest")
     out_dir = models.CharField(max_length=500, blank=True)

@@ -22,7 +22,15 @@ from engine import cpu  # torch-free
 from nasweb.core.models import JobStatus
 from nasweb.core.progress import JobProgress, broadcast_status
 from nasweb.core.recovery import LeaseLost, job_claim
-from nasweb.runs.models import MAX_PATIENCE, AdaptedModel, AdaptionRun, MetaTrainingRun, Method, SupportSet
+from nasweb.runs.models import (
+    MAX_DEPTH_ELITES,
+    MAX_PATIENCE,
+    AdaptedModel,
+    AdaptionRun,
+    MetaTrainingRun,
+    Method,
+    SupportSet,
+)
 
 HISTORY_LIMIT = 2000
 METHOD_BACKBONE = {Method.MAMLPP: "maml", Method.MAML: "maml", Method.METANAS: "darts"}
@@ -336,9 +344,10 @@ def adaption_start(
     search_metric: str = "",
     deepen: str = "",
     search_precision: str = "",
+    depth_elites: int = 0,
 ) -> AdaptionRun:
-    """Queue an adaption. ``search_metric``, ``deepen`` and ``search_precision`` override the
-    preset's (blank: keep it)."""
+    """Queue an adaption. ``search_metric``, ``deepen``, ``search_precision`` and ``depth_elites``
+    override the preset's (blank or 0: keep it)."""
     import math
 
     from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS, SEARCH_PRECISIONS
@@ -358,10 +367,16 @@ def adaption_start(
         raise RunInputError(f"deepen must be one of {DEEPEN_MODES} or blank (the preset's)")
     if search_precision not in ("", *SEARCH_PRECISIONS):
         raise RunInputError(f"search_precision must be one of {SEARCH_PRECISIONS} or blank (the preset's)")
-    if (search_metric or deepen or search_precision) and not supernet.is_supernet:
+    if (
+        isinstance(depth_elites, bool)
+        or not isinstance(depth_elites, int)
+        or not 0 <= depth_elites <= MAX_DEPTH_ELITES
+    ):
+        raise RunInputError(f"depth_elites must be a whole number from 0 to {MAX_DEPTH_ELITES}")
+    if (search_metric or deepen or search_precision or depth_elites) and not supernet.is_supernet:
         raise RunInputError(
-            "search_metric, deepen and search_precision steer the architecture search of a super-net; "
-            "a MetaNAS run has none"
+            "search_metric, deepen, search_precision and depth_elites steer the architecture search "
+            "of a super-net; a MetaNAS run has none"
         )
     if search_precision == "bfloat16":
         if settings.NASWEB_ADAPT_DEVICE != "cpu":
@@ -409,6 +424,7 @@ def adaption_start(
             search_metric=search_metric,
             deepen=deepen,
             search_precision=search_precision,
+            depth_elites=depth_elites,
             support_set=support_set,
         )
         run.out_dir = str(_run_dir("adaption", run.pk))
@@ -423,7 +439,7 @@ def adaption_rerun(run: AdaptionRun, *, owner) -> AdaptionRun:
         owner=owner, supernet=run.supernet, device=run.device, constraint=run.constraint,
         budgets=run.budgets, preset=run.preset, support_set=run.support_set, patience=run.patience,
         search_metric=run.search_metric, deepen=run.deepen, search_precision=run.search_precision,
-        name=f"{run} (re-run)",
+        depth_elites=run.depth_elites, name=f"{run} (re-run)",
     )  # fmt: skip
 
 
@@ -649,6 +665,7 @@ def _adaption_request(run: AdaptionRun, state_path: Path, progress: HistoryProgr
         search_metric=run.search_metric or None,  # None: the preset's
         deepen=run.deepen or None,
         search_precision=run.search_precision or None,
+        depth_elites=run.depth_elites or None,  # None: the preset's
         task_source="support" if run.support_set else "validation",
         support=run.support_set.path if run.support_set else None,
         measure_latency=run.device.kind == DeviceKind.LOCAL_CPU,

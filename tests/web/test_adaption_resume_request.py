@@ -61,10 +61,11 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
     assert services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None).patience == 9
     # Blank search metric and deepen mode: the preset's (None in the request); else the user's.
     assert (request.search_metric, request.deepen, request.search_precision) == (None, None, None)
+    assert request.depth_elites is None and request.preset_values.depth_elites == 0
     assert request.search_metric_value == "loss"  # the tiny preset's
     assert request.search_precision_value == "float32"
     AdaptionRun.objects.filter(pk=adaption.pk).update(
-        search_metric="accuracy", deepen="copy-last", search_precision="bfloat16"
+        search_metric="accuracy", deepen="copy-last", search_precision="bfloat16", depth_elites=3
     )
     adaption.refresh_from_db()
     chosen = services._adaption_request(adaption, tmp_path / "run" / "state.json", progress=None)
@@ -74,6 +75,7 @@ def test_a_new_attempt_builds_the_request_from_the_database(adaption, tmp_path):
         "accuracy",
     )
     assert chosen.search_precision == "bfloat16"
+    assert chosen.depth_elites == 3
     # Losses are kept beside the super-net's checkpoint for its later adaptions.
     assert request.fitness_memo == str(tmp_path / "supernet" / "fitness-memo.sqlite")
 

@@ -44,7 +44,7 @@ def test_re_running_an_adaption_keeps_its_search_settings(admin_client, monkeypa
     run = AdaptionRun.objects.create(
         owner=owner, supernet=supernet, device=Device.objects.get(builtin_key="local-cpu"), constraint="params",
         budgets=[3000.0, 5000.0], preset="cpu", patience=7, search_metric="loss", deepen="copy-last",
-        search_precision="bfloat16", status=JobStatus.SUCCEEDED,
+        search_precision="bfloat16", depth_elites=2, status=JobStatus.SUCCEEDED,
     )  # fmt: skip
     again = rerun_in_admin(admin_client, run)
     settings = (
@@ -57,6 +57,7 @@ def test_re_running_an_adaption_keeps_its_search_settings(admin_client, monkeypa
         "search_metric",
         "deepen",
         "search_precision",
+        "depth_elites",
     )
     assert {name: getattr(again, name) for name in settings} == {
         name: getattr(run, name) for name in settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -16,7 +17,7 @@ from devices import services as device_services
 from devices.models import Device
 from nasweb.core.models import JobStatus
 from nasweb.runs import services
-from nasweb.runs.models import AdaptedModel, AdaptionRun, MetaTrainingRun, Method
+from nasweb.runs.models import MAX_DEPTH_ELITES, AdaptedModel, AdaptionRun, MetaTrainingRun, Method
 
 pytestmark = pytest.mark.django_db
 
@@ -346,6 +347,53 @@ def test_search_precision_goes_from_the_form_and_the_api_to_the_run(
         api.post("/api/runs/adapt/", {**body, "search_precision": "float32"}, format="json").status_code
         == 201
     )
+
+
+def test_depth_elites_go_from_the_form_and_the_api_to_the_run(client, users, runs):
+    """Elites of every depth override the preset's 0 (Algorithm 1's elites); blank or 0 keeps it;
+    the run page says so; out-of-range values and a MetaNAS run are refused, nothing is queued."""
+    supernet, _, _ = runs
+    client.force_login(users["owner"])
+    cpu, fields = _adaption_form_fields(supernet, "cpu")
+    assert 'name="depth_elites"' in client.get("/runs/adapt/").content.decode()
+    assert client.post("/runs/adapt/", {**fields, "depth_elites": "2"}).status_code == 302
+    run = AdaptionRun.objects.latest("pk")
+    assert run.depth_elites == 2
+    assert "keeps the best 2 of every depth" in client.get(run.get_absolute_url()).content.decode()
+    assert services._adaption_request(run, Path(run.out_dir) / "state.json", progress=None).depth_elites == 2
+    assert client.post("/runs/adapt/", {**fields, "depth_elites": ""}).status_code == 302
+    blank = AdaptionRun.objects.latest("pk")
+    assert blank.depth_elites == 0
+    assert "of every depth" not in client.get(blank.get_absolute_url()).content.decode()
+    assert (
+        services._adaption_request(blank, Path(blank.out_dir) / "state.json", progress=None).depth_elites
+        is None
+    )
+    before = AdaptionRun.objects.count()
+    for bad in ("-1", str(MAX_DEPTH_ELITES + 1), "two"):
+        assert client.post("/runs/adapt/", {**fields, "depth_elites": bad}).status_code == 400
+
+    api = APIClient()
+    api.force_authenticate(users["owner"])
+    body = {
+        "supernet": supernet.pk,
+        "device": cpu.pk,
+        "constraint": "params",
+        "budgets": [3000],
+        "preset": "cpu",
+    }
+    created = api.post("/api/runs/adapt/", {**body, "depth_elites": 1}, format="json")
+    assert created.status_code == 201 and created.json()["depth_elites"] == 1
+    assert api.post("/api/runs/adapt/", body, format="json").json()["depth_elites"] == 0
+    refused = api.post("/api/runs/adapt/", {**body, "depth_elites": MAX_DEPTH_ELITES + 1}, format="json")
+    assert refused.status_code == 400 and "depth_elites" in str(refused.json())
+    metanas = _finished_metanas_run(users["owner"])
+    refused = api.post("/api/runs/adapt/", {**body, "supernet": metanas.pk, "depth_elites": 1}, format="json")
+    assert refused.status_code == 400 and "MetaNAS" in refused.json()["error"]
+    assert AdaptionRun.objects.count() == before + 2
+    with pytest.raises(services.RunInputError, match="whole number"):
+        services.adaption_start(owner=users["owner"], supernet=supernet, device=cpu, constraint="params",
+                                budgets=[3000.0], depth_elites=True)  # fmt: skip
 
 
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
