@@ -8,7 +8,7 @@ sub-nets of one super-net (alternately, best of ``--repeats``): grouped, the tas
 ("batched", the way before grouped) and one by one, sorted by that activation size, so the
 threshold can be checked on another machine:
 
-    python benchmarks/scoring_paths.py --supernet RUN/checkpoint.pt [--archs 30] [--queries 1]
+    python benchmarks/scoring_paths.py --supernet RUN/checkpoint.pt [--archs 30] [--queries 1] [--search-precision bfloat16]
     python benchmarks/scoring_paths.py --quick   # a tiny super-net trained for seconds
 
 The last stdout line is one JSON object: mean ms per evaluation grouped, vmapped, one by one, on
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine.search.adapt as adapt_module  # noqa: E402
 from benchmarks._scoring import add_scoring_arguments, scoring_bench, scoring_path  # noqa: E402
-from engine.search.adapt import task_tensors  # noqa: E402
+from engine.adaption_presets import SEARCH_PRECISIONS  # noqa: E402
+from engine.search.adapt import scoring_precision, task_tensors  # noqa: E402
 from engine.search.package import arch_code  # noqa: E402
 
 #: Seed stream of the architectures timed (the tasks come from benchmarks._validation's).
@@ -60,6 +61,12 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="timings per sub-net and way (the best counts)"
     )
+    parser.add_argument(
+        "--search-precision",
+        choices=SEARCH_PRECISIONS,
+        default="float32",
+        help="arithmetic of every way timed (bfloat16: CPU autocast, as a bfloat16 search scores)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = scoring_bench(args, parser, quick_iterations=24, quick_archs=8, arch_stream=ARCH_STREAM)
@@ -68,12 +75,14 @@ def main() -> None:
 
     def score_with(path: str):
         def score(arch, tasks):
-            with scoring_path(path):
+            with scoring_path(path), scoring_precision(args.search_precision):
                 return scorer.score(arch, tasks)
 
         return score
 
-    ways = {path: score_with(path) for path in ("grouped", "batched", "sliced")}
+    # The vmapped way fails under CPU autocast in torch 2.13 ("expected scalar type BFloat16").
+    timed = ("grouped", "batched", "sliced") if args.search_precision == "float32" else ("grouped", "sliced")
+    ways = {path: score_with(path) for path in timed}
     for score in ways.values():
         score(archs[0], tasks[:2])  # warm-up
     rows = []
@@ -88,17 +97,23 @@ def main() -> None:
     rows.sort(key=lambda row: row["activation"])
     for row in rows:
         ratio = row["grouped"] / row["sliced"]
-        print(f"{row['activation']:>9} elements  grouped {row['grouped']:7.1f} ms  vmapped {row['batched']:7.1f} ms  "
+        vmapped = f"  vmapped {row['batched']:7.1f} ms" if "batched" in row else ""
+        print(f"{row['activation']:>9} elements  grouped {row['grouped']:7.1f} ms{vmapped}  "
               f"one by one {row['sliced']:7.1f} ms  grouped/one-by-one {ratio:.2f}  {row['arch']}")  # fmt: skip
+
+    def mean_ms(path: str) -> float:
+        return round(float(np.mean([row[path] for row in rows])), 1)
+
     grouped_faster = [row["activation"] for row in rows if row["grouped"] < row["sliced"]]
     sliced_faster = [row["activation"] for row in rows if row["sliced"] <= row["grouped"]]
     summary = {
         **bench.summary_head(args),
+        "search_precision": args.search_precision,
         "threshold": adapt_module.MAX_BATCHED_TASK_ACTIVATION,
-        "ms_grouped": round(float(np.mean([row["grouped"] for row in rows])), 1),
-        "ms_batched": round(float(np.mean([row["batched"] for row in rows])), 1),
-        "ms_one_by_one": round(float(np.mean([row["sliced"] for row in rows])), 1),
-        "ms_auto": round(float(np.mean([row["auto"] for row in rows])), 1),
+        "ms_grouped": mean_ms("grouped"),
+        "ms_batched": mean_ms("batched") if "batched" in timed else None,
+        "ms_one_by_one": mean_ms("sliced"),
+        "ms_auto": mean_ms("auto"),
         "ms_best_of_grouped_and_one_by_one": round(
             float(np.mean([min(row["grouped"], row["sliced"]) for row in rows])), 1
         ),
