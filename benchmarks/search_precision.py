@@ -16,7 +16,11 @@ not the gradients of meta-training, so this script measures both sides on one su
 * the fitness of each architecture both ways on the production path, as the mean query loss
   (Algorithm 1's) and as the query error rate with the loss breaking ties (the ``cpu`` preset's
   search metric): largest absolute difference, Spearman rank correlation, whether the best
-  architecture is the same, overlap of the best 10 %.
+  architecture is the same, overlap of the best 10 %;
+* the mean bfloat16 - float32 shift of both fitnesses per number of layers: rounding compounds
+  layer by layer, and a shift that grows with depth would steer a bfloat16 search away from deep
+  sub-nets (the bfloat16 GAs of 2026-12-07 stopped early at the loosest budget and one chose a
+  two-layer net where float32 chose three layers; docs/BENCHMARKS.md, "bfloat16 search").
 
     python benchmarks/search_precision.py --supernet RUN/checkpoint.pt [--archs 60] [--queries 1]
     python benchmarks/search_precision.py --quick   # a tiny super-net trained for seconds
@@ -113,6 +117,16 @@ def main() -> None:
             f"best_10pct_overlap_{kind}": round(len(best_fp32 & best_bf16) / top, 2),
         }
 
+    def shift_by_depth(kind: str) -> dict[str, float]:
+        """Mean bfloat16 - float32 fitness ``kind`` per number of layers: whether bfloat16's
+        rounding, which compounds layer by layer, handicaps deeper sub-nets in the search."""
+        shift = np.asarray(results[f"{kind}_bf16"]) - np.asarray(results[f"{kind}_fp32"])
+        depths = np.asarray([arch.n_used_layers for arch in archs])
+        return {
+            str(depth): round(float(shift[depths == depth].mean()), 4) + 0.0  # never "-0.0"
+            for depth in sorted(set(depths.tolist()))
+        }
+
     ms = {
         path: 1000 * float(np.mean(results[f"s_{path}"]))
         for path in ("fp32", "bf16", "fp32_each", "bf16_each")
@@ -127,6 +141,12 @@ def main() -> None:
         "speedup_bf16": round(min(ms["fp32"], ms["fp32_each"]) / ms["bf16_each"], 2),
         **agreement("loss"),
         **agreement("error"),
+        "archs_by_depth": {
+            str(d): sum(arch.n_used_layers == d for arch in archs)
+            for d in sorted({a.n_used_layers for a in archs})
+        },
+        "mean_loss_shift_by_depth": shift_by_depth("loss"),
+        "mean_error_shift_by_depth": shift_by_depth("error"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": bfloat16_flags(),
     }
