@@ -22,6 +22,25 @@ DEEPEN_MODES = ("stored", "copy-last")
 #: updates and the final choice's and test tasks' scores in float32). See
 #: engine.search.adapt.scoring_precision and docs/ADAPTION.md, "Search precision".
 SEARCH_PRECISIONS = ("float32", "bfloat16")
+#: Algorithm 1's share of the pool that survives and parents the next (GAConfig.top_fraction).
+TOP_FRACTION = 0.1
+#: The most depths a search space offers (Adaptive Number of Layers: vgg9's 1-4 layers,
+#: resnet12's 1-4 blocks); what the web process, which never builds a space, assumes.
+MAX_SPACE_DEPTHS = 4
+
+
+def elite_count(pool_size: int, top_fraction: float) -> int:
+    """Algorithm 1's elites: the best ``round(top_fraction * P)`` survive (at least 1)."""
+    return max(1, min(pool_size, round(top_fraction * pool_size)))
+
+
+def most_depth_elites(pool_size: int, top_fraction: float, depths: int) -> int:
+    """The largest ``depth_elites`` (GAConfig) that leaves at least half of the pool to children.
+
+    The elites are the best ``elite_count`` plus at most ``depth_elites`` of each of ``depths``
+    depths, and every place they take is one child fewer: a pool of elites alone would score
+    nothing new, generation after generation."""
+    return max(0, (pool_size // 2 - elite_count(pool_size, top_fraction)) // max(1, depths))
 
 
 @dataclass(frozen=True)

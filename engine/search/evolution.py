@@ -67,7 +67,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.adaption_presets import DEEPEN_MODES  # torch-free, so the web form can offer them
+from engine.adaption_presets import (  # torch-free, so the web form can offer and check them
+    DEEPEN_MODES,
+    TOP_FRACTION,
+    elite_count,
+    most_depth_elites,
+)
 from engine.atomic import atomic_write_json
 from engine.progress import ProgressCallback, null_progress
 from engine.search.constraints import (
@@ -109,7 +114,7 @@ class GAConfig:
     iterations: int = 200
     tasks_per_slice: int = 16
     num_slices: int = 8
-    top_fraction: float = 0.1
+    top_fraction: float = TOP_FRACTION
     mutations_per_child: int = 2
     crossover: bool = False
     max_init_tries: int = 20_000
@@ -183,7 +188,7 @@ class GAConfig:
     @property
     def elite_size(self) -> int:
         """How many of the best architectures survive and parent the next pool (at least 1)."""
-        return max(1, min(self.pool_size, round(self.top_fraction * self.pool_size)))
+        return elite_count(self.pool_size, self.top_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -881,6 +886,18 @@ def _check_state(state: Mapping[str, Any], config: GAConfig, constraints: Sequen
         raise GAStateError("the saved GA state was made for different constraints")
 
 
+def _check_depth_elites(config: GAConfig, space: Any) -> None:
+    """Refuse elites of every depth that would leave fewer than half of the pool to children."""
+    depths = len(getattr(space, "depths", ())) or 1
+    most = most_depth_elites(config.pool_size, config.top_fraction, depths)
+    if config.depth_elites > most:
+        raise GAConfigError(
+            f"depth_elites {config.depth_elites} of each of {depths} depths, besides the best "
+            f"{config.elite_size}, would leave fewer than half of a pool of {config.pool_size} to "
+            f"children; at most {most} with this pool"
+        )
+
+
 def run_ga(
     space: Any,
     fitness_fn: FitnessFn,
@@ -907,6 +924,7 @@ def run_ga(
     event then has ``stopped_early`` and ``stats["generations"]`` says how many ran.
     """
     config = config if config is not None else GAConfig()
+    _check_depth_elites(config, space)
     constraints = check_constraints(constraints)
     cost_model = costs_fn if isinstance(costs_fn, CostModel) else CostModel(costs_fn)
     cache = cache if cache is not None else FitnessCache()

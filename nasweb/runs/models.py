@@ -10,8 +10,9 @@ from nasweb.core.models import Job
 
 #: More generations than any preset runs: a larger patience could never stop a search.
 MAX_PATIENCE = 1000
-#: Elites kept per depth (GAConfig.depth_elites): ten of each of the four depths of vgg9 and
-#: resnet12 is 40 of the paper's pool of 100; more would leave too few places for children.
+#: Elites kept per depth (GAConfig.depth_elites): the most the paper preset allows (ten of each
+#: of four depths and its best 10 leave half of its pool of 100 to children; smaller presets
+#: allow fewer, engine.adaption_presets.most_depth_elites).
 MAX_DEPTH_ELITES = 10
 
 

@@ -350,7 +350,15 @@ def adaption_start(
     override the preset's (blank or 0: keep it)."""
     import math
 
-    from engine.adaption_presets import DEEPEN_MODES, FINAL_METRICS, SEARCH_PRECISIONS
+    from engine.adaption_presets import (
+        ADAPTION_PRESETS,
+        DEEPEN_MODES,
+        FINAL_METRICS,
+        MAX_SPACE_DEPTHS,
+        SEARCH_PRECISIONS,
+        TOP_FRACTION,
+        most_depth_elites,
+    )
     from engine.search.constraints import Constraint, ConstraintError
 
     if supernet.status != JobStatus.SUCCEEDED or not supernet.is_adaptable:
@@ -373,6 +381,14 @@ def adaption_start(
         or not 0 <= depth_elites <= MAX_DEPTH_ELITES
     ):
         raise RunInputError(f"depth_elites must be a whole number from 0 to {MAX_DEPTH_ELITES}")
+    preset_values = ADAPTION_PRESETS.get(preset)
+    if depth_elites and preset_values is not None:
+        most = most_depth_elites(preset_values.pool_size, TOP_FRACTION, MAX_SPACE_DEPTHS)
+        if depth_elites > most:
+            raise RunInputError(
+                f"depth_elites {depth_elites} would leave fewer than half of the {preset} preset's pool "
+                f"of {preset_values.pool_size} to new sub-nets; at most {most} with this preset"
+            )
     if (search_metric or deepen or search_precision or depth_elites) and not supernet.is_supernet:
         raise RunInputError(
             "search_metric, deepen, search_precision and depth_elites steer the architecture search "

@@ -860,7 +860,7 @@ def test_cli_adapt_and_its_errors(world, tmp_path):
         "--preset",
         "tiny",
         "--pool",
-        "4",
+        "10",  # room for one elite of each depth: most_depth_elites(10, 0.1, 4) == 1
         "--iterations",
         "2",
         "--test-tasks",

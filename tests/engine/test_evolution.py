@@ -986,6 +986,28 @@ def test_depth_elites_keep_the_best_net_of_every_depth_parenting(space):
     assert GAConfig().depth_elites == 0
 
 
+def test_depth_elites_that_would_crowd_out_the_children_are_refused_before_any_evaluation(space):
+    """Elites of every depth take places children would have: a pool of 20 keeps its best 2,
+    and at most (10 - 2) // depths per depth leave half of it to children."""
+    depths = len(space.depths)
+    most = (20 // 2 - 2) // depths
+    assert most >= 1
+    scored: list = []
+
+    def fitness(arch, slice_id):
+        scored.append(arch)
+        return float(arch.depth)
+
+    constraint = [Constraint("params", 1e9)]
+    run_ga(space, fitness, costs_fn_for(space), constraint, small_config(iterations=2, depth_elites=most))
+    scored.clear()
+    with pytest.raises(GAConfigError, match=rf"fewer than half of a pool of 20 .* at most {most}"):
+        run_ga(
+            space, fitness, costs_fn_for(space), constraint, small_config(iterations=2, depth_elites=most + 1)
+        )
+    assert scored == []
+
+
 def test_depth_elites_escape_a_shallow_optimum_that_traps_algorithm_1(space, enumerated):
     archs, params = enumerated
     limit = 400_000

@@ -394,6 +394,14 @@ def test_depth_elites_go_from_the_form_and_the_api_to_the_run(client, users, run
     with pytest.raises(services.RunInputError, match="whole number"):
         services.adaption_start(owner=users["owner"], supernet=supernet, device=cpu, constraint="params",
                                 budgets=[3000.0], depth_elites=True)  # fmt: skip
+    # The tiny preset's pool of 12 keeps its best one; two of each of four depths would leave it
+    # fewer than six children.
+    refused = api.post("/api/runs/adapt/", {**body, "preset": "tiny", "depth_elites": 2}, format="json")
+    assert refused.status_code == 400 and "at most 1 with this preset" in refused.json()["error"]
+    assert (
+        api.post("/api/runs/adapt/", {**body, "preset": "tiny", "depth_elites": 1}, format="json").status_code
+        == 201
+    )
 
 
 def test_the_api_lists_only_own_runs_and_validates(users, runs):
