@@ -210,6 +210,13 @@ def _api_adaption_body(supernet, cpu: Device) -> dict:
     }
 
 
+def _posted_run(client, fields: dict, **options) -> tuple[AdaptionRun, str]:
+    """Post the adaption form with ``options``: the run it queued and the text of its page."""
+    assert client.post("/runs/adapt/", {**fields, **options}).status_code == 302
+    run = AdaptionRun.objects.latest("pk")
+    return run, client.get(run.get_absolute_url()).content.decode()
+
+
 def _finished_metanas_run(owner) -> MetaTrainingRun:
     return MetaTrainingRun.objects.create(
         owner=owner, method=Method.METANAS, ways=5, preset="tiny", spec={}, status=JobStatus.SUCCEEDED
@@ -310,14 +317,10 @@ def test_search_precision_goes_from_the_form_and_the_api_to_the_run(
     client.force_login(users["owner"])
     cpu, fields = _adaption_form_fields(supernet, "cpu")
     assert 'name="search_precision"' in client.get("/runs/adapt/").content.decode()
-    assert client.post("/runs/adapt/", {**fields, "search_precision": "bfloat16"}).status_code == 302
-    run = AdaptionRun.objects.latest("pk")
-    assert run.search_precision == "bfloat16"
-    assert "scored in bfloat16" in client.get(run.get_absolute_url()).content.decode()
-    assert client.post("/runs/adapt/", fields).status_code == 302
-    blank = AdaptionRun.objects.latest("pk")
-    assert blank.search_precision == ""
-    assert "scored in bfloat16" not in client.get(blank.get_absolute_url()).content.decode()
+    run, page = _posted_run(client, fields, search_precision="bfloat16")
+    assert run.search_precision == "bfloat16" and "scored in bfloat16" in page
+    blank, page = _posted_run(client, fields)
+    assert blank.search_precision == "" and "scored in bfloat16" not in page
     refused = client.post("/runs/adapt/", {**fields, "search_precision": "float16"})
     assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
 
@@ -356,32 +359,20 @@ def test_depth_elites_go_from_the_form_and_the_api_to_the_run(client, users, run
     client.force_login(users["owner"])
     cpu, fields = _adaption_form_fields(supernet, "cpu")
     assert 'name="depth_elites"' in client.get("/runs/adapt/").content.decode()
-    assert client.post("/runs/adapt/", {**fields, "depth_elites": "2"}).status_code == 302
-    run = AdaptionRun.objects.latest("pk")
-    assert run.depth_elites == 2
-    assert "keeps the best 2 of every depth" in client.get(run.get_absolute_url()).content.decode()
-    assert services._adaption_request(run, Path(run.out_dir) / "state.json", progress=None).depth_elites == 2
-    assert client.post("/runs/adapt/", {**fields, "depth_elites": ""}).status_code == 302
-    blank = AdaptionRun.objects.latest("pk")
-    assert blank.depth_elites == 0
-    assert "of every depth" not in client.get(blank.get_absolute_url()).content.decode()
-    assert (
-        services._adaption_request(blank, Path(blank.out_dir) / "state.json", progress=None).depth_elites
-        is None
-    )
+    run, page = _posted_run(client, fields, depth_elites="2")
+    assert run.depth_elites == 2 and "keeps the best 2 of every depth" in page
+    blank, page = _posted_run(client, fields, depth_elites="")
+    assert blank.depth_elites == 0 and "of every depth" not in page
+
+    def requested(run: AdaptionRun) -> int | None:
+        return services._adaption_request(run, Path(run.out_dir) / "state.json", progress=None).depth_elites
+
+    assert (requested(run), requested(blank)) == (2, None)  # None: the preset's
     before = AdaptionRun.objects.count()
     for bad in ("-1", str(MAX_DEPTH_ELITES + 1), "two"):
         assert client.post("/runs/adapt/", {**fields, "depth_elites": bad}).status_code == 400
 
-    api = APIClient()
-    api.force_authenticate(users["owner"])
-    body = {
-        "supernet": supernet.pk,
-        "device": cpu.pk,
-        "constraint": "params",
-        "budgets": [3000],
-        "preset": "cpu",
-    }
+    api, body = _owner_api(users), _api_adaption_body(supernet, cpu)
     created = api.post("/api/runs/adapt/", {**body, "depth_elites": 1}, format="json")
     assert created.status_code == 201 and created.json()["depth_elites"] == 1
     assert api.post("/api/runs/adapt/", body, format="json").json()["depth_elites"] == 0
