@@ -103,6 +103,8 @@ def main() -> None:
     results = score_paths(bench.scorer, archs, bench.tasks)
 
     top = max(1, len(archs) // 10)
+    depths = np.asarray([arch.n_used_layers for arch in archs])
+    depth_values = sorted(set(depths.tolist()))
 
     def agreement(kind: str) -> dict:
         """How far the bfloat16 production path's fitness ``kind`` is from float32's."""
@@ -121,10 +123,9 @@ def main() -> None:
         """Mean bfloat16 - float32 fitness ``kind`` per number of layers: whether bfloat16's
         rounding, which compounds layer by layer, handicaps deeper sub-nets in the search."""
         shift = np.asarray(results[f"{kind}_bf16"]) - np.asarray(results[f"{kind}_fp32"])
-        depths = np.asarray([arch.n_used_layers for arch in archs])
         return {
             str(depth): round(float(shift[depths == depth].mean()), 4) + 0.0  # never "-0.0"
-            for depth in sorted(set(depths.tolist()))
+            for depth in depth_values
         }
 
     ms = {
@@ -141,10 +142,7 @@ def main() -> None:
         "speedup_bf16": round(min(ms["fp32"], ms["fp32_each"]) / ms["bf16_each"], 2),
         **agreement("loss"),
         **agreement("error"),
-        "archs_by_depth": {
-            str(d): sum(arch.n_used_layers == d for arch in archs)
-            for d in sorted({a.n_used_layers for a in archs})
-        },
+        "archs_by_depth": {str(depth): int((depths == depth).sum()) for depth in depth_values},
         "mean_loss_shift_by_depth": shift_by_depth("loss"),
         "mean_error_shift_by_depth": shift_by_depth("error"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -6,14 +6,23 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 
+from engine.adaption_presets import (
+    ADAPTION_PRESETS,
+    MAX_SPACE_DEPTHS,
+    TOP_FRACTION,
+    most_depth_elites,
+)  # torch-free
 from nasweb.core.models import Job
 
 #: More generations than any preset runs: a larger patience could never stop a search.
 MAX_PATIENCE = 1000
-#: Elites kept per depth (GAConfig.depth_elites): the most the paper preset allows (ten of each
-#: of four depths and its best 10 leave half of its pool of 100 to children; smaller presets
-#: allow fewer, engine.adaption_presets.most_depth_elites).
-MAX_DEPTH_ELITES = 10
+#: Elites kept per depth (GAConfig.depth_elites): the most any preset allows (the paper preset:
+#: ten of each of four depths and its best 10 leave half of its pool of 100 to children; smaller
+#: presets allow fewer, engine.adaption_presets.most_depth_elites).
+MAX_DEPTH_ELITES = max(
+    most_depth_elites(preset.pool_size, TOP_FRACTION, MAX_SPACE_DEPTHS)
+    for preset in ADAPTION_PRESETS.values()
+)
 
 
 class Method(models.TextChoices):

@@ -330,6 +330,12 @@ def support_set_upload(
 # --- adaption -------------------------------------------------------------------------------
 
 
+def _check_whole_number(name: str, value, most: int, *, unit: str = "") -> None:
+    """``value`` must be an int (not a bool) from 0 to ``most``, else a RunInputError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise RunInputError(f"{name} must be a whole number{unit} from 0 to {most}")
+
+
 def adaption_start(
     *,
     owner,
@@ -365,8 +371,7 @@ def adaption_start(
         raise RunInputError("choose a finished H-Meta-NAS super-net or MetaNAS meta-training run")
     if not budgets:
         raise RunInputError("give at least one budget")
-    if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= MAX_PATIENCE:
-        raise RunInputError(f"patience must be a whole number of generations from 0 to {MAX_PATIENCE}")
+    _check_whole_number("patience", patience, MAX_PATIENCE, unit=" of generations")
     if patience and not supernet.is_supernet:
         raise RunInputError("patience stops the architecture search of a super-net; a MetaNAS run has none")
     if search_metric not in ("", *FINAL_METRICS):
@@ -375,12 +380,7 @@ def adaption_start(
         raise RunInputError(f"deepen must be one of {DEEPEN_MODES} or blank (the preset's)")
     if search_precision not in ("", *SEARCH_PRECISIONS):
         raise RunInputError(f"search_precision must be one of {SEARCH_PRECISIONS} or blank (the preset's)")
-    if (
-        isinstance(depth_elites, bool)
-        or not isinstance(depth_elites, int)
-        or not 0 <= depth_elites <= MAX_DEPTH_ELITES
-    ):
-        raise RunInputError(f"depth_elites must be a whole number from 0 to {MAX_DEPTH_ELITES}")
+    _check_whole_number("depth_elites", depth_elites, MAX_DEPTH_ELITES)
     preset_values = ADAPTION_PRESETS.get(preset)
     if depth_elites and preset_values is not None:
         most = most_depth_elites(preset_values.pool_size, TOP_FRACTION, MAX_SPACE_DEPTHS)
