@@ -114,6 +114,9 @@ __all__ = [
     "paired_difference",
     "retrain_subnet",
     "run_adaption",
+    "search_error",
+    "test_accuracy",
+    "test_task_batches",
 ]
 
 STATE_VERSION = 1
@@ -1128,12 +1131,18 @@ def _random_baselines(
     return [_search_result_from_dict(stored[str(index)], decode) for index in range(len(context.constraints))]
 
 
-def _test_batches(context: _Context) -> list[Any]:
-    count = context.request.test_task_count
+def test_task_batches(request: AdaptionRequest, spec: RunSpec) -> list[Any]:
+    """The request's test tasks in batches of 16: the same tasks for every architecture it
+    scores (so differences can be paired task by task), drawn from its seed's own stream."""
+    count = request.test_task_count
     if count == 0:
         return []
-    _, batches = task_source(context.spec, "test")
-    return list(batches(count, 16, derive_seed(context.request.seed, TEST_TASK_STREAM)))
+    _, batches = task_source(spec, "test")
+    return list(batches(count, 16, derive_seed(request.seed, TEST_TASK_STREAM)))
+
+
+def _test_batches(context: _Context) -> list[Any]:
+    return test_task_batches(context.request, context.spec)
 
 
 def _accuracy(values: Sequence[float]) -> dict[str, Any]:
@@ -1142,6 +1151,20 @@ def _accuracy(values: Sequence[float]) -> dict[str, Any]:
         "mean": float(array.mean()),
         "ci95": _finite(confidence_interval95(array)),
         "tasks": int(array.size),
+    }
+
+
+def test_accuracy(scorer: SuperNetScorer, arch: Any, batches: Sequence[Any], dataset: str) -> dict[str, Any]:
+    """``arch``'s mean query accuracy ± 95 % CI on ``batches`` (inherited weights + inner loop),
+    with the per-task list that :func:`paired_difference` needs."""
+    accuracies: list[float] = []
+    for batch in batches:
+        accuracies.extend(scorer.score(arch, batch).task_accuracies)
+    return {
+        **_accuracy(accuracies),
+        "split": "test",
+        "dataset": dataset,
+        "task_accuracies": [float(value) for value in accuracies],
     }
 
 
@@ -1157,15 +1180,7 @@ def _test_accuracies(
         decode = type(context.space.smallest()).from_json
         for done, key in enumerate(missing, start=1):
             arch = decode(key)
-            accuracies: list[float] = []
-            for batch in batches:
-                accuracies.extend(context.scorer.score(arch, batch).task_accuracies)
-            stored[key] = {
-                **_accuracy(accuracies),
-                "split": "test",
-                "dataset": context.spec.dataset,
-                "task_accuracies": [float(value) for value in accuracies],
-            }
+            stored[key] = test_accuracy(context.scorer, arch, batches, context.spec.dataset)
             state.save()
             _stage(progress, "evaluate", done, len(missing), arch=arch_code(arch))
     # With the per-task lists (paired differences); cards and results get _without_task_list.

@@ -31,9 +31,12 @@ from engine.adaption import (
     AdaptionResult,
     AdaptionStateError,
     InfeasibleBudgetError,
+    load_supernet,
     paired_difference,
     retrain_subnet,
     run_adaption,
+    test_accuracy,
+    test_task_batches,
 )
 from engine.cost import arch_params
 from engine.export import onnx_roundtrip_error
@@ -41,6 +44,7 @@ from engine.latency.lut import LatencyTable
 from engine.meta.runs import RunSpec, build_run, task_source
 from engine.meta.train import load_checkpoint, meta_train
 from engine.progress import JobCancelled, ListProgress
+from engine.search.adapt import SuperNetScorer, inner_loop_from_learner
 from engine.search.package import MODEL_CARD_NAME, ONNX_NAME, TORCHSCRIPT_NAME, read_model_card
 from engine.space import Arch, SearchSpace
 
@@ -293,6 +297,48 @@ def test_ga_minus_random_is_paired_on_the_same_test_tasks(world, adapted):
         assert "task_accuracies" not in outcome.test_accuracy
         assert "task_accuracies" not in outcome.model_card["random_search"]["test_accuracy"]
     assert "task_accuracies" not in json.dumps(result.to_dict())
+
+
+def test_scoring_a_pick_again_on_the_requests_test_tasks_repeats_the_sweeps_figures(world, adapted):
+    """test_task_batches redraws the request's own test tasks, so a sub-net scored after the
+    request (benchmarks/headroom.py) is paired task by task with what the request scored."""
+    request, result, _, _ = adapted
+    state = json.loads((world["root"] / "state.json").read_text())
+    spec, run, _ = load_supernet(request.supernet)
+    scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
+    batches = test_task_batches(request, spec)
+    assert sum(batch.support_x.shape[0] for batch in batches) == 10
+    for outcome in result.outcomes:
+        key = Arch.from_dict(outcome.arch).canonical().to_json()
+        again = test_accuracy(scorer, Arch.from_dict(outcome.arch), batches, spec.dataset)
+        assert again["task_accuracies"] == pytest.approx(state["test"][key]["task_accuracies"], abs=1e-6)
+        assert again["tasks"] == 10 and again["split"] == "test"
+
+
+def test_headroom_benchmark_on_a_finished_sweep(world, adapted, tmp_path):
+    """benchmarks/headroom.py: the best found is at least as good as both picks, its
+    differences are paired on the sweep's tasks, and the scores it adds are kept."""
+    from benchmarks.headroom import HEADROOM_NAME, STATE_NAME, SweepHeadroom
+
+    request, result, _, _ = adapted
+    (tmp_path / STATE_NAME).write_text((world["root"] / "state.json").read_text())
+    rows = SweepHeadroom(tmp_path).budget_rows(top=3)
+    kept = json.loads((tmp_path / HEADROOM_NAME).read_text())
+    assert len(rows) == len(request.budgets) == len(result.outcomes)
+    for row, outcome in zip(rows, result.outcomes, strict=True):
+        assert row["budget"]["limit"] == outcome.budget["limit"]
+        assert row["ga_acc"] == pytest.approx(100 * outcome.test_accuracy["mean"], abs=1e-3)
+        assert row["random_acc"] == pytest.approx(100 * outcome.random["test_accuracy"]["mean"], abs=1e-3)
+        assert row["best_acc"] >= max(row["ga_acc"], row["random_acc"]) - 1e-9
+        assert row["headroom_over_random"] == pytest.approx(row["best_acc"] - row["random_acc"], abs=2e-3)
+        assert row["ga_shortfall"] == pytest.approx(row["best_acc"] - row["ga_acc"], abs=2e-3)
+        assert 0 < row["feasible_ga"] <= row["feasible_in_archive"]
+        assert row["best_search_rank"] is None or 1 <= row["best_search_rank"] <= 3
+    assert sum(row["scored_now"] for row in rows) == len(kept) > 0
+    # Again: everything is kept, nothing is scored twice, and the figures are the same.
+    again = SweepHeadroom(tmp_path).budget_rows(top=3)
+    assert [row["scored_now"] for row in again] == [0] * len(rows)
+    assert [row["best_acc"] for row in again] == [row["best_acc"] for row in rows]
 
 
 def test_a_state_scored_before_the_per_task_lists_resumes_without_a_paired_difference(
