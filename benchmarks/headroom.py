@@ -146,7 +146,7 @@ class SweepHeadroom:
     """One finished sweep: its request, super-net, table and archive, and the test scores kept
     in ``headroom.json``. Sub-nets are keyed by their canonical JSON, as the sweep's test scores are."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, confirm_tasks: int = 0) -> None:
         state_path = folder / STATE_NAME
         if not state_path.is_file():
             raise SystemExit(f"{folder}: no {STATE_NAME}; run benchmarks/ga_adaption.py --out {folder} first")
@@ -163,14 +163,23 @@ class SweepHeadroom:
         self.cost_model = CostModel(make_costs_fn(space, LatencyTable.load(self.request.lut)))
         self.archive = search_archive(self.state, self.request.ga_config().num_slices, self.key_of)
         self.scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
-        self.batches: list[Any] | None = None
+        self.confirm_tasks = confirm_tasks
+        self.batches: dict[str, list[Any]] = {}
         self.kept_path = folder / HEADROOM_NAME
-        self.kept: dict[str, Any] = json.loads(self.kept_path.read_text()) if self.kept_path.exists() else {}
+        identity = self.request.identity()
+        self.kept: dict[str, Any] = {"request": identity, "test": {}}
+        if confirm_tasks:
+            self.kept[f"confirm-{confirm_tasks}"] = {}
+        if self.kept_path.exists():
+            kept = json.loads(self.kept_path.read_text())
+            if kept.get("request") != identity:
+                raise SystemExit(f"{self.kept_path} holds the scores of another sweep's request; remove it")
+            self.kept.update(kept)
         # The sweep's own test scores (its two picks per budget) are on the same tasks.
         self.scored: dict[str, dict[str, Any]] = {
             key: entry for key, entry in self.state["test"].items() if entry is not None
         }
-        self.scored.update(self.kept)
+        self.scored.update(self.kept["test"])
 
     def key_of(self, arch_dict: Mapping[str, Any]) -> str:
         return self.decode(dict(arch_dict)).canonical().to_json()
@@ -183,14 +192,24 @@ class SweepHeadroom:
         ga = self.state["completed"][self.state["order"].index(index)]["best_arch"]
         return self.key_of(ga), self.key_of(self.state["random"][str(index)]["best_arch"])
 
-    def score(self, key: str) -> None:
-        if key in self.scored:
-            return
-        if self.batches is None:
-            self.batches = test_task_batches(self.request, self.spec)
-        arch = self.decode(json.loads(key))
-        self.scored[key] = self.kept[key] = test_accuracy(self.scorer, arch, self.batches, self.spec.dataset)
-        atomic_write_json(self.kept_path, self.kept, compact=True)
+    def _scores(self, keys: Sequence[str], draw: str) -> tuple[dict[str, dict[str, Any]], int]:
+        """Scores of ``keys`` on the sweep's test tasks (``draw`` "test") or on the independent
+        confirmation set; the number scored now (the rest were kept or the sweep's own)."""
+        scored = self.scored if draw == "test" else self.kept[draw]
+        fresh = [key for key in dict.fromkeys(keys) if key not in scored]
+        for key in fresh:
+            if draw not in self.batches:
+                self.batches[draw] = (
+                    test_task_batches(self.request, self.spec)
+                    if draw == "test"
+                    else test_task_batches(self.request, self.spec, draw=1, count=self.confirm_tasks)
+                )
+            entry = test_accuracy(
+                self.scorer, self.decode(json.loads(key)), self.batches[draw], self.spec.dataset
+            )
+            scored[key] = self.kept[draw][key] = entry
+            atomic_write_json(self.kept_path, self.kept, compact=True)
+        return scored, len(fresh)
 
     def budget_rows(self, top: int) -> list[dict[str, Any]]:
         sources = {key: entry["sources"] for key, entry in self.archive.items()}
@@ -202,12 +221,26 @@ class SweepHeadroom:
             }
             ranked = ranked_feasible(self.archive, feasible)[:top]
             ga_pick, random_pick = self.picks(index)
-            wanted = list(dict.fromkeys([*ranked, ga_pick, random_pick]))
-            fresh = [key for key in wanted if key not in self.scored]
             started = time.perf_counter()
-            for key in fresh:
-                self.score(key)
-            row = budget_headroom(ranked, self.scored, ga_pick, random_pick, sources)
+            scored, scored_now = self._scores([*ranked, ga_pick, random_pick], "test")
+            row = budget_headroom(ranked, scored, ga_pick, random_pick, sources)
+            best = row.pop("best_key")
+            confirmed = {}
+            if self.confirm_tasks:
+                # The best found won a maximum over up to top + 2 noisy means, so its lead is
+                # biased upwards; on tasks it was not chosen on, the lead is not.
+                again, confirmed_now = self._scores(
+                    [best, ga_pick, random_pick], f"confirm-{self.confirm_tasks}"
+                )
+                scored_now += confirmed_now
+                over_random = paired_difference(again[best], again[random_pick])
+                shortfall = paired_difference(again[best], again[ga_pick])
+                confirmed = {
+                    "confirmed_headroom_over_random": 100 * over_random["mean"],
+                    "confirmed_headroom_over_random_ci95": 100 * over_random["ci95"],
+                    "confirmed_ga_shortfall": 100 * shortfall["mean"],
+                    "confirmed_ga_shortfall_ci95": 100 * shortfall["ci95"],
+                }
 
             def feasible_from(source: str, feasible: dict[str, bool] = feasible) -> int:
                 return sum(1 for key, ok in feasible.items() if ok and source in sources[key])
@@ -218,12 +251,15 @@ class SweepHeadroom:
                     "feasible_in_archive": sum(feasible.values()),
                     "feasible_ga": feasible_from("ga"),
                     "feasible_random": feasible_from("random"),
-                    "scored_now": len(fresh),
+                    "scored_now": scored_now,
                     "score_s": round(time.perf_counter() - started, 1),
-                    "best_arch": self.code(row.pop("best_key")),
+                    "best_arch": self.code(best),
                     "ga_arch": self.code(ga_pick),
                     "random_arch": self.code(random_pick),
-                    **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
+                    **{
+                        k: (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in {**row, **confirmed}.items()
+                    },
                 }
             )
         return rows
@@ -233,25 +269,53 @@ def _mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 3)
 
 
+FIGURES = ("headroom_over_random", "ga_shortfall", "confirmed_headroom_over_random", "confirmed_ga_shortfall")
+
+
 def summarise(per_sweep: Mapping[str, Sequence[Mapping[str, Any]]], goal_points: float) -> dict[str, Any]:
-    """The last line's figures from each sweep's budget rows (budgets in the request's order)."""
-    headroom = {name: [row["headroom_over_random"] for row in rows] for name, rows in per_sweep.items()}
-    shortfall = {name: [row["ga_shortfall"] for row in rows] for name, rows in per_sweep.items()}
+    """The last line's figures from each sweep's budget rows (budgets in the request's order):
+    each figure per sweep and its mean per budget over the sweeps (the confirmed ones where the
+    rows have them), and per sweep how many budgets had room for the goal."""
     budgets = min(len(rows) for rows in per_sweep.values())
-    return {
-        "sweeps": list(per_sweep),
-        "headroom_over_random": headroom,
-        "ga_shortfall": shortfall,
-        "headroom_over_random_mean": [_mean([h[i] for h in headroom.values()]) for i in range(budgets)],
-        "ga_shortfall_mean": [_mean([s[i] for s in shortfall.values()]) for i in range(budgets)],
-        "budgets_with_goal_headroom": {
-            name: sum(1 for value in values if value >= goal_points) for name, values in headroom.items()
-        },
-        "best_from": {
-            name: ["+".join(row["best_from"]) or "pick" for row in rows] for name, rows in per_sweep.items()
-        },
-        "goal_points": goal_points,
+    summary: dict[str, Any] = {"sweeps": list(per_sweep), "goal_points": goal_points}
+    for figure in FIGURES:
+        if not all(figure in row for rows in per_sweep.values() for row in rows):
+            continue
+        values = {name: [row[figure] for row in rows] for name, rows in per_sweep.items()}
+        summary[figure] = values
+        summary[f"{figure}_mean"] = [_mean([v[i] for v in values.values()]) for i in range(budgets)]
+        if figure.endswith("headroom_over_random"):
+            prefix = "confirmed_" if figure.startswith("confirmed_") else ""
+            summary[f"{prefix}budgets_with_goal_headroom"] = {
+                name: sum(1 for value in v if value >= goal_points) for name, v in values.items()
+            }
+    summary["best_from"] = {
+        name: ["+".join(row["best_from"]) or "pick" for row in rows] for name, rows in per_sweep.items()
     }
+    return summary
+
+
+def describe(row: Mapping[str, Any]) -> str:
+    """One budget's row as a line."""
+    text = (
+        f"budget {row['budget']['limit']:.4g}: best found {row['best_acc']:.2f} ± {row['best_ci95']:.2f} % "
+        f"({row['best_arch']}, search rank {row['best_search_rank']}, "
+        f"from {'+'.join(row['best_from']) or 'a pick'}); GA {row['ga_acc']:.2f} ({row['ga_arch']}), "
+        f"random {row['random_acc']:.2f} ({row['random_arch']}); headroom over random "
+        f"{row['headroom_over_random']:+.2f} ± {row['headroom_over_random_ci95']:.2f}, GA shortfall "
+        f"{row['ga_shortfall']:+.2f} ± {row['ga_shortfall_ci95']:.2f} points"
+    )
+    if "confirmed_headroom_over_random" in row:
+        text += (
+            f"; on other tasks {row['confirmed_headroom_over_random']:+.2f} ± "
+            f"{row['confirmed_headroom_over_random_ci95']:.2f} and {row['confirmed_ga_shortfall']:+.2f} ± "
+            f"{row['confirmed_ga_shortfall_ci95']:.2f}"
+        )
+    return text + (
+        f" | feasible in the archive {row['feasible_in_archive']} (GA {row['feasible_ga']}, random "
+        f"{row['feasible_random']}), best of the GA's {row['ga_archive_best']}, of random's "
+        f"{row['random_archive_best']}; {row['scored_now']} scored now in {row['score_s']} s"
+    )
 
 
 def _quick_sweep(folder: Path) -> Path:
@@ -277,6 +341,12 @@ def main() -> None:
     parser.add_argument(
         "--top", type=int, default=None, help="sub-nets per budget by search fitness (default 20; quick 3)"
     )
+    parser.add_argument(
+        "--confirm-tasks",
+        type=int,
+        default=None,
+        help="score the best found and both picks again on this many other test tasks (default 600; quick 100; 0: no)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--goal-points", type=float, default=1.0, help="the lead the issue asks for")
     args = parser.parse_args()
@@ -285,6 +355,9 @@ def main() -> None:
     top = args.top or (3 if args.quick else 20)
     if top < 1:
         parser.error("--top must be at least 1")
+    confirm_tasks = (100 if args.quick else 600) if args.confirm_tasks is None else args.confirm_tasks
+    if confirm_tasks < 0:
+        parser.error("--confirm-tasks must be 0 or more")
     torch.set_num_threads(args.threads)
     if args.quick:
         folders = [_quick_sweep(Path(tempfile.mkdtemp(prefix="headroom_")) / "sweep")]
@@ -292,21 +365,12 @@ def main() -> None:
         folders = [Path(text) for text in args.sweeps.split(",")]
     per_sweep = {}
     for folder in folders:
-        sweep = SweepHeadroom(folder)
+        sweep = SweepHeadroom(folder, confirm_tasks)
         rows = sweep.budget_rows(top)
         per_sweep[str(folder)] = rows
         print(f"{folder}: {len(sweep.archive)} sub-nets in the archive")
         for row in rows:
-            print(
-                f"  budget {row['budget']['limit']:.4g}: best found {row['best_acc']:.2f} ± {row['best_ci95']:.2f} % "
-                f"({row['best_arch']}, search rank {row['best_search_rank']}, from {'+'.join(row['best_from']) or 'a pick'}); "
-                f"GA {row['ga_acc']:.2f} ({row['ga_arch']}), random {row['random_acc']:.2f} ({row['random_arch']}); "
-                f"headroom over random {row['headroom_over_random']:+.2f} ± {row['headroom_over_random_ci95']:.2f}, "
-                f"GA shortfall {row['ga_shortfall']:+.2f} ± {row['ga_shortfall_ci95']:.2f} points | feasible in the "
-                f"archive {row['feasible_in_archive']} (GA {row['feasible_ga']}, random {row['feasible_random']}), "
-                f"best of the GA's {row['ga_archive_best']}, of random's {row['random_archive_best']}; "
-                f"{row['scored_now']} scored now in {row['score_s']} s"
-            )
+            print(f"  {describe(row)}")
     summary = summarise(per_sweep, args.goal_points)
     summary["per_budget"] = per_sweep
     summary["top"] = top

@@ -1131,14 +1131,23 @@ def _random_baselines(
     return [_search_result_from_dict(stored[str(index)], decode) for index in range(len(context.constraints))]
 
 
-def test_task_batches(request: AdaptionRequest, spec: RunSpec) -> list[Any]:
+def test_task_batches(
+    request: AdaptionRequest, spec: RunSpec, *, draw: int = 0, count: int | None = None
+) -> list[Any]:
     """The request's test tasks in batches of 16: the same tasks for every architecture it
-    scores (so differences can be paired task by task), drawn from its seed's own stream."""
-    count = request.test_task_count
+    scores (so differences can be paired task by task), drawn from its seed's own stream.
+
+    ``draw`` > 0 gives another, independent set of ``count`` (default: as many) test tasks of
+    the same request: an unbiased second look at a sub-net picked *because* it scored best on
+    the first set (benchmarks/headroom.py)."""
+    count = request.test_task_count if count is None else count
     if count == 0:
         return []
+    seed = derive_seed(request.seed, TEST_TASK_STREAM)
+    if draw:
+        seed = derive_seed(seed, draw)
     _, batches = task_source(spec, "test")
-    return list(batches(count, 16, derive_seed(request.seed, TEST_TASK_STREAM)))
+    return list(batches(count, 16, seed))
 
 
 def _test_batches(context: _Context) -> list[Any]:

@@ -86,3 +86,21 @@ def test_the_summary_counts_budgets_with_room_for_the_goal():
     assert summary["ga_shortfall_mean"] == [0.5, 0.5, 1.0]
     assert summary["budgets_with_goal_headroom"] == {"s1": 2, "s2": 2}
     assert summary["best_from"] == {"s1": ["ga"] * 3, "s2": ["ga"] * 3}
+
+
+def test_the_summary_gives_the_confirmed_figures_where_every_row_has_them():
+    rows = [
+        {"headroom_over_random": 2.0, "ga_shortfall": 0.0, "best_from": [], "confirmed_headroom_over_random": 0.5,
+         "confirmed_ga_shortfall": 0.25},
+        {"headroom_over_random": 1.5, "ga_shortfall": 1.5, "best_from": ["random"],
+         "confirmed_headroom_over_random": 1.25, "confirmed_ga_shortfall": 1.0},
+    ]  # fmt: skip
+    summary = summarise({"s": rows}, 1.0)
+    assert summary["budgets_with_goal_headroom"] == {"s": 2}
+    assert summary["confirmed_budgets_with_goal_headroom"] == {"s": 1}
+    assert summary["confirmed_ga_shortfall_mean"] == [0.25, 1.0]
+    assert summary["best_from"] == {"s": ["pick", "random"]}
+    without = summarise(
+        {"s": [{k: v for k, v in row.items() if not k.startswith("confirmed")} for row in rows]}, 1.0
+    )
+    assert "confirmed_headroom_over_random" not in without

@@ -313,6 +313,11 @@ def test_scoring_a_pick_again_on_the_requests_test_tasks_repeats_the_sweeps_figu
         again = test_accuracy(scorer, Arch.from_dict(outcome.arch), batches, spec.dataset)
         assert again["task_accuracies"] == pytest.approx(state["test"][key]["task_accuracies"], abs=1e-6)
         assert again["tasks"] == 10 and again["split"] == "test"
+    # Another draw: other tasks of the same split, as many as asked for.
+    other = test_task_batches(request, spec, draw=1, count=20)
+    assert sum(batch.support_x.shape[0] for batch in other) == 20
+    assert not torch.equal(other[0].query_x[0], batches[0].query_x[0])
+    assert torch.equal(test_task_batches(request, spec, draw=1, count=20)[0].query_x, other[0].query_x)
 
 
 def test_headroom_benchmark_on_a_finished_sweep(world, adapted, tmp_path):
@@ -322,7 +327,7 @@ def test_headroom_benchmark_on_a_finished_sweep(world, adapted, tmp_path):
 
     request, result, _, _ = adapted
     (tmp_path / STATE_NAME).write_text((world["root"] / "state.json").read_text())
-    rows = SweepHeadroom(tmp_path).budget_rows(top=3)
+    rows = SweepHeadroom(tmp_path, confirm_tasks=10).budget_rows(top=3)
     kept = json.loads((tmp_path / HEADROOM_NAME).read_text())
     assert len(rows) == len(request.budgets) == len(result.outcomes)
     for row, outcome in zip(rows, result.outcomes, strict=True):
@@ -334,11 +339,26 @@ def test_headroom_benchmark_on_a_finished_sweep(world, adapted, tmp_path):
         assert row["ga_shortfall"] == pytest.approx(row["best_acc"] - row["ga_acc"], abs=2e-3)
         assert 0 < row["feasible_ga"] <= row["feasible_in_archive"]
         assert row["best_search_rank"] is None or 1 <= row["best_search_rank"] <= 3
-    assert sum(row["scored_now"] for row in rows) == len(kept) > 0
+        # On 10 other tasks the best found need not stay ahead, but the figures are paired there.
+        assert math.isfinite(row["confirmed_headroom_over_random"])
+        assert row["confirmed_ga_shortfall_ci95"] >= 0
+    assert kept["request"] == request.identity()
+    assert sum(row["scored_now"] for row in rows) == len(kept["test"]) + len(kept["confirm-10"])
+    assert len(kept["test"]) > 0 and 1 <= len(kept["confirm-10"]) <= 3 * len(rows)
     # Again: everything is kept, nothing is scored twice, and the figures are the same.
-    again = SweepHeadroom(tmp_path).budget_rows(top=3)
+    again = SweepHeadroom(tmp_path, confirm_tasks=10).budget_rows(top=3)
     assert [row["scored_now"] for row in again] == [0] * len(rows)
-    assert [row["best_acc"] for row in again] == [row["best_acc"] for row in rows]
+
+    def figures(row):
+        return {key: value for key, value in row.items() if key not in ("scored_now", "score_s")}
+
+    assert [figures(row) for row in again] == [figures(row) for row in rows]
+    # Scores kept for another request are refused, not mixed in.
+    other = json.loads((tmp_path / STATE_NAME).read_text())
+    other["request"]["seed"] += 1
+    (tmp_path / STATE_NAME).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another sweep's request"):
+        SweepHeadroom(tmp_path)
 
 
 def test_a_state_scored_before_the_per_task_lists_resumes_without_a_paired_difference(
