@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,34 @@ def score_paths(scorer: SuperNetScorer, archs: list, tasks: list) -> dict[str, l
     return out
 
 
+def agreement(kind: str, fp32: Sequence[float], bf16: Sequence[float]) -> dict:
+    """How far the bfloat16 fitness ``kind`` ("loss", "error") of some sub-nets is from their
+    float32 one: the differences, the rank correlation, and whether the best sub-net and the best
+    10 % (at least one) stay the same."""
+    fp32, bf16 = np.asarray(fp32, dtype=np.float64), np.asarray(bf16, dtype=np.float64)
+    top = max(1, len(fp32) // 10)
+    best_fp32, best_bf16 = set(np.argsort(fp32)[:top].tolist()), set(np.argsort(bf16)[:top].tolist())
+    return {
+        f"max_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).max()), 4),
+        f"mean_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).mean()), 4),
+        f"{kind}_range_fp32": [round(float(fp32.min()), 4), round(float(fp32.max()), 4)],
+        f"spearman_{kind}": round(spearman(fp32, bf16), 4),
+        f"same_best_{kind}": bool(int(np.argmin(fp32)) == int(np.argmin(bf16))),
+        f"best_10pct_overlap_{kind}": round(len(best_fp32 & best_bf16) / top, 2),
+    }
+
+
+def shift_by_depth(fp32: Sequence[float], bf16: Sequence[float], depths: Sequence[int]) -> dict[str, float]:
+    """Mean bfloat16 - float32 fitness per number of layers: whether bfloat16's rounding, which
+    compounds layer by layer, handicaps deeper sub-nets in the search."""
+    shift = np.asarray(bf16, dtype=np.float64) - np.asarray(fp32, dtype=np.float64)
+    depth_of = np.asarray(depths)
+    return {
+        str(depth): round(float(shift[depth_of == depth].mean()), 4) + 0.0  # never "-0.0"
+        for depth in sorted(set(depth_of.tolist()))
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,31 +131,13 @@ def main() -> None:
     archs = bench.archs
     results = score_paths(bench.scorer, archs, bench.tasks)
 
-    top = max(1, len(archs) // 10)
-    depths = np.asarray([arch.n_used_layers for arch in archs])
-    depth_values = sorted(set(depths.tolist()))
+    depths = [arch.n_used_layers for arch in archs]
 
-    def agreement(kind: str) -> dict:
-        """How far the bfloat16 production path's fitness ``kind`` is from float32's."""
-        fp32, bf16 = np.asarray(results[f"{kind}_fp32"]), np.asarray(results[f"{kind}_bf16"])
-        best_fp32, best_bf16 = set(np.argsort(fp32)[:top]), set(np.argsort(bf16)[:top])
-        return {
-            f"max_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).max()), 4),
-            f"mean_abs_{kind}_diff": round(float(np.abs(fp32 - bf16).mean()), 4),
-            f"{kind}_range_fp32": [round(float(fp32.min()), 4), round(float(fp32.max()), 4)],
-            f"spearman_{kind}": round(spearman(fp32, bf16), 4),
-            f"same_best_{kind}": bool(int(np.argmin(fp32)) == int(np.argmin(bf16))),
-            f"best_10pct_overlap_{kind}": round(len(best_fp32 & best_bf16) / top, 2),
-        }
+    def agreement_of(kind: str) -> dict:
+        return agreement(kind, results[f"{kind}_fp32"], results[f"{kind}_bf16"])
 
-    def shift_by_depth(kind: str) -> dict[str, float]:
-        """Mean bfloat16 - float32 fitness ``kind`` per number of layers: whether bfloat16's
-        rounding, which compounds layer by layer, handicaps deeper sub-nets in the search."""
-        shift = np.asarray(results[f"{kind}_bf16"]) - np.asarray(results[f"{kind}_fp32"])
-        return {
-            str(depth): round(float(shift[depths == depth].mean()), 4) + 0.0  # never "-0.0"
-            for depth in depth_values
-        }
+    def shift_of(kind: str) -> dict[str, float]:
+        return shift_by_depth(results[f"{kind}_fp32"], results[f"{kind}_bf16"], depths)
 
     ms = {
         path: 1000 * float(np.mean(results[f"s_{path}"]))
@@ -140,11 +151,11 @@ def main() -> None:
         "ms_per_evaluation_bf16": round(ms["bf16_each"], 1),
         "speedup_bf16_production": round(ms["fp32"] / ms["bf16"], 2),
         "speedup_bf16": round(min(ms["fp32"], ms["fp32_each"]) / ms["bf16_each"], 2),
-        **agreement("loss"),
-        **agreement("error"),
-        "archs_by_depth": {str(depth): int((depths == depth).sum()) for depth in depth_values},
-        "mean_loss_shift_by_depth": shift_by_depth("loss"),
-        "mean_error_shift_by_depth": shift_by_depth("error"),
+        **agreement_of("loss"),
+        **agreement_of("error"),
+        "archs_by_depth": {str(depth): depths.count(depth) for depth in sorted(set(depths))},
+        "mean_loss_shift_by_depth": shift_of("loss"),
+        "mean_error_shift_by_depth": shift_of("error"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": bfloat16_flags(),
     }
