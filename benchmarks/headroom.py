@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.ga_seeds import GA_ADAPTION, run_sweep  # noqa: E402
 from engine.adaption import (  # noqa: E402
     AdaptionRequest,
     load_supernet,
@@ -67,7 +66,6 @@ from engine.search.package import arch_code  # noqa: E402
 
 STATE_NAME = "sweep_state.json"  # ga_adaption.py --out keeps the sweep's adaption state here
 HEADROOM_NAME = "headroom.json"
-GA_ADAPTION = REPO_ROOT / "benchmarks" / "ga_adaption.py"
 
 
 def search_archive(
@@ -320,15 +318,9 @@ def describe(row: Mapping[str, Any]) -> str:
 
 def _quick_sweep(folder: Path) -> Path:
     """ga_adaption.py --quick's sweep (a seconds-long tiny super-net), without its timed paper request."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))),
-    }
-    command = [sys.executable, str(GA_ADAPTION), "--quick", "--paper-iterations", "0", "--out", str(folder)]
-    with open(folder.parent / "ga_adaption.log", "wb") as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if finished.returncode != 0:
-        raise SystemExit(f"ga_adaption.py --quick failed; see {folder.parent / 'ga_adaption.log'}")
+    run_sweep(
+        [sys.executable, str(GA_ADAPTION), "--quick", "--paper-iterations", "0", "--out", str(folder)], folder
+    )
     return folder
 
 
