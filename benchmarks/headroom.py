@@ -53,10 +53,10 @@ import torch  # noqa: E402
 from benchmarks.ga_seeds import GA_ADAPTION, run_sweep  # noqa: E402
 from engine.adaption import (  # noqa: E402
     AdaptionRequest,
+    accuracy_on_tasks,
     load_supernet,
     paired_difference,
-    test_accuracy,
-    test_task_batches,
+    request_test_tasks,
 )
 from engine.atomic import atomic_write_json  # noqa: E402
 from engine.latency.lut import LatencyTable  # noqa: E402
@@ -198,11 +198,11 @@ class SweepHeadroom:
         for key in fresh:
             if draw not in self.batches:
                 self.batches[draw] = (
-                    test_task_batches(self.request, self.spec)
+                    request_test_tasks(self.request, self.spec)
                     if draw == "test"
-                    else test_task_batches(self.request, self.spec, draw=1, count=self.confirm_tasks)
+                    else request_test_tasks(self.request, self.spec, draw=1, count=self.confirm_tasks)
                 )
-            entry = test_accuracy(
+            entry = accuracy_on_tasks(
                 self.scorer, self.decode(json.loads(key)), self.batches[draw], self.spec.dataset
             )
             scored[key] = self.kept[draw][key] = entry

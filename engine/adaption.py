@@ -111,12 +111,12 @@ __all__ = [
     "BudgetOutcome",
     "InfeasibleBudgetError",
     "RetrainResult",
+    "accuracy_on_tasks",
     "paired_difference",
+    "request_test_tasks",
     "retrain_subnet",
     "run_adaption",
     "search_error",
-    "test_accuracy",
-    "test_task_batches",
 ]
 
 STATE_VERSION = 1
@@ -1131,7 +1131,7 @@ def _random_baselines(
     return [_search_result_from_dict(stored[str(index)], decode) for index in range(len(context.constraints))]
 
 
-def test_task_batches(
+def request_test_tasks(
     request: AdaptionRequest, spec: RunSpec, *, draw: int = 0, count: int | None = None
 ) -> list[Any]:
     """The request's test tasks in batches of 16: the same tasks for every architecture it
@@ -1151,7 +1151,7 @@ def test_task_batches(
 
 
 def _test_batches(context: _Context) -> list[Any]:
-    return test_task_batches(context.request, context.spec)
+    return request_test_tasks(context.request, context.spec)
 
 
 def _accuracy(values: Sequence[float]) -> dict[str, Any]:
@@ -1163,7 +1163,9 @@ def _accuracy(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def test_accuracy(scorer: SuperNetScorer, arch: Any, batches: Sequence[Any], dataset: str) -> dict[str, Any]:
+def accuracy_on_tasks(
+    scorer: SuperNetScorer, arch: Any, batches: Sequence[Any], dataset: str
+) -> dict[str, Any]:
     """``arch``'s mean query accuracy ± 95 % CI on ``batches`` (inherited weights + inner loop),
     with the per-task list that :func:`paired_difference` needs."""
     accuracies: list[float] = []
@@ -1189,7 +1191,7 @@ def _test_accuracies(
         decode = type(context.space.smallest()).from_json
         for done, key in enumerate(missing, start=1):
             arch = decode(key)
-            stored[key] = test_accuracy(context.scorer, arch, batches, context.spec.dataset)
+            stored[key] = accuracy_on_tasks(context.scorer, arch, batches, context.spec.dataset)
             state.save()
             _stage(progress, "evaluate", done, len(missing), arch=arch_code(arch))
     # With the per-task lists (paired differences); cards and results get _without_task_list.

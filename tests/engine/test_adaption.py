@@ -31,12 +31,12 @@ from engine.adaption import (
     AdaptionResult,
     AdaptionStateError,
     InfeasibleBudgetError,
+    accuracy_on_tasks,
     load_supernet,
     paired_difference,
+    request_test_tasks,
     retrain_subnet,
     run_adaption,
-    test_accuracy,
-    test_task_batches,
 )
 from engine.cost import arch_params
 from engine.export import onnx_roundtrip_error
@@ -300,24 +300,24 @@ def test_ga_minus_random_is_paired_on_the_same_test_tasks(world, adapted):
 
 
 def test_scoring_a_pick_again_on_the_requests_test_tasks_repeats_the_sweeps_figures(world, adapted):
-    """test_task_batches redraws the request's own test tasks, so a sub-net scored after the
+    """request_test_tasks redraws the request's own test tasks, so a sub-net scored after the
     request (benchmarks/headroom.py) is paired task by task with what the request scored."""
     request, result, _, _ = adapted
     state = json.loads((world["root"] / "state.json").read_text())
     spec, run, _ = load_supernet(request.supernet)
     scorer = SuperNetScorer(run.learner.model, inner_loop_from_learner(run.learner))
-    batches = test_task_batches(request, spec)
+    batches = request_test_tasks(request, spec)
     assert sum(batch.support_x.shape[0] for batch in batches) == 10
     for outcome in result.outcomes:
         key = Arch.from_dict(outcome.arch).canonical().to_json()
-        again = test_accuracy(scorer, Arch.from_dict(outcome.arch), batches, spec.dataset)
+        again = accuracy_on_tasks(scorer, Arch.from_dict(outcome.arch), batches, spec.dataset)
         assert again["task_accuracies"] == pytest.approx(state["test"][key]["task_accuracies"], abs=1e-6)
         assert again["tasks"] == 10 and again["split"] == "test"
     # Another draw: other tasks of the same split, as many as asked for.
-    other = test_task_batches(request, spec, draw=1, count=20)
+    other = request_test_tasks(request, spec, draw=1, count=20)
     assert sum(batch.support_x.shape[0] for batch in other) == 20
     assert not torch.equal(other[0].query_x[0], batches[0].query_x[0])
-    assert torch.equal(test_task_batches(request, spec, draw=1, count=20)[0].query_x, other[0].query_x)
+    assert torch.equal(request_test_tasks(request, spec, draw=1, count=20)[0].query_x, other[0].query_x)
 
 
 def test_headroom_benchmark_on_a_finished_sweep(world, adapted, tmp_path):
