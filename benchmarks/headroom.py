@@ -211,12 +211,10 @@ class SweepHeadroom:
 
     def budget_rows(self, top: int) -> list[dict[str, Any]]:
         sources = {key: entry["sources"] for key, entry in self.archive.items()}
+        archs = {key: self.decode(dict(entry["arch"])) for key, entry in self.archive.items()}
         rows = []
         for index, constraint in enumerate(self.request.constraints()):
-            feasible = {
-                key: constraint.satisfied_by(self.cost_model.costs(self.decode(dict(entry["arch"]))))
-                for key, entry in self.archive.items()
-            }
+            feasible = {key: self.cost_model.feasible(arch, (constraint,)) for key, arch in archs.items()}
             ranked = ranked_feasible(self.archive, feasible)[:top]
             ga_pick, random_pick = self.picks(index)
             started = time.perf_counter()
